@@ -1,0 +1,41 @@
+"""vllm-kvshrink: KV-cache compression inside vLLM's v1 engine.
+
+vLLM calls :func:`register` in every process it starts (front-end, engine
+core, workers) through the ``vllm.general_plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Validate the settings and install the engine patches (idempotent).
+
+    With ``VLLM_KVSHRINK_METHOD=none`` (the default) nothing is patched and
+    vLLM behaves exactly as stock.  A bad setting raises
+    :class:`~vllm_kvshrink.envs.KVShrinkConfigError`, which stops vLLM's
+    start-up with a message naming the variable, its value and what is allowed.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm_kvshrink.config import KVShrinkConfig
+
+    cfg = KVShrinkConfig.from_env()
+    if cfg.enabled:
+        from vllm_kvshrink import compat, patches
+
+        compat.check_version()
+        compat.check_or_raise()
+        patches.install(cfg)
+    _REGISTERED = True
+
+
+def is_active() -> bool:
+    """Whether :func:`register` installed the compression path in this process."""
+    from vllm_kvshrink import patches
+
+    return patches._INSTALLED

@@ -1,0 +1,157 @@
+"""Typed, validated configuration of the plugin.
+
+``KVShrinkConfig.from_env()`` reads the ``VLLM_KVSHRINK_*`` variables (see
+:mod:`vllm_kvshrink.envs`); ``with_overrides`` applies the per-request settings
+given as ``SamplingParams(extra_args={"kvshrink": {...}})``.  Every bad value
+fails with one message naming the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vllm_kvshrink import envs
+from vllm_kvshrink.envs import KVShrinkConfigError
+
+#: Key of the per-request settings inside ``SamplingParams.extra_args``.
+EXTRA_ARGS_KEY = "kvshrink"
+
+
+@dataclass(frozen=True)
+class KVShrinkConfig:
+    method: str = "none"
+    budget: float | int = 0.25
+    sink_tokens: int = 4
+    recent_tokens: int = 32
+    slack_tokens: int = 64
+    obs_window: int = 16
+    pool_kernel: int = 7
+    min_prompt_tokens: int = 0
+    record_dir: str = ""
+    strict: bool = False
+    #: Where a value came from, for error messages ("VLLM_KVSHRINK_BUDGET" or
+    #: "extra_args['kvshrink']['budget']").
+    source: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        from vllm_kvshrink.methods import available_methods
+
+        def where(field: str) -> str:
+            return self.source.get(field, envs.PREFIX + field.upper())
+
+        methods = available_methods()
+        if self.method not in methods:
+            raise KVShrinkConfigError(
+                f"{where('method')}={self.method!r} is not a known method; "
+                f"allowed: {', '.join(methods)}"
+            )
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise KVShrinkConfigError(
+                f"{where('budget')}={b!r} is not a number; allowed: a fraction in "
+                f"(0, 1] or a token count >= 1"
+            )
+        if isinstance(b, float):
+            if not (math.isfinite(b) and 0.0 < b <= 1.0):
+                raise KVShrinkConfigError(
+                    f"{where('budget')}={b!r} is out of range; allowed: a "
+                    f"fraction in (0, 1] (e.g. 0.25) or a whole token count >= 1"
+                )
+        elif b < 1:
+            raise KVShrinkConfigError(
+                f"{where('budget')}={b!r} is out of range; allowed: a whole "
+                f"token count >= 1 or a fraction in (0, 1]"
+            )
+        for name, low in (
+            ("sink_tokens", 0),
+            ("recent_tokens", 1),
+            ("slack_tokens", 0),
+            ("obs_window", 1),
+            ("pool_kernel", 1),
+            ("min_prompt_tokens", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise KVShrinkConfigError(
+                    f"{where(name)}={value!r} is out of range; allowed: a whole "
+                    f"number >= {low}"
+                )
+        if self.obs_window > self.recent_tokens:
+            raise KVShrinkConfigError(
+                f"{where('obs_window')}={self.obs_window} is larger than "
+                f"{where('recent_tokens')}={self.recent_tokens}; allowed: "
+                f"obs_window <= recent_tokens (the queries that score the cache "
+                f"must belong to tokens that are never evicted)"
+            )
+        if self.pool_kernel % 2 == 0:
+            raise KVShrinkConfigError(
+                f"{where('pool_kernel')}={self.pool_kernel} is even; allowed: an "
+                f"odd width >= 1"
+            )
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_env(cls) -> "KVShrinkConfig":
+        unknown = envs.unknown_variables()
+        if unknown:
+            known = ", ".join(sorted(envs.ENV_VARS))
+            raise KVShrinkConfigError(
+                f"unknown setting {unknown[0]} in the environment; allowed "
+                f"variables: {known}"
+            )
+        return cls(
+            method=envs.get("METHOD"),
+            budget=envs.get("BUDGET"),
+            sink_tokens=envs.get("SINK_TOKENS"),
+            recent_tokens=envs.get("RECENT_TOKENS"),
+            slack_tokens=envs.get("SLACK_TOKENS"),
+            obs_window=envs.get("OBS_WINDOW"),
+            pool_kernel=envs.get("POOL_KERNEL"),
+            min_prompt_tokens=envs.get("MIN_PROMPT_TOKENS"),
+            record_dir=envs.get("RECORD_DIR"),
+            strict=envs.get("STRICT"),
+        )
+
+    #: Settings a single request may override.
+    OVERRIDABLE = ("method", "budget", "sink_tokens", "recent_tokens", "slack_tokens")
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> "KVShrinkConfig":
+        if not overrides:
+            return self
+        if not isinstance(overrides, Mapping):
+            raise KVShrinkConfigError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}]={overrides!r} is not a dict; "
+                f"allowed keys: {', '.join(self.OVERRIDABLE)}"
+            )
+        unknown = [k for k in overrides if k not in self.OVERRIDABLE]
+        if unknown:
+            raise KVShrinkConfigError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}] has unknown key {unknown[0]!r}; "
+                f"allowed keys: {', '.join(self.OVERRIDABLE)}"
+            )
+        changes = dict(overrides)
+        if "method" in changes and isinstance(changes["method"], str):
+            changes["method"] = changes["method"].lower()
+        source = dict(self.source)
+        for k in changes:
+            source[k] = f"extra_args[{EXTRA_ARGS_KEY!r}][{k!r}]"
+        return dataclasses.replace(self, source=source, **changes)
+
+    # -------------------------------------------------------------- queries
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def target_tokens(self, num_tokens: int) -> int:
+        """Cache tokens a request of ``num_tokens`` logical tokens may keep."""
+        if isinstance(self.budget, float):
+            budget = math.ceil(self.budget * num_tokens)
+        else:
+            budget = self.budget
+        floor = self.sink_tokens + self.recent_tokens
+        return min(num_tokens, max(budget, floor))

@@ -1,0 +1,328 @@
+"""Scheduler that keeps each request's KV cache within its budget.
+
+Bookkeeping only -- no tensors.  Each step, before vLLM schedules, requests whose
+cache grew past ``budget + slack`` get a :class:`~vllm_kvshrink.plan.Compaction`;
+the worker moves the kept tokens into the request's first blocks and reports
+back; on success the tail blocks go back to vLLM's pool, on failure the request
+continues uncompressed.  Two phases, so a failure never strands a request
+whose blocks are already gone::
+
+    schedule N     plan R: keep K of P; offset += P-K   (tail blocks still R's)
+    execute N      worker: score, move K tokens to the front, then forward;
+                   new tokens land at physical K, K+1, ...
+    update N       ok  -> free blocks past ceil(phys / block_size)
+                   err -> offset -= P-K, release copy-on-write blocks, count
+    schedule N+1   tell the worker to truncate R's block-table row
+
+``request.num_computed_tokens`` stays logical (stop conditions, positions,
+``max_model_len``); ``offset`` = logical - physical is what block accounting
+subtracts.  Compressed requests never add blocks to the prefix cache: a
+compacted block no longer holds what its hash describes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_kvshrink import plan as plan_mod
+from vllm_kvshrink.config import EXTRA_ARGS_KEY, KVShrinkConfig
+from vllm_kvshrink.envs import KVShrinkConfigError
+from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
+
+logger = logging.getLogger("vllm_kvshrink")
+
+
+@dataclass
+class _ReqState:
+    cfg: KVShrinkConfig
+    offset: int = 0
+    compressed: bool = False  # ever compacted since the last (re)start
+    disabled: bool = False  # a compaction failed: leave it alone
+    pending: plan_mod.Compaction | None = None
+    pending_cow: list = field(default_factory=list)  # new blocks (KVCacheBlock)
+    pending_replaced: list = field(default_factory=list)  # shared blocks they replace
+    truncate_to: int | None = None
+
+
+def check_supported(vllm_config, kv_cache_config) -> None:
+    """Refuse configurations the compaction path cannot keep consistent."""
+    groups = kv_cache_config.kv_cache_groups
+    model = vllm_config.model_config.model
+    if len(groups) != 1:
+        raise KVShrinkConfigError(
+            f"model {model!r} has {len(groups)} KV-cache groups (hybrid or "
+            f"sliding-window layers); VLLM_KVSHRINK_METHOD supports models with "
+            f"one full-attention group only (set VLLM_KVSHRINK_METHOD=none)"
+        )
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec or getattr(spec, "sliding_window", None):
+        raise KVShrinkConfigError(
+            f"model {model!r} uses {type(spec).__name__}; VLLM_KVSHRINK_METHOD "
+            f"supports full attention (FullAttentionSpec) only "
+            f"(set VLLM_KVSHRINK_METHOD=none)"
+        )
+    if vllm_config.speculative_config is not None:
+        raise KVShrinkConfigError(
+            "speculative decoding is not supported together with "
+            "VLLM_KVSHRINK_METHOD (set one of them off)"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise KVShrinkConfigError(
+            "KV connectors (kv_transfer_config) are not supported together with "
+            "VLLM_KVSHRINK_METHOD (set one of them off)"
+        )
+    pc = vllm_config.parallel_config
+    if pc.pipeline_parallel_size > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1:
+        raise KVShrinkConfigError(
+            "pipeline or context parallelism is not supported together with "
+            "VLLM_KVSHRINK_METHOD"
+        )
+
+
+class KVShrinkScheduler(Scheduler):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kvs_config = KVShrinkConfig.from_env()
+        check_supported(self.vllm_config, self.kv_cache_config)
+        self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        self.kvs_state: dict[str, _ReqState] = {}
+        self.kvs_counters = Counters()
+        manager = self.kv_cache_manager
+        self._kvs_single = manager.coordinator.single_type_managers[0]
+        self._kvs_pool = manager.block_pool
+        original = manager.allocate_slots
+
+        def allocate_slots(request, num_new_tokens, *a, **kw):
+            st = self.kvs_state.get(request.request_id)
+            if st is None or not st.compressed:
+                return original(request, num_new_tokens, *a, **kw)
+            # Physical length for block accounting; never cache blocks whose
+            # content no longer matches the logical prefix they hash.
+            if len(a) >= 6:
+                a = a[:5] + (True,) + a[6:]
+            else:
+                kw["delay_cache_blocks"] = True
+            logical = request.num_computed_tokens
+            request.num_computed_tokens = logical - st.offset
+            try:
+                return original(request, num_new_tokens, *a, **kw)
+            finally:
+                request.num_computed_tokens = logical
+
+        manager.allocate_slots = allocate_slots
+        logger.info(
+            "vllm-kvshrink scheduler: method=%s budget=%s sinks=%d recent=%d "
+            "slack=%d block_size=%d",
+            self.kvs_config.method, self.kvs_config.budget,
+            self.kvs_config.sink_tokens, self.kvs_config.recent_tokens,
+            self.kvs_config.slack_tokens, self.kvs_block_size,
+        )
+
+    # ----------------------------------------------------------- requests
+    def add_request(self, request) -> None:
+        overrides = None
+        sp = getattr(request, "sampling_params", None)
+        if sp is not None and sp.extra_args:
+            overrides = sp.extra_args.get(EXTRA_ARGS_KEY)
+        try:
+            cfg = self.kvs_config.with_overrides(overrides)
+        except KVShrinkConfigError as e:
+            # The front-end validates first; this is a second line of defence.
+            logger.error("request %s: %s; serving it uncompressed",
+                         request.request_id, e)
+            cfg = self.kvs_config.with_overrides({"method": "none"})
+        self.kvs_state[request.request_id] = _ReqState(cfg=cfg)
+        super().add_request(request)
+
+    def _free_request(self, request, *args, **kwargs):
+        st = self.kvs_state.pop(request.request_id, None)
+        if st is not None:
+            self._kvs_release_pending(st, success=False)
+        return super()._free_request(request, *args, **kwargs)
+
+    def _preempt_request(self, request, timestamp, *args, **kwargs):
+        st = self.kvs_state.get(request.request_id)
+        if st is not None:
+            self._kvs_release_pending(st, success=False)
+        super()._preempt_request(request, timestamp, *args, **kwargs)
+        if st is not None:
+            # Preemption frees every block and recomputes from scratch.
+            st.offset = 0
+            st.compressed = False
+            st.truncate_to = None
+
+    # ------------------------------------------------------------ planning
+    def _kvs_plan(self) -> list[plan_mod.Compaction]:
+        bs = self.kvs_block_size
+        plans = []
+        for request in self.running:
+            st = self.kvs_state.get(request.request_id)
+            if st is None or st.disabled or not st.cfg.enabled or st.pending:
+                continue
+            cfg = st.cfg
+            logical = request.num_computed_tokens
+            physical = logical - st.offset
+            if physical <= 0 or max(logical, request.num_prompt_tokens) < cfg.min_prompt_tokens:
+                continue
+            target = cfg.target_tokens(logical)
+            keep = min(physical, cdiv(target, bs) * bs)
+            if physical <= keep + cfg.slack_tokens:
+                continue
+            blocks = self._kvs_single.req_to_blocks[request.request_id]
+            num_keep_blocks = cdiv(keep, bs)
+            if len(blocks) < cdiv(physical, bs):
+                continue  # bookkeeping not what we expect: leave it alone
+            region = []
+            cow, replaced = [], []
+            for blk in blocks[:num_keep_blocks]:
+                if blk.ref_cnt > 1:
+                    # Shared through the prefix cache: copy on write.
+                    if self._kvs_pool.get_num_free_blocks() < 1:
+                        break
+                    new = self._kvs_pool.get_new_blocks(1)[0]
+                    cow.append(new)
+                    replaced.append(blk)
+                    region.append(new)
+                else:
+                    region.append(blk)
+            if len(region) < num_keep_blocks:
+                self._kvs_pool.free_blocks(cow)
+                continue
+            # Blocks rewritten in place no longer match their prefix hash.
+            rewritten = {b.block_id for b in region if b not in cow}
+            if rewritten:
+                self._kvs_pool.evict_blocks(rewritten)
+            comp = plan_mod.Compaction(
+                req_id=request.request_id,
+                old_len=physical,
+                keep=keep,
+                logical_len=logical,
+                block_ids=[b.block_id for b in region],
+                method=cfg.method,
+                sink_tokens=cfg.sink_tokens,
+                recent_tokens=cfg.recent_tokens,
+                pool_kernel=cfg.pool_kernel,
+            )
+            st.pending = comp
+            st.pending_cow = cow
+            st.pending_replaced = replaced
+            st.offset += physical - keep
+            st.compressed = True
+            plans.append(comp)
+        return plans
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        truncations = {}
+        for req_id, st in self.kvs_state.items():
+            if st.truncate_to is not None:
+                truncations[req_id] = st.truncate_to
+                st.truncate_to = None
+        compactions = self._kvs_plan()
+        output = super().schedule(*args, **kwargs)
+        running = {r.request_id for r in self.running}
+        # A request preempted while scheduling lost all its blocks: the
+        # worker must not touch them.
+        compactions = [
+            c for c in compactions
+            if c.req_id in running and self.kvs_state[c.req_id].pending is c
+        ]
+        truncations = {r: n for r, n in truncations.items() if r in running}
+        offsets = {
+            r.request_id: self.kvs_state[r.request_id].offset
+            for r in self.running
+            if r.request_id in self.kvs_state and self.kvs_state[r.request_id].offset
+        }
+        step = plan_mod.StepPlan(
+            compactions=compactions, offsets=offsets, truncations=truncations
+        )
+        setattr(output, plan_mod.ATTR, step)
+        return output
+
+    # ------------------------------------------------------------- results
+    def _kvs_release_pending(self, st: _ReqState, success: bool) -> None:
+        if st.pending is None:
+            return
+        req_id = st.pending.req_id
+        if success:
+            # The copies now hold the data: swap them into the request's
+            # block list and drop the request's reference to the originals.
+            blocks = self._kvs_single.req_to_blocks.get(req_id)
+            if blocks is not None and st.pending_cow:
+                swap = {id(old): new for old, new in zip(st.pending_replaced, st.pending_cow)}
+                blocks[:] = [swap.get(id(b), b) for b in blocks]
+                self._kvs_pool.free_blocks(st.pending_replaced)
+        else:
+            if st.pending_cow:
+                self._kvs_pool.free_blocks(st.pending_cow)
+        st.pending = None
+        st.pending_cow = []
+        st.pending_replaced = []
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        step = getattr(scheduler_output, plan_mod.ATTR, None)
+        if step is not None and step.compactions:
+            results = getattr(model_runner_output, plan_mod.RESULTS_ATTR, None) or {}
+            for comp in step.compactions:
+                st = self.kvs_state.get(comp.req_id)
+                if st is None or st.pending is not comp:
+                    continue
+                ok = results.get(comp.req_id)
+                if ok is True:
+                    self._kvs_finish(comp, st)
+                else:
+                    self._kvs_release_pending(st, success=False)
+                    st.offset -= comp.old_len - comp.keep
+                    st.disabled = True
+                    st.compressed = st.offset > 0
+                    self.kvs_counters.fallbacks += 1
+                    reason = ok if isinstance(ok, str) else "no result from worker"
+                    logger.warning(
+                        "vllm-kvshrink: compaction of request %s failed (%s); "
+                        "it continues uncompressed", comp.req_id, reason)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _kvs_finish(self, comp: plan_mod.Compaction, st: _ReqState) -> None:
+        self.kvs_counters.cow_blocks += len(st.pending_cow)
+        self._kvs_release_pending(st, success=True)
+        request = self.requests[comp.req_id]
+        physical = request.num_computed_tokens - st.offset
+        blocks = self._kvs_single.req_to_blocks[comp.req_id]
+        needed = max(cdiv(physical, self.kvs_block_size), len(comp.block_ids))
+        tail = blocks[needed:]
+        if tail:
+            del blocks[needed:]
+            # Tail first, as vLLM frees: those are evicted first.
+            self._kvs_pool.free_blocks(reversed(tail))
+            st.truncate_to = needed
+        c = self.kvs_counters
+        c.compactions += 1
+        c.tokens_evicted += comp.old_len - comp.keep
+        c.blocks_freed += len(tail)
+
+    # --------------------------------------------------------------- stats
+    def make_stats(self, *args: Any, **kwargs: Any):
+        stats = super().make_stats(*args, **kwargs)
+        if stats is None:
+            return None
+        c = self.kvs_counters
+        c.logical_tokens = 0
+        c.physical_tokens = 0
+        for r in self.running:
+            st = self.kvs_state.get(r.request_id)
+            if st is not None and st.cfg.enabled:
+                c.logical_tokens += r.num_computed_tokens
+                c.physical_tokens += r.num_computed_tokens - st.offset
+        payload = dict(stats.kv_connector_stats or {})
+        payload[STATS_KEY] = c.to_dict()
+        stats.kv_connector_stats = payload
+        return stats
+
+    def kvshrink_offset(self, req_id: str) -> int:
+        st = self.kvs_state.get(req_id)
+        return 0 if st is None else st.offset

@@ -1,0 +1,32 @@
+"""Compression counters, kept by the scheduler and shipped with the engine stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+#: Key under which the counters travel inside ``SchedulerStats.kv_connector_stats``.
+STATS_KEY = "kvshrink"
+
+
+@dataclass
+class Counters:
+    compactions: int = 0  # compaction events that completed
+    tokens_evicted: int = 0  # cached tokens removed by those events
+    blocks_freed: int = 0  # blocks returned to vLLM's pool by those events
+    fallbacks: int = 0  # compactions that failed and left the request uncompressed
+    cow_blocks: int = 0  # shared blocks copied before being rewritten
+    # gauges, refreshed every step
+    logical_tokens: int = 0  # tokens of running compressed-capable requests
+    physical_tokens: int = 0  # of which are still in the cache
+
+    @property
+    def compression_ratio(self) -> float:
+        """Logical / physical tokens of running requests (1.0 = no saving)."""
+        if self.physical_tokens <= 0:
+            return 1.0
+        return self.logical_tokens / self.physical_tokens
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compression_ratio"] = self.compression_ratio
+        return d

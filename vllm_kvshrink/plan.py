@@ -1,0 +1,48 @@
+"""The one message that crosses from the scheduler to the workers each step.
+
+The scheduler decides *when* a request is compacted and *how many* tokens it
+keeps, and has already given the freed blocks back to the pool; the worker
+decides *which* tokens (it holds the keys and queries) and moves them.  Both
+sides agree on one fact per request: its offset, the number of logical tokens
+no longer in the cache (``logical length - physical length``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Attribute of ``SchedulerOutput`` that carries a :class:`StepPlan`.
+ATTR = "kvshrink_plan"
+
+
+@dataclass
+class Compaction:
+    """Compact request ``req_id`` from ``old_len`` to ``keep`` cached tokens.
+
+    ``block_ids`` is the request's new block list covering the kept tokens
+    (``ceil(keep / block_size)`` blocks); it may differ from the first blocks
+    of the old list where a block was shared and had to be copied on write.
+    """
+
+    req_id: str
+    old_len: int
+    keep: int
+    logical_len: int
+    block_ids: list[int]
+    method: str
+    sink_tokens: int
+    recent_tokens: int
+    pool_kernel: int = 7
+
+
+@dataclass
+class StepPlan:
+    compactions: list[Compaction] = field(default_factory=list)
+    #: req_id -> offset, for every scheduled request with a non-zero offset
+    #: *after* this step's compactions.  Requests not listed have offset 0.
+    offsets: dict[str, int] = field(default_factory=dict)
+    #: req_id -> number of blocks its row keeps (blocks past it were freed
+    #: after the previous step's compaction succeeded).
+    truncations: dict[str, int] = field(default_factory=dict)
+#: Attribute of ``ModelRunnerOutput`` with ``{req_id: True | "error"}``.
+RESULTS_ATTR = "kvshrink_results"

@@ -1,0 +1,254 @@
+"""Worker side of compaction: observation-window capture and token moves.
+
+Owns no policy: the scheduler says which request keeps how many tokens
+(:class:`~vllm_kvshrink.plan.Compaction`); the method named in the plan scores
+the cached keys; this module reads keys and queries, asks the method, and
+moves the kept tokens to the front of the request's blocks in every layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_kvshrink import plan as plan_mod
+from vllm_kvshrink.config import KVShrinkConfig
+from vllm_kvshrink.methods import build_method, select_keep
+from vllm_kvshrink.worker.kv_layout import (
+    TokenLayout,
+    move_tokens,
+    probe_layout,
+    read_keys,
+)
+
+logger = logging.getLogger("vllm_kvshrink")
+
+
+@dataclass
+class _Req:
+    slot: int  # row in the query ring buffers
+    captured: int = 0  # queries written to the ring so far (all time)
+    #: [L, H, K] logical position of each cached token up to ``kept``; only
+    #: maintained when recording.
+    logical: torch.Tensor | None = None
+    kept: int = 0
+
+
+@dataclass
+class CapturePlan:
+    src: torch.Tensor  # [n] token rows of the flattened batch
+    dst: torch.Tensor  # [n] rows of the flattened ring buffer (slot * W + i)
+
+
+@dataclass
+class Compactor:
+    config: KVShrinkConfig
+    layer_names: list[str]
+    caches: list[torch.Tensor]  # per layer [NB, H, bs, 2D]
+    scales: list[float]
+    num_q_heads: int
+    head_size: int
+    max_reqs: int
+    write_fn: object  # probe writer
+    layout: TokenLayout | None = None
+    reqs: dict[str, _Req] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)
+    capture: CapturePlan | None = None
+    results: dict[str, object] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
+
+    def __post_init__(self) -> None:
+        self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
+        w = self.config.obs_window
+        dtype = self.caches[0].dtype if self.caches[0].is_floating_point() else torch.float32
+        # One ring of the last W queries per request slot, per layer.
+        self.qbuf = [
+            torch.zeros(self.max_reqs * w, self.num_q_heads, self.head_size, dtype=dtype)
+            for _ in self.layer_names
+        ]
+        self.qpos = np.zeros((self.max_reqs, w), dtype=np.int64)  # logical positions
+        self.free_slots = list(range(self.max_reqs - 1, -1, -1))
+        self.block_size = self.caches[0].shape[2]
+        self.num_kv_heads = self.caches[0].shape[1]
+
+    # -------------------------------------------------------- request slots
+    def _req(self, req_id: str) -> _Req:
+        r = self.reqs.get(req_id)
+        if r is None:
+            r = _Req(slot=self.free_slots.pop())
+            self.reqs[req_id] = r
+        return r
+
+    def drop(self, req_id: str) -> None:
+        r = self.reqs.pop(req_id, None)
+        if r is not None:
+            self.free_slots.append(r.slot)
+
+    def reset(self, req_id: str) -> None:
+        """Request restarts from scratch (new, or resumed after preemption)."""
+        r = self.reqs.get(req_id)
+        if r is not None:
+            r.captured, r.logical, r.kept = 0, None, 0
+
+    # ------------------------------------------------------------- capture
+    def plan_capture(
+        self,
+        req_ids: list[str],
+        num_computed: np.ndarray,
+        num_scheduled: np.ndarray,
+    ) -> None:
+        """Which query rows of this step go to which ring slots."""
+        w = self.config.obs_window
+        src, dst = [], []
+        start = 0
+        for i, req_id in enumerate(req_ids):
+            n = int(num_scheduled[i])
+            if n <= 0:
+                continue
+            r = self._req(req_id)
+            m = min(n, w)
+            first = start + n - m
+            ring = (r.captured + np.arange(m)) % w
+            src.append(np.arange(first, first + m))
+            dst.append(r.slot * w + ring)
+            self.qpos[r.slot, ring] = int(num_computed[i]) + n - m + np.arange(m)
+            r.captured += m
+            start += n
+        if not src:
+            self.capture = None
+            return
+        self.capture = CapturePlan(
+            torch.from_numpy(np.concatenate(src)), torch.from_numpy(np.concatenate(dst))
+        )
+
+    def capture_queries(self, layer_name: str, query: torch.Tensor) -> None:
+        cap = self.capture
+        if cap is None:
+            return
+        li = self.layer_index.get(layer_name)
+        if li is None:
+            return
+        q = query.reshape(query.shape[0], self.num_q_heads, self.head_size)
+        self.qbuf[li].index_copy_(0, cap.dst, q.index_select(0, cap.src).to(self.qbuf[li].dtype))
+
+    def window(self, req_id: str, layer: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Captured queries of one layer, oldest first: ``[Hq, m, D]`` and positions."""
+        r = self.reqs[req_id]
+        w = self.config.obs_window
+        m = min(r.captured, w)
+        order = (r.captured - m + np.arange(m)) % w
+        q = self.qbuf[layer][torch.from_numpy(r.slot * w + order)]
+        return q.permute(1, 0, 2), self.qpos[r.slot, order]
+
+    # ---------------------------------------------------------- compaction
+    def _layout(self) -> TokenLayout:
+        if self.layout is None:
+            c = self.caches[0]
+            read_dtype = torch.float8_e4m3fn if c.dtype == torch.uint8 else None
+            self.layout = probe_layout(
+                self.write_fn, self.num_kv_heads, self.block_size, self.head_size,
+                c.dtype, read_dtype,
+            )
+        return self.layout
+
+    def _keys_as_float(self, keys: torch.Tensor) -> torch.Tensor:
+        if keys.dtype == torch.uint8:
+            return keys.view(torch.float8_e4m3fn).to(torch.float32)
+        return keys
+
+    def select(
+        self, comp: plan_mod.Compaction, old_blocks: list[int]
+    ) -> list[torch.Tensor]:
+        """Kept physical indices per layer, ``[H, keep]`` each (no writes)."""
+        cfg_like = KVShrinkConfig(method=comp.method, pool_kernel=comp.pool_kernel)
+        method = build_method(cfg_like)
+        p, bs = comp.old_len, self.block_size
+        if len(old_blocks) * bs < p:
+            raise RuntimeError(
+                f"block table holds {len(old_blocks) * bs} slots, plan says {p} tokens"
+            )
+        tok = torch.arange(p)
+        table = torch.as_tensor(old_blocks, dtype=torch.int64)
+        blocks, offs = table[tok // bs], tok % bs
+        layout = self._layout()
+        keeps = []
+        if not method.needs_queries and method.name == "streaming":
+            # Position-only method: one selection serves every layer and head.
+            empty = torch.empty(self.num_kv_heads, p, 0)
+            scores = method.score(empty)
+            keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
+            return [keep] * len(self.caches)
+        for li, cache in enumerate(self.caches):
+            keys = self._keys_as_float(read_keys(cache, layout, blocks, offs))
+            q = qpos = None
+            if method.needs_queries:
+                q, pos = self.window(comp.req_id, li)
+                if q.shape[1] == 0:
+                    raise RuntimeError("no queries captured for this request")
+                # Queries belong to the newest tokens, which are never evicted:
+                # their physical index is their distance from the end.
+                qpos = torch.from_numpy(p - (comp.logical_len - pos))
+                if (qpos < 0).any() or (qpos >= p).any():
+                    raise RuntimeError("captured queries fall outside the cache")
+            scores = method.score(keys, q, qpos, self.scales[li])
+            if scores.shape != (self.num_kv_heads, p) or not torch.isfinite(scores).any():
+                raise RuntimeError(f"method {comp.method} returned bad scores")
+            keeps.append(select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens))
+        return keeps
+
+    def apply(self, comp: plan_mod.Compaction, old_blocks: list[int]) -> list[int]:
+        """Score, then move; returns the request's new block-table row."""
+        t0 = time.perf_counter()
+        keeps = self.select(comp, old_blocks)
+        bs = self.block_size
+        table = torch.as_tensor(old_blocks, dtype=torch.int64)
+        new_region = torch.as_tensor(comp.block_ids, dtype=torch.int64)
+        dst = torch.arange(comp.keep)
+        dst_blocks, dst_offs = new_region[dst // bs], dst % bs
+        num_region = len(comp.block_ids)
+        if num_region * bs < comp.keep:
+            raise RuntimeError("new block region too small for the kept tokens")
+        layout = self._layout()
+        moves = []
+        for li, keep in enumerate(keeps):
+            if keep.shape != (self.num_kv_heads, comp.keep) or int(keep.max()) >= comp.old_len:
+                raise RuntimeError("selection out of range")
+            moves.append((table[keep // bs], keep % bs))
+        # Everything checked: now write.  Nothing above touched the cache.
+        for cache, (sb, so) in zip(self.caches, moves):
+            move_tokens(cache, layout, sb, so, dst_blocks, dst_offs)
+        self._record(comp, keeps)
+        self.stats["events"] += 1
+        self.stats["seconds"] += time.perf_counter() - t0
+        return list(comp.block_ids) + list(old_blocks[num_region:])
+
+    # ------------------------------------------------------------ recording
+    def _record(self, comp: plan_mod.Compaction, keeps: list[torch.Tensor]) -> None:
+        if not self.config.record_dir:
+            return
+        r = self._req(comp.req_id)
+        old_offset = comp.logical_len - comp.old_len
+        tail = old_offset + torch.arange(r.kept, comp.old_len)
+        layers = len(self.caches)
+        tail = tail.expand(layers, self.num_kv_heads, -1)
+        full = tail if r.logical is None else torch.cat([r.logical, tail], dim=-1)
+        keep = torch.stack(keeps)  # [L, H, K]
+        r.logical = full.gather(-1, keep)
+        r.kept = comp.keep
+        os.makedirs(self.config.record_dir, exist_ok=True)
+        path = os.path.join(self.config.record_dir, f"events-{os.getpid()}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({
+                "req_id": comp.req_id,
+                "logical_len": comp.logical_len,
+                "old_len": comp.old_len,
+                "keep": comp.keep,
+                "method": comp.method,
+                "kept": r.logical.tolist(),
+            }) + "\n")

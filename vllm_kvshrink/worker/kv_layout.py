@@ -1,0 +1,158 @@
+"""Where each token's K and V live inside a paged KV-cache block.
+
+vLLM's CPU cache is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+per layer, and the interior of each (block, head) region depends on the
+attention ISA (keys are stored transposed for some).  Rather than hard-code
+it, :func:`probe_layout` writes digit patterns through vLLM's own write op and
+reads back which element holds which ``(token, dim)``.  The result is two index
+maps, used to read keys for scoring and to move whole tokens (raw elements,
+exact for every dtype) during compaction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_BASE = 8  # digits 1..8 are exact in every cache dtype, fp8 included
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Element offsets of each token inside one (block, head) region.
+
+    ``key_index[t, d]`` / ``value_index[t, d]``: flat offset of key / value
+    element ``d`` of in-block token ``t`` within the region of
+    ``region_size = 2 * block_size * head_size`` elements.
+    """
+
+    block_size: int
+    head_size: int
+    key_index: torch.Tensor  # [block_size, head_size] int64
+    value_index: torch.Tensor  # [block_size, head_size] int64
+
+    @property
+    def region_size(self) -> int:
+        return 2 * self.block_size * self.head_size
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """``[block_size, 2 * head_size]``: K elements then V elements."""
+        return torch.cat([self.key_index, self.value_index], dim=1)
+
+
+WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def probe_layout(
+    write: WriteFn,
+    num_kv_heads: int,
+    block_size: int,
+    head_size: int,
+    dtype: torch.dtype,
+    read_dtype: torch.dtype | None = None,
+) -> TokenLayout:
+    """Discover the in-block layout by writing through ``write``.
+
+    Args:
+        write: ``write(key, value, kv_cache, slot_mapping)`` with ``key``/``value``
+            ``[block_size, num_kv_heads, head_size]`` and ``kv_cache``
+            ``[1, num_kv_heads, block_size, 2 * head_size]`` -- the engine's own
+            cache-write op.
+        dtype: storage dtype of the cache.
+        read_dtype: dtype to reinterpret the storage as when reading back
+            (e.g. ``torch.float8_e4m3fn`` for a ``uint8`` fp8 cache).
+    """
+    n = block_size * head_size
+    digits = max(1, math.ceil(math.log(n, _BASE)))
+    idx = torch.arange(n).view(block_size, head_size)
+    slots = torch.arange(block_size, dtype=torch.int64)
+    codes = {}
+    for which in ("key", "value"):
+        code = torch.zeros(2 * n, dtype=torch.int64)
+        written = torch.zeros(2 * n, dtype=torch.bool)
+        for p in range(digits):
+            digit = (idx // _BASE**p) % _BASE + 1  # 1..8
+            pattern = digit.to(torch.float32)[:, None, :].expand(
+                block_size, num_kv_heads, head_size
+            )
+            zeros = torch.zeros_like(pattern)
+            k, v = (pattern, zeros) if which == "key" else (zeros, pattern)
+            cache = torch.zeros(1, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
+            write(k.contiguous(), v.contiguous(), cache, slots)
+            view = cache.view(read_dtype) if read_dtype is not None else cache
+            regions = view.to(torch.float32).reshape(num_kv_heads, 2 * n)
+            if not torch.equal(regions, regions[:1].expand_as(regions)):
+                raise RuntimeError("KV heads do not share one in-block layout")
+            r = regions[0].round().to(torch.int64)
+            written |= r > 0
+            code += (r - 1).clamp(min=0) * _BASE**p
+        if int(written.sum()) != n:
+            raise RuntimeError(
+                f"layout probe found {int(written.sum())} {which} elements per "
+                f"region, expected {n}"
+            )
+        index = torch.full((n,), -1, dtype=torch.int64)
+        positions = written.nonzero().flatten()
+        index[code[positions]] = positions
+        if (index < 0).any():
+            raise RuntimeError(f"layout probe could not place every {which} element")
+        codes[which] = index.view(block_size, head_size)
+    return TokenLayout(block_size, head_size, codes["key"], codes["value"])
+
+
+def read_keys(
+    cache: torch.Tensor, layout: TokenLayout, blocks: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Keys of the given tokens: ``[num_kv_heads, n, head_size]`` (cache dtype).
+
+    Args:
+        cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
+        blocks, offsets: ``[n]`` block id and in-block index of each token.
+    """
+    nb, h = cache.shape[:2]
+    flat = cache.view(nb, h, layout.region_size)
+    idx = layout.key_index[offsets]  # [n, D]
+    # [n, 1, D] block x [1, H, 1] head -> [n, H, D]
+    heads = torch.arange(h)[None, :, None]
+    out = flat[blocks[:, None, None], heads, idx[:, None, :]]
+    return out.permute(1, 0, 2)
+
+
+def move_tokens(
+    cache: torch.Tensor,
+    layout: TokenLayout,
+    src_blocks: torch.Tensor,
+    src_offsets: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    dst_offsets: torch.Tensor,
+) -> None:
+    """Copy whole tokens (K and V, raw elements) inside one layer's cache.
+
+    Per KV head ``h`` and kept index ``i``: token ``(src_blocks[h, i],
+    src_offsets[h, i])`` goes to ``(dst_blocks[i], dst_offsets[i])``.  All
+    sources are read before any destination is written, so sources and
+    destinations may overlap (in-place compaction).
+
+    Args:
+        cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
+        src_blocks, src_offsets: ``[num_kv_heads, k]``.
+        dst_blocks, dst_offsets: ``[k]``.
+    """
+    nb, h = cache.shape[:2]
+    flat = cache.view(nb, h, layout.region_size)
+    tok = layout.token_index  # [bs, 2D]
+    heads = torch.arange(h)[:, None, None]  # [H, 1, 1]
+    values = flat[src_blocks[:, :, None], heads, tok[src_offsets]]  # [H, k, 2D]
+    flat[dst_blocks[None, :, None], heads, tok[dst_offsets][None]] = values
+
+
+def reference_slot_tensors(
+    block_ids: list[int] | torch.Tensor, positions: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block id, in-block offset) of physical positions in a block-table row."""
+    table = torch.as_tensor(block_ids, dtype=torch.int64)
+    return table[positions // block_size], positions % block_size

@@ -1,0 +1,211 @@
+"""The model-runner seams: plans applied first, physical slots, logical RoPE.
+
+Three wrappers on vLLM's ``GPUModelRunner`` (which the CPU runner inherits):
+
+* ``_update_states``: before vLLM updates its persistent batch, truncate rows
+  the scheduler shortened and run this step's compactions (a failure leaves
+  the request untouched and is reported back);
+* ``_prepare_inputs``: positions stay logical (RoPE sees the true position),
+  while ``seq_lens`` and the slot mapping use the physical length
+  (``logical - offset``); also says which query rows to capture;
+* ``execute_model`` / ``sample_tokens``: results ride back on the output.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+
+from vllm_kvshrink import plan as plan_mod
+from vllm_kvshrink.config import KVShrinkConfig
+from vllm_kvshrink.worker import state
+from vllm_kvshrink.worker.compactor import Compactor
+
+logger = logging.getLogger("vllm_kvshrink")
+
+_ORIG: dict[str, object] = {}
+
+
+def _layer_of(runner, name):
+    return runner.compilation_config.static_forward_context[name]
+
+
+def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
+    from vllm import _custom_ops as ops
+
+    group = runner.kv_cache_config.kv_cache_groups[0]
+    names = list(group.layer_names)
+    layers = [_layer_of(runner, n) for n in names]
+    caches = []
+    for layer in layers:
+        kv = layer.kv_cache
+        if isinstance(kv, (list, tuple)):
+            kv = kv[0]
+        caches.append(kv)
+    first = layers[0]
+    impl = first.impl
+    isa = getattr(first, "isa", "vec")
+    model_dtype = runner.model_config.dtype
+    kv_dtype = impl.kv_cache_dtype
+
+    def write(k, v, cache, slots):
+        nb, h, bs, _ = cache.shape
+        kc, vc = cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            k.to(model_dtype), v.to(model_dtype), kc, vc, slots, isa,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_dtype,
+        )
+
+    return Compactor(
+        config=cfg,
+        layer_names=names,
+        caches=caches,
+        scales=[float(layer.impl.scale) for layer in layers],
+        num_q_heads=impl.num_heads,
+        head_size=impl.head_size,
+        max_reqs=runner.scheduler_config.max_num_seqs,
+        write_fn=write,
+    )
+
+
+def _compactor(runner) -> Compactor | None:
+    comp = getattr(runner, "_kvs_compactor", None)
+    if comp is None and getattr(runner, "kv_cache_config", None) is not None:
+        comp = _build_compactor(runner, runner._kvs_config)
+        runner._kvs_compactor = comp
+        state.COMPACTOR = comp
+    return comp
+
+
+def _update_states(self, scheduler_output):
+    comp = _compactor(self)
+    if comp is None:
+        return _ORIG["_update_states"](self, scheduler_output)
+    for req_id in scheduler_output.finished_req_ids:
+        comp.drop(req_id)
+    for new in scheduler_output.scheduled_new_reqs:
+        comp.reset(new.req_id)
+    for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+        comp.reset(req_id)
+    step = getattr(scheduler_output, plan_mod.ATTR, None)
+    offsets: dict[str, int] = {}
+    results: dict[str, object] = {}
+    if step is not None:
+        offsets = dict(step.offsets)
+        for req_id, num_blocks in step.truncations.items():
+            _set_row(self, req_id, lambda ids, n=num_blocks: ids[:n])
+        for c in step.compactions:
+            req_state = self.requests.get(c.req_id)
+            try:
+                if req_state is None:
+                    raise RuntimeError("request unknown to the worker")
+                new_row = comp.apply(c, list(req_state.block_ids[0]))
+            except Exception as e:  # noqa: BLE001 - any failure falls back
+                if comp.config.strict:
+                    raise
+                logger.warning("vllm-kvshrink: compaction of %s failed: %r", c.req_id, e)
+                results[c.req_id] = f"{type(e).__name__}: {e}"
+                off = offsets.get(c.req_id, 0) - (c.old_len - c.keep)
+                if off:
+                    offsets[c.req_id] = off
+                else:
+                    offsets.pop(c.req_id, None)
+                continue
+            _set_row(self, c.req_id, lambda ids, row=new_row: row)
+            results[c.req_id] = True
+    comp.offsets = offsets
+    comp.results = results
+    return _ORIG["_update_states"](self, scheduler_output)
+
+
+def _set_row(runner, req_id, fn) -> None:
+    req_state = runner.requests.get(req_id)
+    if req_state is None:
+        return
+    ids = req_state.block_ids[0]
+    ids[:] = fn(list(ids))
+    row = runner.input_batch.req_id_to_index.get(req_id)
+    if row is not None:
+        runner.input_batch.block_table.block_tables[0].add_row(list(ids), row)
+
+
+def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+    comp = getattr(self, "_kvs_compactor", None)
+    if comp is None:
+        return _ORIG["_prepare_inputs"](self, scheduler_output, num_scheduled_tokens)
+    num_reqs = self.input_batch.num_reqs
+    req_ids = self.input_batch.req_ids[:num_reqs]
+    num_computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
+    comp.plan_capture(req_ids, num_computed, num_scheduled_tokens)
+    row_off = np.array([comp.offsets.get(r, 0) for r in req_ids], dtype=np.int64)
+    block_table = self.input_batch.block_table
+    if row_off.any():
+        block_table._kvs_token_offsets = torch.from_numpy(
+            np.repeat(row_off, num_scheduled_tokens[:num_reqs])
+        )
+    try:
+        result = _ORIG["_prepare_inputs"](self, scheduler_output, num_scheduled_tokens)
+    finally:
+        block_table._kvs_token_offsets = None
+    if row_off.any():
+        off = torch.from_numpy(row_off)
+        self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
+        self.optimistic_seq_lens_cpu[:num_reqs] -= off.to(self.optimistic_seq_lens_cpu.dtype)
+    return result
+
+
+def _compute_slot_mapping(self, num_reqs, query_start_loc, positions):
+    off = getattr(self, "_kvs_token_offsets", None)
+    if off is not None:
+        positions = positions - off.to(positions.device, positions.dtype)
+    return _ORIG["compute_slot_mapping"](self, num_reqs, query_start_loc, positions)
+
+
+def _attach(runner, out):
+    comp = getattr(runner, "_kvs_compactor", None)
+    if comp is None or not comp.results or out is None:
+        return out
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    if not isinstance(out, ModelRunnerOutput):
+        return out
+    out = copy.copy(out)  # may be a shared constant (EMPTY_MODEL_RUNNER_OUTPUT)
+    setattr(out, plan_mod.RESULTS_ATTR, comp.results)
+    comp.results = {}
+    return out
+
+
+def _execute_model(self, scheduler_output, *args, **kwargs):
+    try:
+        out = _ORIG["execute_model"](self, scheduler_output, *args, **kwargs)
+    finally:
+        comp = getattr(self, "_kvs_compactor", None)
+        if comp is not None:
+            comp.capture = None
+    return _attach(self, out)
+
+
+def _sample_tokens(self, *args, **kwargs):
+    return _attach(self, _ORIG["sample_tokens"](self, *args, **kwargs))
+
+
+def install(cfg: KVShrinkConfig) -> None:
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _ORIG:
+        return
+    _ORIG["_update_states"] = GPUModelRunner._update_states
+    _ORIG["_prepare_inputs"] = GPUModelRunner._prepare_inputs
+    _ORIG["execute_model"] = GPUModelRunner.execute_model
+    _ORIG["sample_tokens"] = GPUModelRunner.sample_tokens
+    _ORIG["compute_slot_mapping"] = MultiGroupBlockTable.compute_slot_mapping
+    GPUModelRunner._kvs_config = cfg
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner.execute_model = _execute_model
+    GPUModelRunner.sample_tokens = _sample_tokens
+    MultiGroupBlockTable.compute_slot_mapping = _compute_slot_mapping

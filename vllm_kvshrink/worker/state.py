@@ -1,0 +1,3 @@
+"""The compactor of this worker process (one model runner per process)."""
+
+COMPACTOR = None
