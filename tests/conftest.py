@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from vllm_kvshrink.assets import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def essay_prompts(tokenizer):
+    """Real essay passages of assorted lengths (token ids)."""
+    from vllm_kvshrink.assets import load_essays
+
+    essays = load_essays()
+    lengths = [900, 520, 333, 700, 61, 1200]
+    prompts = []
+    for i, n in enumerate(lengths):
+        ids = tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"]
+        prompts.append(ids[:n])
+    return prompts

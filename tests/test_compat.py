@@ -1,0 +1,115 @@
+"""Tests of vllm_kvshrink.compat: supported versions and the vLLM seams."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_kvshrink import compat
+from vllm_kvshrink.compat import Symbol
+from vllm_kvshrink.envs import KVShrinkConfigError
+
+
+def test_check_passes_on_installed_vllm():
+    assert compat.check() == []
+    compat.check_or_raise()
+
+
+def test_installed_version_is_supported():
+    v = compat.vllm_version()
+    assert "0.32" in v
+    compat.check_version()
+    compat.check_version(v)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "0.31.99", "1.0.0", "0.4.3"])
+def test_check_version_rejects(version):
+    with pytest.raises(KVShrinkConfigError) as ei:
+        compat.check_version(version)
+    msg = str(ei.value)
+    assert f"vLLM {version}" in msg
+    assert compat.SUPPORTED in msg
+    assert ">=0.32.0,<0.33" in msg
+    assert "VLLM_KVSHRINK_METHOD=none" in msg
+
+
+@pytest.mark.parametrize(
+    "version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.32.1rc1", "0.32", "0.32.3.dev5+g1234"])
+def test_check_version_accepts(version):
+    compat.check_version(version)
+
+
+def test_parse():
+    assert compat._parse("0.32.1") == (0, 32, 1)
+    assert compat._parse("0.32") == (0, 32, 0)
+    assert compat._parse("0.32.0+cpu") == (0, 32, 0)
+    assert compat._parse("0.33.0rc1") == (0, 33, 0)
+
+
+def test_resolve():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert compat.resolve("vllm.v1.core.sched.scheduler:Scheduler.schedule") is (
+        Scheduler.schedule)
+
+
+def test_every_symbol_path_is_well_formed():
+    assert compat.SYMBOLS
+    paths = [s.path for s in compat.SYMBOLS]
+    assert len(paths) == len(set(paths))
+    for s in compat.SYMBOLS:
+        mod, sep, qual = s.path.partition(":")
+        assert sep and mod.startswith("vllm") and qual
+
+
+def test_missing_attribute_is_reported(monkeypatch):
+    bad = "vllm.v1.core.sched.scheduler:Scheduler.no_such_method"
+    monkeypatch.setattr(compat, "SYMBOLS", (
+        Symbol("vllm.v1.core.sched.scheduler:Scheduler.schedule", ("self",)),
+        Symbol(bad, ("self",)),
+    ))
+    problems = compat.check()
+    assert len(problems) == 1
+    assert problems[0].startswith(bad)
+    assert "missing" in problems[0]
+    with pytest.raises(KVShrinkConfigError) as ei:
+        compat.check_or_raise()
+    assert bad in str(ei.value)
+    assert compat.SUPPORTED in str(ei.value)
+
+
+def test_missing_module_is_reported(monkeypatch):
+    bad = "vllm.no_such_module_kvshrink:Thing"
+    monkeypatch.setattr(compat, "SYMBOLS", (Symbol(bad, None),))
+    problems = compat.check()
+    assert len(problems) == 1 and problems[0].startswith(bad)
+    assert "missing" in problems[0]
+
+
+def test_wrong_params_are_reported(monkeypatch):
+    path = "vllm.v1.core.block_pool:BlockPool.free_blocks"
+    monkeypatch.setattr(compat, "SYMBOLS", (
+        Symbol(path, ("self", "blocks_renamed")),
+        Symbol("vllm.v1.core.block_pool:BlockPool.get_new_blocks", ("self", "num_blocks")),
+    ))
+    problems = compat.check()
+    assert len(problems) == 1
+    assert path in problems[0]
+    assert "blocks_renamed" in problems[0]
+    assert "ordered_blocks" in problems[0]
+
+
+def test_too_many_expected_params_are_reported(monkeypatch):
+    path = "vllm.v1.core.block_pool:BlockPool.free_blocks"
+    monkeypatch.setattr(compat, "SYMBOLS", (
+        Symbol(path, ("self", "ordered_blocks", "a", "b", "c", "d", "e", "f")),))
+    problems = compat.check()
+    assert len(problems) == 1 and path in problems[0]
+
+
+def test_not_callable_with_params_is_reported(monkeypatch):
+    # a module-level constant has no signature
+    path = "vllm_kvshrink.compat:SUPPORTED"
+    monkeypatch.setattr(compat, "SYMBOLS", (Symbol(path, ("x",)),))
+    problems = compat.check()
+    assert len(problems) == 1 and path in problems[0]
+    assert "signature" in problems[0]
