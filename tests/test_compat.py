@@ -42,7 +42,13 @@ def test_parse():
     assert compat._parse("0.32.1") == (0, 32, 1)
     assert compat._parse("0.32") == (0, 32, 0)
     assert compat._parse("0.32.0+cpu") == (0, 32, 0)
-    assert compat._parse("0.33.0rc1") == (0, 33, 0)
+    assert compat._parse("0.32.1.dev5+g1234") == (0, 32, 1)
+
+
+@pytest.mark.parametrize("version, expected", [
+    ("0.33.0rc1", (0, 33, 0)), ("0.32.1rc10", (0, 32, 1)), ("0.32rc1", (0, 32, 0))])
+def test_parse_pre_release(version, expected):
+    assert compat._parse(version) == expected
 
 
 def test_resolve():

@@ -288,12 +288,6 @@ def test_target_tokens_matches_exact_arithmetic_on_integer_products():
         assert cfg.target_tokens(n) == max(1, math.ceil(n / 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: target_tokens uses math.ceil(budget * n) in binary floating point: "
-    "0.07 * 100 == 7.000000000000001, so a 7 percent budget of 100 tokens keeps 8, "
-    "not 7 (likewise 0.55 * 100 -> 56, 0.28 * 100 -> 29, 0.14 * 50 -> 8).",
-)
 @pytest.mark.parametrize("budget, n, expected", [(0.07, 100, 7), (0.55, 100, 55),
                                                  (0.28, 100, 28), (0.14, 50, 7)])
 def test_target_tokens_fraction_float_roundoff(budget, n, expected):

@@ -10,6 +10,7 @@ instead of silently corrupting requests.
 from __future__ import annotations
 
 import importlib
+import re
 import inspect
 from dataclasses import dataclass
 
@@ -98,8 +99,8 @@ def vllm_version() -> str:
 def _parse(version: str) -> tuple[int, int, int]:
     parts = []
     for piece in version.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+        match = re.match(r"\d+", piece)  # "0rc1" -> 0: leading digits only
+        parts.append(int(match.group()) if match else 0)
     while len(parts) < 3:
         parts.append(0)
     return tuple(parts)  # type: ignore[return-value]

@@ -150,7 +150,8 @@ class KVShrinkConfig:
     def target_tokens(self, num_tokens: int) -> int:
         """Cache tokens a request of ``num_tokens`` logical tokens may keep."""
         if isinstance(self.budget, float):
-            budget = math.ceil(self.budget * num_tokens)
+            # round() first: 0.07 * 100 is 7.000000000000001 in binary floats.
+            budget = math.ceil(round(self.budget * num_tokens, 9))
         else:
             budget = self.budget
         floor = self.sink_tokens + self.recent_tokens

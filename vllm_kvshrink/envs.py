@@ -75,6 +75,8 @@ def _budget(name: str, raw: str) -> float | int:
             f"each request's tokens (e.g. 0.25) or an absolute token count >= 1 "
             f"(e.g. 512)"
         ) from None
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        value = int(value)  # "1e3" is a token count, not a fraction
     return value
 
 

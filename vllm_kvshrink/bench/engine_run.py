@@ -77,6 +77,8 @@ def run(spec: dict) -> dict:
     outputs: dict[int, dict] = {}
     preemptions: dict[str, int] = {}
     max_running = 0
+    running_trace: list[int] = []
+    usage_trace: list[float] = []
     peak_usage = 0.0
     steps = 0
     aborted = []
@@ -106,6 +108,8 @@ def run(spec: dict) -> dict:
         if sched is not None:
             max_running = max(max_running, len(sched.running))
             peak_usage = max(peak_usage, sched.kv_cache_manager.usage)
+            running_trace.append(len(sched.running))
+            usage_trace.append(round(sched.kv_cache_manager.usage, 4))
             for req_id, req in sched.requests.items():
                 preemptions[req_id] = max(preemptions.get(req_id, 0), req.num_preemptions)
             if check:
@@ -126,6 +130,8 @@ def run(spec: dict) -> dict:
         "preemptions": sum(preemptions.values()),
         "peak_kv_usage": peak_usage,
         "pid": os.getpid(),
+        "running_trace": running_trace,
+        "usage_trace": usage_trace,
     }
     result["output_tokens_per_s"] = result["output_tokens"] / max(elapsed, 1e-9)
     if sched is not None:
