@@ -106,6 +106,9 @@ def main() -> int:
         ("max running seqs", "max_running", "{:d}"),
         ("preemptions", "preemptions", "{:d}"),
         ("engine steps", "steps", "{:d}"),
+        ("time in steps with prefill (s)", "prefill_steps_s", "{:.1f}"),
+        ("time in decode-only steps (s)", "decode_only_steps_s", "{:.1f}"),
+        ("decode-only tokens/s", "decode_only_tokens_per_s", "{:.1f}"),
         ("peak KV usage", "peak_kv_usage", "{:.2f}"),
         ("wall time (s)", "elapsed_s", "{:.1f}"),
     ]
@@ -119,7 +122,7 @@ def main() -> int:
     k = ours.get("kvshrink", {})
     print(f"\nkvshrink: {k.get('compactions', 0)} compactions, {k.get('tokens_evicted', 0)} "
           f"tokens evicted, {k.get('blocks_freed', 0)} blocks freed, "
-          f"{k.get('fallbacks', 0)} fallbacks")
+          f"{k.get('fallbacks', 0)} fallbacks; {k.get('compaction_s', 0):.1f} s spent compacting")
     same = sum(stock["outputs"][i]["token_ids"] == ours["outputs"][i]["token_ids"]
                for i in stock["outputs"])
     print(f"outputs identical to stock: {same}/{len(stock['outputs'])} "

@@ -82,6 +82,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm._custom_ops:cpu_attn_reshape_and_cache",
            ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
            "probe the CPU paged-KV layout through vLLM's own write op"),
+    # ---- front-end
+    Symbol("vllm.v1.engine.input_processor:InputProcessor._validate_params",
+           ("self", "params"), "reject bad per-request settings with a clear error"),
     # ---- metrics (front-end)
     Symbol("vllm.v1.metrics.loggers:PrometheusStatLogger.record",
            ("self", "scheduler_stats"), "export counters on /metrics"),

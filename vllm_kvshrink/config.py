@@ -20,6 +20,41 @@ from vllm_kvshrink.envs import KVShrinkConfigError
 EXTRA_ARGS_KEY = "kvshrink"
 
 
+def request_overrides(extra_args: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Per-request settings from ``SamplingParams.extra_args``.
+
+    Accepted forms: ``{"kvshrink": {"budget": 0.5}}`` (Python), the same dict as
+    a JSON string, or flat keys ``{"kvshrink_budget": 0.5}`` -- the form the
+    OpenAI server's ``vllm_xargs`` can carry (it allows scalars only).
+    """
+    if not extra_args:
+        return None
+    out: dict[str, Any] = {}
+    nested = extra_args.get(EXTRA_ARGS_KEY)
+    if isinstance(nested, str):
+        import json
+
+        try:
+            nested = json.loads(nested)
+        except ValueError:
+            raise KVShrinkConfigError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}]={nested!r} is not valid JSON; "
+                f"allowed: a dict of {', '.join(KVShrinkConfig.OVERRIDABLE)}"
+            ) from None
+    if nested is not None:
+        if not isinstance(nested, Mapping):
+            raise KVShrinkConfigError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}]={nested!r} is not a dict; allowed "
+                f"keys: {', '.join(KVShrinkConfig.OVERRIDABLE)}"
+            )
+        out.update(nested)
+    prefix = EXTRA_ARGS_KEY + "_"
+    for key, value in extra_args.items():
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = value
+    return out or None
+
+
 @dataclass(frozen=True)
 class KVShrinkConfig:
     method: str = "none"
@@ -32,6 +67,7 @@ class KVShrinkConfig:
     min_prompt_tokens: int = 0
     record_dir: str = ""
     strict: bool = False
+    inject_fault: str = ""
     #: Where a value came from, for error messages ("VLLM_KVSHRINK_BUDGET" or
     #: "extra_args['kvshrink']['budget']").
     source: Mapping[str, str] = dataclasses.field(
@@ -115,6 +151,7 @@ class KVShrinkConfig:
             min_prompt_tokens=envs.get("MIN_PROMPT_TOKENS"),
             record_dir=envs.get("RECORD_DIR"),
             strict=envs.get("STRICT"),
+            inject_fault=envs.get("INJECT_FAULT"),
         )
 
     #: Settings a single request may override.

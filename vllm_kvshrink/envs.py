@@ -152,6 +152,13 @@ _VARS: list[EnvVar] = [
         _str,
     ),
     EnvVar(
+        PREFIX + "INJECT_FAULT",
+        "",
+        "Testing: make compaction fail for requests whose id starts with this "
+        "prefix, to exercise the fallback path. Empty (the default) injects nothing.",
+        _str,
+    ),
+    EnvVar(
         PREFIX + "STRICT",
         "0",
         "Testing: re-raise failures inside compaction instead of falling back "

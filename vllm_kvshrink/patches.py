@@ -48,6 +48,24 @@ def _install_attention() -> None:
     )
 
 
+def _install_request_validation(cfg: KVShrinkConfig) -> None:
+    """Reject bad per-request settings in the front-end, as a 400 / ValueError."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_kvshrink.config import request_overrides
+
+    original = InputProcessor._validate_params
+
+    def _validate_params(self, params, *args, **kwargs):
+        extra = getattr(params, "extra_args", None)
+        if extra:
+            # KVShrinkConfigError is a ValueError: vLLM answers 400 / raises.
+            cfg.with_overrides(request_overrides(extra))
+        return original(self, params, *args, **kwargs)
+
+    InputProcessor._validate_params = _validate_params
+
+
 def install(cfg: KVShrinkConfig) -> None:
     global _INSTALLED
     if _INSTALLED:
@@ -65,6 +83,7 @@ def install(cfg: KVShrinkConfig) -> None:
 
     _install_scheduler()
     _install_attention()
+    _install_request_validation(cfg)
     runner_patch.install(cfg)
     loggers.install()
     _INSTALLED = True

@@ -1,8 +1,9 @@
 """The one message that crosses from the scheduler to the workers each step.
 
 The scheduler decides *when* a request is compacted and *how many* tokens it
-keeps, and has already given the freed blocks back to the pool; the worker
-decides *which* tokens (it holds the keys and queries) and moves them.  Both
+keeps; the worker decides *which* tokens (it holds the keys and queries) and
+moves them once the step's forward pass is done, then reports back, and only
+then are blocks given back to the pool.  Both
 sides agree on one fact per request: its offset, the number of logical tokens
 no longer in the cache (``logical length - physical length``).
 """
@@ -38,11 +39,10 @@ class Compaction:
 @dataclass
 class StepPlan:
     compactions: list[Compaction] = field(default_factory=list)
-    #: req_id -> offset, for every scheduled request with a non-zero offset
-    #: *after* this step's compactions.  Requests not listed have offset 0.
+    #: req_id -> offset during this step's forward pass, for every running
+    #: request with a non-zero offset.  Requests not listed have offset 0.
+    #: This step's compactions run after the forward pass and change the
+    #: offsets only from the next step on.
     offsets: dict[str, int] = field(default_factory=dict)
-    #: req_id -> number of blocks its row keeps (blocks past it were freed
-    #: after the previous step's compaction succeeded).
-    truncations: dict[str, int] = field(default_factory=dict)
 #: Attribute of ``ModelRunnerOutput`` with ``{req_id: True | "error"}``.
 RESULTS_ATTR = "kvshrink_results"

@@ -77,6 +77,8 @@ def run(spec: dict) -> dict:
     outputs: dict[int, dict] = {}
     preemptions: dict[str, int] = {}
     max_running = 0
+    prefill_time = decode_time = 0.0
+    decode_tokens = 0
     running_trace: list[int] = []
     usage_trace: list[float] = []
     peak_usage = 0.0
@@ -92,7 +94,18 @@ def run(spec: dict) -> dict:
         for i in pending[:n_add]:
             engine.add_request(str(i), prompts[i], params(i))
         pending = pending[n_add:]
-        for out in engine.step():
+        prefilling = sched is not None and any(
+            r.num_computed_tokens < r.num_prompt_tokens
+            for r in list(sched.running) + list(sched.waiting))
+        t_step = time.perf_counter()
+        step_out = engine.step()
+        dt = time.perf_counter() - t_step
+        if prefilling:
+            prefill_time += dt
+        else:
+            decode_time += dt
+            decode_tokens += len(sched.running) if sched is not None else 0
+        for out in step_out:
             if out.finished:
                 outputs[int(out.request_id)] = {
                     "text": out.outputs[0].text,
@@ -130,6 +143,9 @@ def run(spec: dict) -> dict:
         "preemptions": sum(preemptions.values()),
         "peak_kv_usage": peak_usage,
         "pid": os.getpid(),
+        "prefill_steps_s": prefill_time,
+        "decode_only_steps_s": decode_time,
+        "decode_only_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
         "running_trace": running_trace,
         "usage_trace": usage_trace,
     }
@@ -142,6 +158,10 @@ def run(spec: dict) -> dict:
         counters = getattr(sched, "kvs_counters", None)
         if counters is not None:
             result["kvshrink"] = counters.to_dict()
+            from vllm_kvshrink.worker import state
+
+            if state.COMPACTOR is not None:
+                result["kvshrink"]["compaction_s"] = state.COMPACTOR.stats["seconds"]
     return result
 
 

@@ -1,18 +1,19 @@
 """Scheduler that keeps each request's KV cache within its budget.
 
-Bookkeeping only -- no tensors.  Each step, before vLLM schedules, requests whose
-cache grew past ``budget + slack`` get a :class:`~vllm_kvshrink.plan.Compaction`;
-the worker moves the kept tokens into the request's first blocks and reports
-back; on success the tail blocks go back to vLLM's pool, on failure the request
-continues uncompressed.  Two phases, so a failure never strands a request
-whose blocks are already gone::
+Bookkeeping only -- no tensors.  After vLLM has scheduled a step, requests
+whose cache will have grown past ``budget + slack`` by the end of that step get
+a :class:`~vllm_kvshrink.plan.Compaction`.  The worker runs the step's forward
+pass unchanged, then scores the cache and moves the kept tokens to the front of
+the request's blocks, and reports back.  Only then does the bookkeeping move::
 
-    schedule N     plan R: keep K of P; offset += P-K   (tail blocks still R's)
-    execute N      worker: score, move K tokens to the front, then forward;
-                   new tokens land at physical K, K+1, ...
-    update N       ok  -> free blocks past ceil(phys / block_size)
-                   err -> offset -= P-K, release copy-on-write blocks, count
-    schedule N+1   tell the worker to truncate R's block-table row
+    schedule N     vLLM schedules; then plan R: keep K of P' (P' includes step N)
+                   shared blocks of the kept region get copy-on-write twins,
+                   rewritten blocks leave the prefix cache
+    execute N      forward as stock; afterwards the worker moves K tokens into
+                   the kept region and cuts R's block-table row to it
+    update N       ok  -> offset += P'-K, blocks past the region back to the pool
+                   err -> nothing moved: release the twins, count, leave R alone
+    schedule N+1   R's new tokens get fresh, unshared, uncached blocks
 
 ``request.num_computed_tokens`` stays logical (stop conditions, positions,
 ``max_model_len``); ``offset`` = logical - physical is what block accounting
@@ -31,7 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvshrink import plan as plan_mod
-from vllm_kvshrink.config import EXTRA_ARGS_KEY, KVShrinkConfig
+from vllm_kvshrink.config import KVShrinkConfig, request_overrides
 from vllm_kvshrink.envs import KVShrinkConfigError
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
 
@@ -47,7 +48,6 @@ class _ReqState:
     pending: plan_mod.Compaction | None = None
     pending_cow: list = field(default_factory=list)  # new blocks (KVCacheBlock)
     pending_replaced: list = field(default_factory=list)  # shared blocks they replace
-    truncate_to: int | None = None
 
 
 def check_supported(vllm_config, kv_cache_config) -> None:
@@ -126,11 +126,9 @@ class KVShrinkScheduler(Scheduler):
 
     # ----------------------------------------------------------- requests
     def add_request(self, request) -> None:
-        overrides = None
         sp = getattr(request, "sampling_params", None)
-        if sp is not None and sp.extra_args:
-            overrides = sp.extra_args.get(EXTRA_ARGS_KEY)
         try:
+            overrides = request_overrides(sp.extra_args if sp is not None else None)
             cfg = self.kvs_config.with_overrides(overrides)
         except KVShrinkConfigError as e:
             # The front-end validates first; this is a second line of defence.
@@ -155,7 +153,6 @@ class KVShrinkScheduler(Scheduler):
             # Preemption frees every block and recomputes from scratch.
             st.offset = 0
             st.compressed = False
-            st.truncate_to = None
 
     # ------------------------------------------------------------ planning
     def _kvs_plan(self) -> list[plan_mod.Compaction]:
@@ -212,36 +209,22 @@ class KVShrinkScheduler(Scheduler):
             st.pending = comp
             st.pending_cow = cow
             st.pending_replaced = replaced
-            st.offset += physical - keep
-            st.compressed = True
             plans.append(comp)
         return plans
 
     def schedule(self, *args: Any, **kwargs: Any):
-        truncations = {}
-        for req_id, st in self.kvs_state.items():
-            if st.truncate_to is not None:
-                truncations[req_id] = st.truncate_to
-                st.truncate_to = None
-        compactions = self._kvs_plan()
         output = super().schedule(*args, **kwargs)
-        running = {r.request_id for r in self.running}
-        # A request preempted while scheduling lost all its blocks: the
-        # worker must not touch them.
-        compactions = [
-            c for c in compactions
-            if c.req_id in running and self.kvs_state[c.req_id].pending is c
-        ]
-        truncations = {r: n for r, n in truncations.items() if r in running}
+        # After vLLM's own scheduling: preempted requests are gone from
+        # `running`, prefix-cache hits of this step are counted in ref_cnt,
+        # and num_computed_tokens includes this step's tokens.
+        compactions = self._kvs_plan()
         offsets = {
             r.request_id: self.kvs_state[r.request_id].offset
             for r in self.running
             if r.request_id in self.kvs_state and self.kvs_state[r.request_id].offset
         }
-        step = plan_mod.StepPlan(
-            compactions=compactions, offsets=offsets, truncations=truncations
-        )
-        setattr(output, plan_mod.ATTR, step)
+        setattr(output, plan_mod.ATTR,
+                plan_mod.StepPlan(compactions=compactions, offsets=offsets))
         return output
 
     # ------------------------------------------------------------- results
@@ -277,9 +260,7 @@ class KVShrinkScheduler(Scheduler):
                     self._kvs_finish(comp, st)
                 else:
                     self._kvs_release_pending(st, success=False)
-                    st.offset -= comp.old_len - comp.keep
                     st.disabled = True
-                    st.compressed = st.offset > 0
                     self.kvs_counters.fallbacks += 1
                     reason = ok if isinstance(ok, str) else "no result from worker"
                     logger.warning(
@@ -290,16 +271,15 @@ class KVShrinkScheduler(Scheduler):
     def _kvs_finish(self, comp: plan_mod.Compaction, st: _ReqState) -> None:
         self.kvs_counters.cow_blocks += len(st.pending_cow)
         self._kvs_release_pending(st, success=True)
-        request = self.requests[comp.req_id]
-        physical = request.num_computed_tokens - st.offset
+        st.offset += comp.old_len - comp.keep
+        st.compressed = True
         blocks = self._kvs_single.req_to_blocks[comp.req_id]
-        needed = max(cdiv(physical, self.kvs_block_size), len(comp.block_ids))
-        tail = blocks[needed:]
+        num_region = len(comp.block_ids)
+        tail = blocks[num_region:]
         if tail:
-            del blocks[needed:]
+            del blocks[num_region:]
             # Tail first, as vLLM frees: those are evicted first.
             self._kvs_pool.free_blocks(reversed(tail))
-            st.truncate_to = needed
         c = self.kvs_counters
         c.compactions += 1
         c.tokens_evicted += comp.old_len - comp.keep

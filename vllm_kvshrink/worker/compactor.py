@@ -61,6 +61,7 @@ class Compactor:
     offsets: dict[str, int] = field(default_factory=dict)
     capture: CapturePlan | None = None
     results: dict[str, object] = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # this step's Compaction plans
     stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
 
     def __post_init__(self) -> None:
@@ -166,6 +167,9 @@ class Compactor:
         self, comp: plan_mod.Compaction, old_blocks: list[int]
     ) -> list[torch.Tensor]:
         """Kept physical indices per layer, ``[H, keep]`` each (no writes)."""
+        fault = self.config.inject_fault
+        if fault and comp.req_id.startswith(fault):
+            raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
         cfg_like = KVShrinkConfig(method=comp.method, pool_kernel=comp.pool_kernel)
         method = build_method(cfg_like)
         p, bs = comp.old_len, self.block_size
@@ -203,7 +207,8 @@ class Compactor:
         return keeps
 
     def apply(self, comp: plan_mod.Compaction, old_blocks: list[int]) -> list[int]:
-        """Score, then move; returns the request's new block-table row."""
+        """Score, then move; returns the request's new block-table row (the
+        kept region only: the scheduler frees the rest)."""
         t0 = time.perf_counter()
         keeps = self.select(comp, old_blocks)
         bs = self.block_size
@@ -226,7 +231,7 @@ class Compactor:
         self._record(comp, keeps)
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
-        return list(comp.block_ids) + list(old_blocks[num_region:])
+        return list(comp.block_ids)
 
     # ------------------------------------------------------------ recording
     def _record(self, comp: plan_mod.Compaction, keeps: list[torch.Tensor]) -> None:

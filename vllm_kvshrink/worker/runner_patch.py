@@ -2,13 +2,13 @@
 
 Three wrappers on vLLM's ``GPUModelRunner`` (which the CPU runner inherits):
 
-* ``_update_states``: before vLLM updates its persistent batch, truncate rows
-  the scheduler shortened and run this step's compactions (a failure leaves
-  the request untouched and is reported back);
+* ``_update_states``: take this step's offsets and compaction plans;
 * ``_prepare_inputs``: positions stay logical (RoPE sees the true position),
   while ``seq_lens`` and the slot mapping use the physical length
   (``logical - offset``); also says which query rows to capture;
-* ``execute_model`` / ``sample_tokens``: results ride back on the output.
+* ``execute_model``: after the forward pass, run the compactions (score, move
+  the kept tokens, cut the block-table row; a failure moves nothing and is
+  reported), then results ride back on the output (or ``sample_tokens``').
 """
 
 from __future__ import annotations
@@ -91,42 +91,38 @@ def _update_states(self, scheduler_output):
     for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
         comp.reset(req_id)
     step = getattr(scheduler_output, plan_mod.ATTR, None)
-    offsets: dict[str, int] = {}
-    results: dict[str, object] = {}
-    if step is not None:
-        offsets = dict(step.offsets)
-        for req_id, num_blocks in step.truncations.items():
-            _set_row(self, req_id, lambda ids, n=num_blocks: ids[:n])
-        for c in step.compactions:
-            req_state = self.requests.get(c.req_id)
-            try:
-                if req_state is None:
-                    raise RuntimeError("request unknown to the worker")
-                new_row = comp.apply(c, list(req_state.block_ids[0]))
-            except Exception as e:  # noqa: BLE001 - any failure falls back
-                if comp.config.strict:
-                    raise
-                logger.warning("vllm-kvshrink: compaction of %s failed: %r", c.req_id, e)
-                results[c.req_id] = f"{type(e).__name__}: {e}"
-                off = offsets.get(c.req_id, 0) - (c.old_len - c.keep)
-                if off:
-                    offsets[c.req_id] = off
-                else:
-                    offsets.pop(c.req_id, None)
-                continue
-            _set_row(self, c.req_id, lambda ids, row=new_row: row)
-            results[c.req_id] = True
-    comp.offsets = offsets
-    comp.results = results
+    comp.offsets = dict(step.offsets) if step is not None else {}
+    comp.pending = list(step.compactions) if step is not None else []
     return _ORIG["_update_states"](self, scheduler_output)
 
 
-def _set_row(runner, req_id, fn) -> None:
+def _run_compactions(runner, comp: Compactor) -> None:
+    """After the forward pass: move kept tokens, cut rows; report per request."""
+    results: dict[str, object] = {}
+    for c in comp.pending:
+        req_state = runner.requests.get(c.req_id)
+        try:
+            if req_state is None:
+                raise RuntimeError("request unknown to the worker")
+            new_row = comp.apply(c, list(req_state.block_ids[0]))
+        except Exception as e:  # noqa: BLE001 - any failure falls back
+            if comp.config.strict:
+                raise
+            logger.warning("vllm-kvshrink: compaction of %s failed: %r", c.req_id, e)
+            results[c.req_id] = f"{type(e).__name__}: {e}"
+            continue
+        _set_row(runner, c.req_id, new_row)
+        results[c.req_id] = True
+    comp.pending = []
+    comp.results.update(results)
+
+
+def _set_row(runner, req_id, new_ids: list[int]) -> None:
     req_state = runner.requests.get(req_id)
     if req_state is None:
         return
     ids = req_state.block_ids[0]
-    ids[:] = fn(list(ids))
+    ids[:] = new_ids
     row = runner.input_batch.req_id_to_index.get(req_id)
     if row is not None:
         runner.input_batch.block_table.block_tables[0].add_row(list(ids), row)
@@ -179,12 +175,17 @@ def _attach(runner, out):
 
 
 def _execute_model(self, scheduler_output, *args, **kwargs):
+    comp = getattr(self, "_kvs_compactor", None)
     try:
         out = _ORIG["execute_model"](self, scheduler_output, *args, **kwargs)
     finally:
-        comp = getattr(self, "_kvs_compactor", None)
         if comp is not None:
             comp.capture = None
+    comp = getattr(self, "_kvs_compactor", None)
+    if comp is not None and comp.pending:
+        # The forward pass has read and written the old layout; now it may move.
+        with torch.inference_mode():
+            _run_compactions(self, comp)
     return _attach(self, out)
 
 

@@ -1,0 +1,135 @@
+"""The compressed engine keeps vLLM's guarantees: stock behaviour when off,
+exact block accounting under preemption and aborts, an intact prefix cache,
+per-request settings, and a clean fallback when compaction fails."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_kvshrink.bench.launch import run_engine
+
+pytestmark = pytest.mark.engine
+
+
+def _llm(model_path, **kw):
+    base = dict(model=model_path, dtype="bfloat16", max_model_len=2048,
+                kv_cache_memory_bytes=96 << 20, block_size=32, max_num_seqs=8,
+                enforce_eager=True, seed=0)
+    base.update(kw)
+    return base
+
+
+def _spec(model_path, prompts, max_tokens=32, **kw):
+    return {
+        "llm": _llm(model_path, **kw.pop("llm", {})),
+        "prompts": [{"prompt_token_ids": p} for p in prompts],
+        "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
+        **kw,
+    }
+
+
+def _tokens(result):
+    return {k: v["token_ids"] for k, v in result["outputs"].items()}
+
+
+def test_off_is_stock(model_path, essay_prompts):
+    """Plugin absent, plugin with method none, and every request opting out of
+    an active method: greedy tokens identical."""
+    prompts = essay_prompts[:4]
+    absent = run_engine(_spec(model_path, prompts), {"VLLM_PLUGINS": "no-such-plugin"})
+    none = run_engine(_spec(model_path, prompts), {"VLLM_KVSHRINK_METHOD": "none"})
+    opted_out = run_engine(
+        _spec(model_path, prompts,
+              per_request_extra={i: {"method": "none"} for i in range(len(prompts))}),
+        {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64"},
+    )
+    assert absent["scheduler_cls"] == "Scheduler"
+    assert none["scheduler_cls"] == "Scheduler"  # nothing patched with 'none'
+    assert opted_out["scheduler_cls"] == "KVShrinkScheduler"
+    assert opted_out["kvshrink"]["compactions"] == 0
+    assert _tokens(absent) == _tokens(none) == _tokens(opted_out)
+
+
+def test_bad_setting_stops_engine_start(model_path):
+    with pytest.raises(RuntimeError) as err:
+        run_engine(_spec(model_path, [[1, 2, 3]]), {"VLLM_KVSHRINK_METHOD": "h2oo"})
+    msg = str(err.value)
+    assert "VLLM_KVSHRINK_METHOD='h2oo'" in msg and "snapkv" in msg
+    with pytest.raises(RuntimeError) as err:
+        run_engine(_spec(model_path, [[1, 2, 3]]),
+                   {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "2.5"})
+    assert "VLLM_KVSHRINK_BUDGET=2.5" in str(err.value)
+
+
+def test_blocks_return_under_preemption_and_abort(model_path, essay_prompts):
+    """Tight pool: requests are preempted and recomputed, two are aborted; the
+    ownership invariant holds at every step and every block comes back."""
+    prompts = [p[:400] for p in (essay_prompts * 2)[:10]]
+    spec = _spec(model_path, prompts, max_tokens=160, check_invariants=True,
+                 abort_after={2: 6, 7: 15},
+                 llm={"kv_cache_memory_bytes": 1400 * 23040, "max_model_len": 1024})
+    result = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "snapkv",
+                               "VLLM_KVSHRINK_BUDGET": "0.8",
+                               "VLLM_KVSHRINK_SLACK_TOKENS": "32",
+                               "VLLM_KVSHRINK_STRICT": "1"})
+    assert result["preemptions"] > 0, "pool not tight enough to test preemption"
+    assert result["kvshrink"]["compactions"] > 0
+    assert sorted(result["aborted"]) == [2, 7]
+    assert len(result["outputs"]) == len(prompts) - 2
+    assert result["free_blocks_end"] == result["total_blocks"]
+    for i, out in result["outputs"].items():
+        assert len(out["token_ids"]) == 160, i
+
+
+def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts):
+    """Request 0 (uncompressed) caches prompt P; request 1 (compressed) hits that
+    cache and is compacted while sharing the blocks (copy on write); request 2
+    (uncompressed) arrives later and hits the cache again.  Requests 0 and 2
+    must produce exactly what stock vLLM produces for P on the same workload.
+    (This test caught a real bug: new tokens written into a shared tail block.)"""
+    p = essay_prompts[0]
+    prompts = [p, p, p, essay_prompts[1]]
+    extra = {0: {"method": "none"}, 2: {"method": "none"}}
+    stock = run_engine(_spec(model_path, prompts, max_tokens=48, arrival=1),
+                       {"VLLM_KVSHRINK_METHOD": "none"})
+    result = run_engine(
+        _spec(model_path, prompts, max_tokens=48, per_request_extra=extra, arrival=1,
+              check_invariants=True),
+        {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "128",
+         "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_KVSHRINK_STRICT": "1"})
+    want = stock["outputs"]["0"]["token_ids"]
+    assert result["outputs"]["0"]["token_ids"] == want
+    assert result["outputs"]["2"]["token_ids"] == want
+    assert result["outputs"]["1"]["token_ids"][:1] == want[:1]  # prefill unchanged
+    k = result["kvshrink"]
+    assert k["compactions"] >= 2 and k["cow_blocks"] > 0
+    assert result["free_blocks_end"] == result["total_blocks"]
+
+
+def test_per_request_budget_and_fallback(model_path, essay_prompts):
+    """Request 0 fails inside compaction (injected): it is served uncompressed,
+    identical to stock, and counted.  Request 1 asks for a bigger budget."""
+    prompts = essay_prompts[:3]
+    stock = run_engine(_spec(model_path, prompts), {"VLLM_KVSHRINK_METHOD": "none"})
+    result = run_engine(
+        _spec(model_path, prompts, per_request_extra={1: {"budget": 400}}),
+        {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64",
+         "VLLM_KVSHRINK_INJECT_FAULT": "0-", "VLLM_KVSHRINK_RECORD_DIR": "",
+         "VLLM_KVSHRINK_SLACK_TOKENS": "16"})
+    assert result["outputs"]["0"]["token_ids"] == stock["outputs"]["0"]["token_ids"]
+    assert result["kvshrink"]["fallbacks"] == 1
+    assert result["kvshrink"]["compactions"] >= 2
+    assert result["free_blocks_end"] == result["total_blocks"]
+
+
+def test_max_model_len_is_logical(model_path, essay_prompts):
+    """Stop at max_model_len counts logical tokens, not the compacted cache."""
+    p = essay_prompts[1][:400]
+    spec = _spec(model_path, [p], max_tokens=600, llm={"max_model_len": 512})
+    spec["sampling"]["ignore_eos"] = True
+    stock = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
+    ours = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "streaming",
+                             "VLLM_KVSHRINK_BUDGET": "64"})
+    assert ours["kvshrink"]["compactions"] > 0
+    n = len(ours["outputs"]["0"]["token_ids"])
+    assert n == len(stock["outputs"]["0"]["token_ids"]) == 512 - 400

@@ -1,0 +1,103 @@
+"""`vllm serve` (the OpenAI server, multiprocess engine) with the plugin on:
+the console command works under the CPU wheel, requests are compressed, and
+the counters appear on /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokenizer,
+                                                   essay_prompts):
+    vllm_cmd = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    assert vllm_cmd, "the vllm console command is not installed"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    env.update({"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "96",
+                "VLLM_KVSHRINK_SLACK_TOKENS": "16"})
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default: multiprocess
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [vllm_cmd, "serve", model_path, "--port", str(port), "--dtype", "bfloat16",
+         "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 << 20),
+         "--block-size", "32", "--max-num-seqs", "4", "--enforce-eager"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError("server exited:\n" + (tmp_path / "serve.log").read_text()[-4000:])
+            try:
+                _get(base + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise AssertionError("server did not start in 300 s")
+                time.sleep(2)
+        prompt = tokenizer.decode(essay_prompts[0])
+        out = _post(base + "/v1/completions", {
+            "model": model_path, "prompt": prompt, "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True})
+        assert out["usage"]["completion_tokens"] == 40
+        # Per-request opt-out through the OpenAI API's extra body.
+        out2 = _post(base + "/v1/completions", {
+            "model": model_path, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "vllm_xargs": {"kvshrink_method": "none"}})
+        assert out2["usage"]["completion_tokens"] >= 1
+        deadline = time.time() + 30
+        while True:
+            metrics = _get(base + "/metrics")
+            if _metric(metrics, "vllm:kvshrink_tokens_evicted_total") > 0 or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert _metric(metrics, "vllm:kvshrink_compactions_total") >= 1
+        assert _metric(metrics, "vllm:kvshrink_tokens_evicted_total") > 0
+        assert _metric(metrics, "vllm:kvshrink_blocks_freed_total") > 0
+        assert "vllm:kvshrink_fallbacks_total" in metrics
+        assert "vllm:kvshrink_compression_ratio" in metrics
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
