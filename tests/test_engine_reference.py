@@ -116,3 +116,37 @@ def test_multiprocess_engine_matches_replay(tmp_path, model_path, hf_model, essa
     assert result["pid"] not in pids  # compaction ran in the engine-core process
     assert os.getpid() not in pids
     _check_against_replay(result, load_events(tmp_path), hf_model, prompts, min_events=3)
+
+
+def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
+    """A 1500-token prompt on a pool of 640 tokens: stock vLLM refuses to start;
+    with compression between prefill chunks it is served, and its greedy tokens
+    still equal the masked replay.  A request that opts out is refused with a
+    clear error instead of waiting forever."""
+    from vllm_kvshrink.assets import load_essays
+
+    ids = tokenizer("\n\n".join(load_essays()[20:23]), add_special_tokens=False)["input_ids"]
+    ids = ids[:1500]
+    assert len(ids) == 1500
+    spec = _spec(model_path, [ids], 32, max_batched=256)
+    spec["llm"].update(kv_cache_memory_bytes=640 * 46080, max_model_len=2048)
+    spec["check_invariants"] = True
+    with pytest.raises(RuntimeError, match="KV cache is needed"):
+        run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
+    env = {
+        "VLLM_KVSHRINK_METHOD": "snapkv",
+        "VLLM_KVSHRINK_BUDGET": "128",
+        "VLLM_KVSHRINK_SLACK_TOKENS": "32",
+        "VLLM_KVSHRINK_RECORD_DIR": str(tmp_path),
+        "VLLM_KVSHRINK_STRICT": "1",
+    }
+    result = run_engine(spec, env)
+    assert len(result["outputs"]["0"]["token_ids"]) == MAX_TOKENS
+    events = load_events(tmp_path)["0"]
+    assert sum(e["logical_len"] < len(ids) for e in events) >= 4  # between chunks
+    assert result["free_blocks_end"] == result["total_blocks"]
+    assert result["total_blocks"] * 32 < len(ids)
+    _check_against_replay(result, {"0": events}, hf_model, [ids])
+    spec["per_request_extra"] = {0: {"method": "none"}}
+    with pytest.raises(RuntimeError, match="does not fit the KV pool"):
+        run_engine(spec, env)

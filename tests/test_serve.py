@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
     env.update({"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "96",
-                "VLLM_KVSHRINK_SLACK_TOKENS": "16"})
+                "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_LOG_STATS_INTERVAL": "1"})
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default: multiprocess
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
@@ -94,6 +95,20 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
         assert _metric(metrics, "vllm:kvshrink_blocks_freed_total") > 0
         assert "vllm:kvshrink_fallbacks_total" in metrics
         assert "vllm:kvshrink_compression_ratio" in metrics
+        # A bad per-request setting is refused with a 400 naming it.
+        try:
+            _post(base + "/v1/completions", {
+                "model": model_path, "prompt": "hi", "max_tokens": 2,
+                "vllm_xargs": {"kvshrink_budget": 7.5}})
+            raise AssertionError("bad per-request budget accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400
+            assert "budget" in e.read().decode()
+        # The engine's periodic log line carries the counters too.
+        deadline = time.time() + 20
+        while "KV shrink:" not in (tmp_path / "serve.log").read_text():
+            assert time.time() < deadline, "no 'KV shrink:' line in the engine log"
+            time.sleep(1)
     finally:
         proc.terminate()
         try:

@@ -82,7 +82,15 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm._custom_ops:cpu_attn_reshape_and_cache",
            ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
            "probe the CPU paged-KV layout through vLLM's own write op"),
+    Symbol("vllm.v1.core.sched.scheduler:Scheduler._request_remaining_blocks",
+           ("self", "request"), "admission by the compressed peak"),
+    Symbol("vllm.v1.core.kv_cache_utils:_check_enough_kv_cache_memory",
+           ("available_memory", "get_needed_memory", "max_model_len"),
+           "allow a pool smaller than max_model_len with compression on"),
     # ---- front-end
+    Symbol("vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+           ("self", "request_id", "prompt", "params"),
+           "refuse requests that cannot fit the pool even compressed"),
     Symbol("vllm.v1.engine.input_processor:InputProcessor._validate_params",
            ("self", "params"), "reject bad per-request settings with a clear error"),
     # ---- metrics (front-end)

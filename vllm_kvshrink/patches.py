@@ -49,12 +49,14 @@ def _install_attention() -> None:
 
 
 def _install_request_validation(cfg: KVShrinkConfig) -> None:
-    """Reject bad per-request settings in the front-end, as a 400 / ValueError."""
+    """Front-end checks, answered as a 400 / ValueError before the engine:
+    bad per-request settings, and requests that cannot fit the KV pool."""
     from vllm.v1.engine.input_processor import InputProcessor
 
     from vllm_kvshrink.config import request_overrides
 
     original = InputProcessor._validate_params
+    original_process = InputProcessor.process_inputs
 
     def _validate_params(self, params, *args, **kwargs):
         extra = getattr(params, "extra_args", None)
@@ -63,7 +65,72 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
             cfg.with_overrides(request_overrides(extra))
         return original(self, params, *args, **kwargs)
 
+    def process_inputs(self, *args, **kwargs):
+        request = original_process(self, *args, **kwargs)
+        _check_fits(self.vllm_config, cfg, request)
+        return request
+
     InputProcessor._validate_params = _validate_params
+    InputProcessor.process_inputs = process_inputs
+
+
+def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
+    """A pool smaller than ``max_model_len`` is allowed with compression on
+    (see _install_memory_check); a request that could not fit even so is
+    refused here rather than left waiting forever."""
+    from vllm.utils.math_utils import cdiv
+
+    from vllm_kvshrink.config import request_overrides
+
+    cache = vllm_config.cache_config
+    sp = getattr(request, "sampling_params", None)
+    if not cache.num_gpu_blocks or sp is None:
+        return
+    bs = cache.block_size
+    pool = (cache.num_gpu_blocks - 1) * bs  # one block is vLLM's null block
+    total = min(len(request.prompt_token_ids or ()) + (sp.max_tokens or 0),
+                vllm_config.model_config.max_model_len)
+    if total <= pool:
+        return
+    req_cfg = cfg.with_overrides(request_overrides(sp.extra_args))
+    if not req_cfg.enabled:
+        raise KVShrinkConfigError(
+            f"request of {total} tokens does not fit the KV pool ({pool} tokens) "
+            f"uncompressed, and it sets method 'none'; allowed: keep compression "
+            f"on for it (drop the per-request method) or shorten it"
+        )
+    keep = cdiv(req_cfg.target_tokens(total), bs) * bs
+    peak = keep + req_cfg.slack_tokens + vllm_config.scheduler_config.max_num_batched_tokens + bs
+    if peak > pool:
+        raise KVShrinkConfigError(
+            f"request of {total} tokens needs up to {peak} cached tokens even "
+            f"compressed (budget {req_cfg.budget!r} + slack {req_cfg.slack_tokens} + "
+            f"one prefill chunk of {vllm_config.scheduler_config.max_num_batched_tokens}),"
+            f" more than the KV pool ({pool} tokens); allowed: a smaller budget, "
+            f"smaller max_num_batched_tokens, or a larger pool"
+        )
+
+
+def _install_memory_check(cfg: KVShrinkConfig) -> None:
+    """vLLM refuses to start when the pool cannot hold one ``max_model_len``
+    sequence.  With compression on, a request only needs its compressed peak;
+    the per-request check above refuses what cannot fit."""
+    from vllm.v1.core import kv_cache_utils
+
+    original = kv_cache_utils._check_enough_kv_cache_memory
+
+    def _check_enough_kv_cache_memory(available_memory, *args, **kwargs):
+        try:
+            return original(available_memory, *args, **kwargs)
+        except ValueError as e:
+            if available_memory <= 0:
+                raise
+            logger.warning(
+                "vllm-kvshrink: %s -- continuing because VLLM_KVSHRINK_METHOD=%s "
+                "keeps each request within its budget; requests that cannot fit "
+                "even compressed are refused when they arrive.", e, cfg.method)
+
+    kv_cache_utils._check_enough_kv_cache_memory = _check_enough_kv_cache_memory
 
 
 def install(cfg: KVShrinkConfig) -> None:
@@ -84,6 +151,7 @@ def install(cfg: KVShrinkConfig) -> None:
     _install_scheduler()
     _install_attention()
     _install_request_validation(cfg)
+    _install_memory_check(cfg)
     runner_patch.install(cfg)
     loggers.install()
     _INSTALLED = True

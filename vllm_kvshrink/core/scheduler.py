@@ -100,6 +100,16 @@ class KVShrinkScheduler(Scheduler):
 
         def allocate_slots(request, num_new_tokens, *a, **kw):
             st = self.kvs_state.get(request.request_id)
+            if kw.get("full_sequence_must_fit") and self._kvs_compressible(st):
+                # Admission: what must fit is the request's compressed peak,
+                # not its full length -- that is what lets a prompt longer
+                # than the pool be served.
+                if self._kvs_remaining_blocks(request, st) > (
+                    self._kvs_pool.get_num_free_blocks()
+                    - kw.get("reserved_blocks", 0)
+                ):
+                    return None
+                kw["full_sequence_must_fit"] = False
             if st is None or not st.compressed:
                 return original(request, num_new_tokens, *a, **kw)
             # Physical length for block accounting; never cache blocks whose
@@ -153,6 +163,30 @@ class KVShrinkScheduler(Scheduler):
             # Preemption frees every block and recomputes from scratch.
             st.offset = 0
             st.compressed = False
+
+    # ------------------------------------------------------------ admission
+    @staticmethod
+    def _kvs_compressible(st: _ReqState | None) -> bool:
+        return st is not None and st.cfg.enabled and not st.disabled
+
+    def kvs_peak_tokens(self, cfg: KVShrinkConfig, num_tokens: int) -> int:
+        """Most cache tokens a compressed request of ``num_tokens`` holds at once:
+        its budget, the slack it may grow by, and one prefill chunk in flight."""
+        bs = self.kvs_block_size
+        keep = cdiv(cfg.target_tokens(num_tokens), bs) * bs
+        chunk = self.scheduler_config.max_num_batched_tokens
+        return min(num_tokens, keep + cfg.slack_tokens + chunk + bs)
+
+    def _kvs_remaining_blocks(self, request, st: _ReqState) -> int:
+        peak = self.kvs_peak_tokens(st.cfg, min(request.num_tokens, self.max_model_len))
+        have = len(self._kvs_single.req_to_blocks.get(request.request_id, ()))
+        return max(0, cdiv(peak, self.kvs_block_size) - have)
+
+    def _request_remaining_blocks(self, request) -> int:
+        st = self.kvs_state.get(request.request_id)
+        if self._kvs_compressible(st):
+            return self._kvs_remaining_blocks(request, st)
+        return super()._request_remaining_blocks(request)
 
     # ------------------------------------------------------------ planning
     def _kvs_plan(self) -> list[plan_mod.Compaction]:

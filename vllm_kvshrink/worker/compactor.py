@@ -22,9 +22,10 @@ from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.methods import build_method, select_keep
 from vllm_kvshrink.worker.kv_layout import (
     TokenLayout,
-    move_tokens,
+    move_tokens_stacked,
     probe_layout,
-    read_keys,
+    read_keys_stacked,
+    stack_layers,
 )
 
 logger = logging.getLogger("vllm_kvshrink")
@@ -69,10 +70,15 @@ class Compactor:
         w = self.config.obs_window
         dtype = self.caches[0].dtype if self.caches[0].is_floating_point() else torch.float32
         # One ring of the last W queries per request slot, per layer.
-        self.qbuf = [
-            torch.zeros(self.max_reqs * w, self.num_q_heads, self.head_size, dtype=dtype)
-            for _ in self.layer_names
-        ]
+        self.qbuf = torch.zeros(
+            len(self.layer_names), self.max_reqs * w, self.num_q_heads, self.head_size,
+            dtype=dtype,
+        )
+        # All layers as one tensor when vLLM allocated them back to back (it
+        # does): one gather / scatter per compaction instead of one per layer.
+        self.stack = stack_layers(self.caches)
+        if self.stack is None:
+            self.stack_list = [c[None] for c in self.caches]
         self.qpos = np.zeros((self.max_reqs, w), dtype=np.int64)  # logical positions
         self.free_slots = list(range(self.max_reqs - 1, -1, -1))
         self.block_size = self.caches[0].shape[2]
@@ -138,14 +144,15 @@ class Compactor:
         q = query.reshape(query.shape[0], self.num_q_heads, self.head_size)
         self.qbuf[li].index_copy_(0, cap.dst, q.index_select(0, cap.src).to(self.qbuf[li].dtype))
 
-    def window(self, req_id: str, layer: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Captured queries of one layer, oldest first: ``[Hq, m, D]`` and positions."""
+    def window(self, req_id: str) -> tuple[torch.Tensor, np.ndarray]:
+        """Captured queries of every layer, oldest first: ``[L, Hq, m, D]`` and
+        their logical positions ``[m]``."""
         r = self.reqs[req_id]
         w = self.config.obs_window
         m = min(r.captured, w)
         order = (r.captured - m + np.arange(m)) % w
-        q = self.qbuf[layer][torch.from_numpy(r.slot * w + order)]
-        return q.permute(1, 0, 2), self.qpos[r.slot, order]
+        q = self.qbuf[:, torch.from_numpy(r.slot * w + order)]  # [L, m, Hq, D]
+        return q.permute(0, 2, 1, 3), self.qpos[r.slot, order]
 
     # ---------------------------------------------------------- compaction
     def _layout(self) -> TokenLayout:
@@ -163,78 +170,93 @@ class Compactor:
             return keys.view(torch.float8_e4m3fn).to(torch.float32)
         return keys
 
-    def select(
-        self, comp: plan_mod.Compaction, old_blocks: list[int]
-    ) -> list[torch.Tensor]:
-        """Kept physical indices per layer, ``[H, keep]`` each (no writes)."""
+    def _read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        layout = self._layout()
+        if self.stack is not None:
+            keys = read_keys_stacked(self.stack, layout, blocks, offs)
+        else:
+            keys = torch.cat([read_keys_stacked(c, layout, blocks, offs)
+                              for c in self.stack_list])
+        return self._keys_as_float(keys)
+
+    def select(self, comp: plan_mod.Compaction, old_blocks: list[int]) -> torch.Tensor:
+        """Kept physical indices, ``[L, H, keep]`` ascending (reads only)."""
         fault = self.config.inject_fault
         if fault and comp.req_id.startswith(fault):
             raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
         cfg_like = KVShrinkConfig(method=comp.method, pool_kernel=comp.pool_kernel)
         method = build_method(cfg_like)
         p, bs = comp.old_len, self.block_size
+        layers, heads = len(self.caches), self.num_kv_heads
         if len(old_blocks) * bs < p:
             raise RuntimeError(
                 f"block table holds {len(old_blocks) * bs} slots, plan says {p} tokens"
             )
-        tok = torch.arange(p)
-        table = torch.as_tensor(old_blocks, dtype=torch.int64)
-        blocks, offs = table[tok // bs], tok % bs
-        layout = self._layout()
-        keeps = []
         if not method.needs_queries and method.name == "streaming":
             # Position-only method: one selection serves every layer and head.
-            empty = torch.empty(self.num_kv_heads, p, 0)
-            scores = method.score(empty)
+            scores = method.score(torch.empty(heads, p, 0))
             keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
-            return [keep] * len(self.caches)
-        for li, cache in enumerate(self.caches):
-            keys = self._keys_as_float(read_keys(cache, layout, blocks, offs))
-            q = qpos = None
-            if method.needs_queries:
-                q, pos = self.window(comp.req_id, li)
-                if q.shape[1] == 0:
-                    raise RuntimeError("no queries captured for this request")
-                # Queries belong to the newest tokens, which are never evicted:
-                # their physical index is their distance from the end.
-                qpos = torch.from_numpy(p - (comp.logical_len - pos))
-                if (qpos < 0).any() or (qpos >= p).any():
-                    raise RuntimeError("captured queries fall outside the cache")
-            scores = method.score(keys, q, qpos, self.scales[li])
-            if scores.shape != (self.num_kv_heads, p) or not torch.isfinite(scores).any():
-                raise RuntimeError(f"method {comp.method} returned bad scores")
-            keeps.append(select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens))
-        return keeps
+            return keep.expand(layers, heads, -1)
+        tok = torch.arange(p)
+        table = torch.as_tensor(old_blocks, dtype=torch.int64)
+        keys = self._read_keys(table[tok // bs], tok % bs)  # [L, H, P, D]
+        q = qpos = None
+        if method.needs_queries:
+            q, pos = self.window(comp.req_id)
+            if q.shape[2] == 0:
+                raise RuntimeError("no queries captured for this request")
+            # Queries belong to the newest tokens, which are never evicted:
+            # their physical index is their distance from the end.
+            qpos = torch.from_numpy(p - (comp.logical_len - pos))
+            if (qpos < 0).any() or (qpos >= p).any():
+                raise RuntimeError("captured queries fall outside the cache")
+        if len(set(self.scales)) == 1:
+            # Layers x heads as one head axis: the method is layer-agnostic and
+            # GQA groups stay within their layer.
+            flat_q = None if q is None else q.reshape(-1, *q.shape[2:])
+            scores = method.score(keys.reshape(-1, p, keys.shape[-1]), flat_q, qpos,
+                                  self.scales[0]).view(layers, heads, p)
+        else:
+            scores = torch.stack([
+                method.score(keys[i], None if q is None else q[i], qpos, self.scales[i])
+                for i in range(layers)])
+        if scores.shape != (layers, heads, p) or not torch.isfinite(scores).any():
+            raise RuntimeError(f"method {comp.method} returned bad scores")
+        keep = select_keep(scores.view(layers * heads, p), comp.keep,
+                           comp.sink_tokens, comp.recent_tokens)
+        return keep.view(layers, heads, comp.keep)
 
     def apply(self, comp: plan_mod.Compaction, old_blocks: list[int]) -> list[int]:
         """Score, then move; returns the request's new block-table row (the
         kept region only: the scheduler frees the rest)."""
         t0 = time.perf_counter()
-        keeps = self.select(comp, old_blocks)
+        keep = self.select(comp, old_blocks)
         bs = self.block_size
-        table = torch.as_tensor(old_blocks, dtype=torch.int64)
-        new_region = torch.as_tensor(comp.block_ids, dtype=torch.int64)
-        dst = torch.arange(comp.keep)
-        dst_blocks, dst_offs = new_region[dst // bs], dst % bs
-        num_region = len(comp.block_ids)
-        if num_region * bs < comp.keep:
+        if len(comp.block_ids) * bs < comp.keep:
             raise RuntimeError("new block region too small for the kept tokens")
+        if keep.shape != (len(self.caches), self.num_kv_heads, comp.keep) or (
+            comp.keep and int(keep.max()) >= comp.old_len
+        ):
+            raise RuntimeError("selection out of range")
+        table = torch.as_tensor(old_blocks, dtype=torch.int64)
+        region = torch.as_tensor(comp.block_ids, dtype=torch.int64)
+        dst = torch.arange(comp.keep)
         layout = self._layout()
-        moves = []
-        for li, keep in enumerate(keeps):
-            if keep.shape != (self.num_kv_heads, comp.keep) or int(keep.max()) >= comp.old_len:
-                raise RuntimeError("selection out of range")
-            moves.append((table[keep // bs], keep % bs))
         # Everything checked: now write.  Nothing above touched the cache.
-        for cache, (sb, so) in zip(self.caches, moves):
-            move_tokens(cache, layout, sb, so, dst_blocks, dst_offs)
-        self._record(comp, keeps)
+        if self.stack is not None:
+            move_tokens_stacked(self.stack, layout, table[keep // bs], keep % bs,
+                                region[dst // bs], dst % bs)
+        else:
+            for i, c in enumerate(self.stack_list):
+                move_tokens_stacked(c, layout, table[keep[i : i + 1] // bs],
+                                    keep[i : i + 1] % bs, region[dst // bs], dst % bs)
+        self._record(comp, keep)
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         return list(comp.block_ids)
 
     # ------------------------------------------------------------ recording
-    def _record(self, comp: plan_mod.Compaction, keeps: list[torch.Tensor]) -> None:
+    def _record(self, comp: plan_mod.Compaction, keep: torch.Tensor) -> None:
         if not self.config.record_dir:
             return
         r = self._req(comp.req_id)
@@ -243,8 +265,7 @@ class Compactor:
         layers = len(self.caches)
         tail = tail.expand(layers, self.num_kv_heads, -1)
         full = tail if r.logical is None else torch.cat([r.logical, tail], dim=-1)
-        keep = torch.stack(keeps)  # [L, H, K]
-        r.logical = full.gather(-1, keep)
+        r.logical = full.gather(-1, keep)  # keep: [L, H, K]
         r.kept = comp.keep
         os.makedirs(self.config.record_dir, exist_ok=True)
         path = os.path.join(self.config.record_dir, f"events-{os.getpid()}.jsonl")

@@ -39,6 +39,21 @@ class TokenLayout:
         return 2 * self.block_size * self.head_size
 
     @property
+    def kind(self) -> str:
+        """``"k_transposed"`` (K as ``[D, bs]``, V as ``[bs, D]``: vLLM's CPU
+        "vec" layout), ``"row_major"`` (both ``[bs, D]``) or ``"generic"``."""
+        bs, d = self.block_size, self.head_size
+        t = torch.arange(bs)[:, None]
+        j = torch.arange(d)[None, :]
+        v_rows = bs * d + t * d + j
+        if torch.equal(self.value_index, v_rows):
+            if torch.equal(self.key_index, j * bs + t):
+                return "k_transposed"
+            if torch.equal(self.key_index, t * d + j):
+                return "row_major"
+        return "generic"
+
+    @property
     def token_index(self) -> torch.Tensor:
         """``[block_size, 2 * head_size]``: K elements then V elements."""
         return torch.cat([self.key_index, self.value_index], dim=1)
@@ -104,15 +119,36 @@ def probe_layout(
     return TokenLayout(block_size, head_size, codes["key"], codes["value"])
 
 
+def _halves(cache: torch.Tensor, layout: TokenLayout, kind: str):
+    """Views ``K [NB, H, D, bs]`` or ``[NB, H, bs, D]`` and ``V [NB, H, bs, D]``."""
+    nb, h = cache.shape[:2]
+    bs, d = layout.block_size, layout.head_size
+    flat = cache.view(nb, h, 2, bs * d)
+    k_shape = (nb, h, d, bs) if kind == "k_transposed" else (nb, h, bs, d)
+    return flat[:, :, 0].view(k_shape), flat[:, :, 1].view(nb, h, bs, d)
+
+
 def read_keys(
-    cache: torch.Tensor, layout: TokenLayout, blocks: torch.Tensor, offsets: torch.Tensor
+    cache: torch.Tensor,
+    layout: TokenLayout,
+    blocks: torch.Tensor,
+    offsets: torch.Tensor,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Keys of the given tokens: ``[num_kv_heads, n, head_size]`` (cache dtype).
 
     Args:
         cache: ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``.
         blocks, offsets: ``[n]`` block id and in-block index of each token.
+        fast: use a strided view when the layout is a known one (the generic
+            index-map path gives the same result; tests compare them).
     """
+    kind = layout.kind if fast else "generic"
+    if kind != "generic":
+        k, _ = _halves(cache, layout, kind)
+        if kind == "k_transposed":
+            return k[blocks, :, :, offsets].permute(1, 0, 2)  # [n, H, D] -> [H, n, D]
+        return k[blocks, :, offsets].permute(1, 0, 2)
     nb, h = cache.shape[:2]
     flat = cache.view(nb, h, layout.region_size)
     idx = layout.key_index[offsets]  # [n, D]
@@ -129,6 +165,7 @@ def move_tokens(
     src_offsets: torch.Tensor,
     dst_blocks: torch.Tensor,
     dst_offsets: torch.Tensor,
+    fast: bool = True,
 ) -> None:
     """Copy whole tokens (K and V, raw elements) inside one layer's cache.
 
@@ -142,7 +179,22 @@ def move_tokens(
         src_blocks, src_offsets: ``[num_kv_heads, k]``.
         dst_blocks, dst_offsets: ``[k]``.
     """
+    kind = layout.kind if fast else "generic"
     nb, h = cache.shape[:2]
+    if kind != "generic":
+        k, v = _halves(cache, layout, kind)
+        heads = torch.arange(h)[:, None]  # [H, 1]
+        sb, so = src_blocks, src_offsets
+        db, do = dst_blocks[None, :], dst_offsets[None, :]
+        v_vals = v[sb, heads, so]  # [H, k, D]
+        if kind == "k_transposed":
+            k_vals = k[sb, heads, :, so]  # [H, k, D]
+            k[db, heads, :, do] = k_vals
+        else:
+            k_vals = k[sb, heads, so]
+            k[db, heads, do] = k_vals
+        v[db, heads, do] = v_vals
+        return
     flat = cache.view(nb, h, layout.region_size)
     tok = layout.token_index  # [bs, 2D]
     heads = torch.arange(h)[:, None, None]  # [H, 1, 1]
@@ -156,3 +208,86 @@ def reference_slot_tensors(
     """(block id, in-block offset) of physical positions in a block-table row."""
     table = torch.as_tensor(block_ids, dtype=torch.int64)
     return table[positions // block_size], positions % block_size
+
+
+def stack_layers(caches: list[torch.Tensor]) -> torch.Tensor | None:
+    """One ``[L, num_blocks, H, block_size, 2D]`` view of per-layer caches that
+    are consecutive, equally shaped slices of one allocation (as vLLM lays
+    them out), so every layer is read and moved in one op; ``None`` otherwise."""
+    c0 = caches[0]
+    if not c0.is_contiguous():
+        return None
+    step = c0.numel()
+    storage = c0.untyped_storage().data_ptr()
+    for i, c in enumerate(caches):
+        if (
+            c.shape != c0.shape
+            or c.stride() != c0.stride()
+            or c.dtype != c0.dtype
+            or c.untyped_storage().data_ptr() != storage
+            or c.storage_offset() != c0.storage_offset() + i * step
+        ):
+            return None
+    return torch.as_strided(
+        c0, (len(caches),) + tuple(c0.shape), (step,) + c0.stride(), c0.storage_offset()
+    )
+
+
+def _stacked_halves(stack: torch.Tensor, layout: TokenLayout):
+    l, nb, h = stack.shape[:3]
+    bs, d = layout.block_size, layout.head_size
+    flat = stack.view(l, nb, h, 2, bs * d)
+    k_shape = (l, nb, h, d, bs) if layout.kind == "k_transposed" else (l, nb, h, bs, d)
+    return flat[:, :, :, 0].view(k_shape), flat[:, :, :, 1].view(l, nb, h, bs, d)
+
+
+def read_keys_stacked(
+    stack: torch.Tensor, layout: TokenLayout, blocks: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Keys of the given tokens in every layer: ``[L, H, n, D]``.
+
+    Args:
+        stack: ``[L, num_blocks, H, block_size, 2D]`` from :func:`stack_layers`.
+        blocks, offsets: ``[n]``.
+    """
+    if layout.kind == "generic":
+        return torch.stack([read_keys(c, layout, blocks, offsets) for c in stack])
+    k, _ = _stacked_halves(stack, layout)
+    # Advanced indices split by a slice: the indexed axis comes first, [n, L, H, D].
+    if layout.kind == "k_transposed":
+        out = k[:, blocks, :, :, offsets]
+    else:
+        out = k[:, blocks, :, offsets]
+    return out.permute(1, 2, 0, 3)
+
+
+def move_tokens_stacked(
+    stack: torch.Tensor,
+    layout: TokenLayout,
+    src_blocks: torch.Tensor,
+    src_offsets: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    dst_offsets: torch.Tensor,
+) -> None:
+    """:func:`move_tokens` for every layer at once.
+
+    Args:
+        src_blocks, src_offsets: ``[L, H, k]``; dst_blocks, dst_offsets: ``[k]``.
+    """
+    if layout.kind == "generic":
+        for i, c in enumerate(stack):
+            move_tokens(c, layout, src_blocks[i], src_offsets[i], dst_blocks, dst_offsets)
+        return
+    l, _, h = stack.shape[:3]
+    k, v = _stacked_halves(stack, layout)
+    li = torch.arange(l)[:, None, None]
+    hi = torch.arange(h)[None, :, None]
+    db, do = dst_blocks[None, None, :], dst_offsets[None, None, :]
+    v_vals = v[li, src_blocks, hi, src_offsets]  # [L, H, k, D]
+    if layout.kind == "k_transposed":
+        k_vals = k[li, src_blocks, hi, :, src_offsets]
+        k[li, db, hi, :, do] = k_vals
+    else:
+        k_vals = k[li, src_blocks, hi, src_offsets]
+        k[li, db, hi, do] = k_vals
+    v[li, db, hi, do] = v_vals
