@@ -7,7 +7,7 @@ import logging
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
 
-logger = logging.getLogger("vllm_kvshrink")
+logger = logging.getLogger("vllm.kvshrink")
 _INSTALLED = False
 
 
@@ -58,16 +58,24 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
     original = InputProcessor._validate_params
     original_process = InputProcessor.process_inputs
 
+    from vllm.exceptions import VLLMValidationError
+
     def _validate_params(self, params, *args, **kwargs):
         extra = getattr(params, "extra_args", None)
         if extra:
-            # KVShrinkConfigError is a ValueError: vLLM answers 400 / raises.
-            cfg.with_overrides(request_overrides(extra))
+            try:
+                cfg.with_overrides(request_overrides(extra))
+            except KVShrinkConfigError as e:
+                # A client error: the OpenAI server answers 400 with this text.
+                raise VLLMValidationError(str(e), parameter="extra_args") from e
         return original(self, params, *args, **kwargs)
 
     def process_inputs(self, *args, **kwargs):
         request = original_process(self, *args, **kwargs)
-        _check_fits(self.vllm_config, cfg, request)
+        try:
+            _check_fits(self.vllm_config, cfg, request)
+        except KVShrinkConfigError as e:
+            raise VLLMValidationError(str(e), parameter="prompt") from e
         return request
 
     InputProcessor._validate_params = _validate_params

@@ -36,7 +36,7 @@ from vllm_kvshrink.config import KVShrinkConfig, request_overrides
 from vllm_kvshrink.envs import KVShrinkConfigError
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
 
-logger = logging.getLogger("vllm_kvshrink")
+logger = logging.getLogger("vllm.kvshrink")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 
 from vllm_kvshrink.metrics.counters import STATS_KEY
 
-logger = logging.getLogger("vllm_kvshrink")
+logger = logging.getLogger("vllm.kvshrink")
 
 _ORIG: dict[str, object] = {}
 _PROM: dict[str, object] = {}

@@ -28,7 +28,7 @@ from vllm_kvshrink.worker.kv_layout import (
     stack_layers,
 )
 
-logger = logging.getLogger("vllm_kvshrink")
+logger = logging.getLogger("vllm.kvshrink")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.worker import state
 from vllm_kvshrink.worker.compactor import Compactor
 
-logger = logging.getLogger("vllm_kvshrink")
+logger = logging.getLogger("vllm.kvshrink")
 
 _ORIG: dict[str, object] = {}
 
