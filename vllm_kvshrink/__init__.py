@@ -24,6 +24,7 @@ def register() -> None:
         return
     from vllm_kvshrink.config import KVShrinkConfig
 
+    _declare_env_vars()
     cfg = KVShrinkConfig.from_env()
     if cfg.enabled:
         from vllm_kvshrink import compat, patches
@@ -32,6 +33,21 @@ def register() -> None:
         compat.check_or_raise()
         patches.install(cfg)
     _REGISTERED = True
+
+
+def _declare_env_vars() -> None:
+    """Tell vLLM our ``VLLM_KVSHRINK_*`` variables are known, so it does not
+    warn about (or, with hard failure on, refuse) them."""
+    import os
+
+    from vllm import envs as vllm_envs
+
+    from vllm_kvshrink import envs
+
+    table = getattr(vllm_envs, "environment_variables", None)
+    if isinstance(table, dict):
+        for name in envs.ENV_VARS:
+            table.setdefault(name, lambda n=name: os.environ.get(n))
 
 
 def is_active() -> bool:

@@ -30,14 +30,25 @@ def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1
         spec_path = Path(tmp, "spec.json")
         out_path = Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_kvshrink.bench.engine_run", str(spec_path),
              str(out_path)],
-            env=full, capture_output=True, text=True, timeout=timeout,
+            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        tail: list[str] = []
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # show progress lines as they come
+                if spec.get("progress") and line.startswith("  step "):
+                    print(line, end="", file=sys.stderr, flush=True)
+                tail.append(line)
+                del tail[:-200]
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(
-                f"engine run failed (exit {proc.returncode}):\n"
-                f"{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}"
+                f"engine run failed (exit {proc.returncode}):\n" + "".join(tail)[-8000:]
             )
         return json.loads(out_path.read_text())
