@@ -52,6 +52,15 @@ def check_invariants(scheduler) -> None:
             )
 
 
+def _plugin_active() -> bool:
+    try:
+        import vllm_kvshrink
+
+        return vllm_kvshrink.is_active()
+    except ImportError:
+        return False
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -143,6 +152,7 @@ def run(spec: dict) -> dict:
         "preemptions": sum(preemptions.values()),
         "peak_kv_usage": peak_usage,
         "pid": os.getpid(),
+        "plugin_active_here": _plugin_active(),
         "prefill_steps_s": prefill_time,
         "decode_only_steps_s": decode_time,
         "decode_only_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
