@@ -85,9 +85,14 @@ class Compactor:
         self.num_kv_heads = self.caches[0].shape[1]
 
     # -------------------------------------------------------- request slots
-    def _req(self, req_id: str) -> _Req:
+    def _req(self, req_id: str) -> _Req | None:
         r = self.reqs.get(req_id)
         if r is None:
+            if not self.free_slots:
+                # More live requests than max_num_seqs slots (should not
+                # happen): this one gets no observation window, and an
+                # attention-based compaction of it falls back.
+                return None
             r = _Req(slot=self.free_slots.pop())
             self.reqs[req_id] = r
         return r
@@ -119,6 +124,9 @@ class Compactor:
             if n <= 0:
                 continue
             r = self._req(req_id)
+            if r is None:
+                start += n
+                continue
             m = min(n, w)
             first = start + n - m
             ring = (r.captured + np.arange(m)) % w
@@ -147,7 +155,9 @@ class Compactor:
     def window(self, req_id: str) -> tuple[torch.Tensor, np.ndarray]:
         """Captured queries of every layer, oldest first: ``[L, Hq, m, D]`` and
         their logical positions ``[m]``."""
-        r = self.reqs[req_id]
+        r = self.reqs.get(req_id)
+        if r is None:
+            raise RuntimeError("no observation window for this request")
         w = self.config.obs_window
         m = min(r.captured, w)
         order = (r.captured - m + np.arange(m)) % w
@@ -260,6 +270,8 @@ class Compactor:
         if not self.config.record_dir:
             return
         r = self._req(comp.req_id)
+        if r is None:
+            return
         old_offset = comp.logical_len - comp.old_len
         tail = old_offset + torch.arange(r.kept, comp.old_len)
         layers = len(self.caches)

@@ -1,0 +1,158 @@
+"""Exact block bookkeeping of the compaction protocol, on vLLM's real
+scheduler with a tiny spec; the worker is replaced by hand-written
+ModelRunnerOutputs (pure bookkeeping: no tensors are involved)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvshrink import plan as plan_mod
+
+BS = 16
+NUM_BLOCKS = 24
+
+
+@pytest.fixture
+def make_scheduler(model_path, monkeypatch):
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401 (import order)
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+    )
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_kvshrink.core.scheduler import KVShrinkScheduler
+
+    def make(**env):
+        for k in list(__import__("os").environ):
+            if k.startswith("VLLM_KVSHRINK_"):
+                monkeypatch.delenv(k)
+        for k, v in env.items():
+            monkeypatch.setenv("VLLM_KVSHRINK_" + k, str(v))
+        model_config = ModelConfig(model=model_path, dtype="float32", max_model_len=512,
+                                   seed=0)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512,
+            is_encoder_decoder=False)
+        cache_config = CacheConfig(block_size=BS, cache_dtype="auto",
+                                   enable_prefix_caching=True)
+        vllm_config = VllmConfig(model_config=model_config, cache_config=cache_config,
+                                 scheduler_config=scheduler_config)
+        spec = FullAttentionSpec(block_size=BS, num_kv_heads=1, head_size=64,
+                                 dtype=torch.float32)
+        kv_cache_config = KVCacheConfig(
+            num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+            kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+        cache_config.num_gpu_blocks = NUM_BLOCKS
+        return KVShrinkScheduler(
+            vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+            structured_output_manager=StructuredOutputManager(vllm_config),
+            block_size=BS, log_stats=True)
+
+    return make
+
+
+def _request(req_id, n_prompt, max_tokens=20, extra=None, start=0):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                        extra_args={"kvshrink": extra} if extra else None)
+    return Request(req_id, list(range(start, start + n_prompt)), sp, None,
+                   block_hasher=get_request_block_hasher(BS, sha256))
+
+
+def _output(sched_out, results=None):
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(sched_out.num_scheduled_tokens)
+    out = ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=[[7] for _ in ids])
+    if results is not None:
+        setattr(out, plan_mod.RESULTS_ATTR, results)
+    return out
+
+
+def _blocks(s, req_id):
+    return [b.block_id for b in s._kvs_single.req_to_blocks[req_id]]
+
+
+def test_compaction_frees_exactly_the_tail(make_scheduler):
+    s = make_scheduler(METHOD="snapkv", BUDGET=32, SLACK_TOKENS=0, RECENT_TOKENS=8,
+                       OBS_WINDOW=4, SINK_TOKENS=2)
+    s.add_request(_request("a", 100))
+    free0 = s._kvs_pool.get_num_free_blocks()
+    out = s.schedule()
+    step = getattr(out, plan_mod.ATTR)
+    # Prefill of 100 tokens: 7 blocks; plan keeps 32 tokens = 2 blocks.
+    assert len(_blocks(s, "a")) == 7
+    (c,) = step.compactions
+    assert (c.old_len, c.keep, c.logical_len) == (100, 32, 100)
+    assert c.block_ids == _blocks(s, "a")[:2]
+    assert step.offsets == {}  # offsets change only after the worker succeeds
+    tail = _blocks(s, "a")[2:]
+    s.update_from_output(out, _output(out, {"a": True}))
+    assert _blocks(s, "a") == c.block_ids
+    assert s.kvs_state["a"].offset == 68
+    assert s._kvs_pool.get_num_free_blocks() == free0 - 2
+    assert s.kvs_counters.blocks_freed == len(tail) == 5
+    assert s.kvs_counters.tokens_evicted == 68
+    # Next step: the decode token goes to a fresh block at physical 32.
+    out = s.schedule()
+    assert getattr(out, plan_mod.ATTR).offsets == {"a": 68}
+    new = out.scheduled_cached_reqs.new_block_ids[0][0]
+    assert len(new) == 1 and new[0] not in c.block_ids
+    s.update_from_output(out, _output(out))
+    s.finish_requests(["a"], __import__("vllm.v1.request", fromlist=["x"]).RequestStatus.FINISHED_ABORTED)
+    assert s._kvs_pool.get_num_free_blocks() == free0
+
+
+def test_failed_compaction_changes_nothing(make_scheduler):
+    s = make_scheduler(METHOD="snapkv", BUDGET=32, SLACK_TOKENS=0, RECENT_TOKENS=8,
+                       OBS_WINDOW=4)
+    s.add_request(_request("a", 100))
+    out = s.schedule()
+    before = _blocks(s, "a")
+    s.update_from_output(out, _output(out, {"a": "RuntimeError: boom"}))
+    assert _blocks(s, "a") == before
+    assert s.kvs_state["a"].offset == 0 and s.kvs_state["a"].disabled
+    assert s.kvs_counters.fallbacks == 1 and s.kvs_counters.compactions == 0
+    out = s.schedule()  # a disabled request is never planned again
+    assert getattr(out, plan_mod.ATTR).compactions == []
+
+
+def test_shared_blocks_are_copied_not_rewritten(make_scheduler):
+    """'b' shares its prompt blocks with 'a' through the prefix cache: its kept
+    region gets copy-on-write twins, and the shared originals stay with 'a'."""
+    s = make_scheduler(METHOD="snapkv", BUDGET=32, SLACK_TOKENS=0, RECENT_TOKENS=8,
+                       OBS_WINDOW=4)
+    s.add_request(_request("a", 100, extra={"method": "none"}))
+    out = s.schedule()
+    s.update_from_output(out, _output(out))
+    a_blocks = _blocks(s, "a")
+    s.add_request(_request("b", 100))
+    out = s.schedule()
+    b_blocks = _blocks(s, "b")
+    assert b_blocks[:6] == a_blocks[:6]  # 6 full blocks hit the cache
+    (c,) = getattr(out, plan_mod.ATTR).compactions
+    assert c.req_id == "b"
+    assert not set(c.block_ids) & set(a_blocks)  # twins, not the shared blocks
+    s.update_from_output(out, _output(out, {"b": True}))
+    assert _blocks(s, "b") == c.block_ids
+    assert _blocks(s, "a") == a_blocks
+    for bid in a_blocks:
+        assert s._kvs_pool.blocks[bid].ref_cnt == 1
+    assert s.kvs_counters.cow_blocks == 2
+
+
+def test_bad_per_request_setting_is_served_uncompressed(make_scheduler):
+    s = make_scheduler(METHOD="snapkv", BUDGET=32)
+    s.add_request(_request("a", 100, extra={"budget": -1}))
+    assert not s.kvs_state["a"].cfg.enabled
