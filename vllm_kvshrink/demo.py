@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed=0),
         "prompts": [{"prompt_token_ids": p} for p in prompts],
         "sampling": {"max_tokens": args.output_len, "temperature": 0.0, "ignore_eos": True},
+        "progress": True,
     }
     print(f"{len(prompts)} essay prompts of 500-900 tokens, {args.output_len} output tokens "
           f"each; KV pool of {pool_tokens} tokens (~2.5 sequences)\n", flush=True)

@@ -114,8 +114,10 @@ class KVShrinkScheduler(Scheduler):
                 return original(request, num_new_tokens, *a, **kw)
             # Physical length for block accounting; never cache blocks whose
             # content no longer matches the logical prefix they hash.
-            if len(a) >= 6:
-                a = a[:5] + (True,) + a[6:]
+            if len(a) >= 5:  # (num_new_computed_tokens, new_computed_blocks,
+                # num_lookahead_tokens, num_external_computed_tokens,
+                # delay_cache_blocks, ...) passed positionally
+                a = a[:4] + (True,) + a[5:]
             else:
                 kw["delay_cache_blocks"] = True
             logical = request.num_computed_tokens
