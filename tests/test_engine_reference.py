@@ -55,6 +55,7 @@ def _check_against_replay(result, events, hf_model, prompts, min_events=1):
         ("snapkv", 32, "96", None),       # token-level, small blocks
         ("streaming", 128, "0.25", None),  # big blocks, fractional budget
         ("snapkv", 32, "0.25", 256),       # compaction between prefill chunks
+        ("knorm", 32, "128", None),        # query-free, per-head scores
     ],
 )
 def test_engine_matches_masked_replay(tmp_path, model_path, hf_model, essay_prompts,

@@ -329,3 +329,21 @@ def test_avg_pool_reference_agrees_with_torch():
     for j in range(13):
         lo, hi = max(0, j - 2), min(12, j + 2)
         assert math.isclose(float(ours[0, j]), float(x[0, lo:hi + 1].mean()), rel_tol=1e-12)
+
+
+def test_knorm_prefers_small_keys():
+    from vllm_kvshrink.methods.knorm import KeyNorm
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 50, 16, generator=g)
+    scores = KeyNorm().score(keys)
+    ref = torch.stack([torch.tensor([-float(keys[h, i].norm()) for i in range(50)])
+                       for h in range(3)])
+    torch.testing.assert_close(scores, ref)
+    keep = select_keep(scores, 20, 2, 4)
+    norms = keys.norm(dim=-1)
+    for h in range(3):
+        middle = [i for i in range(2, 46)]
+        chosen = [i for i in keep[h].tolist() if 2 <= i < 46]
+        want = sorted(sorted(middle, key=lambda i: float(norms[h, i]))[:14])
+        assert chosen == want

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from vllm_kvshrink.methods.base import ScoringMethod, select_keep
+from vllm_kvshrink.methods.knorm import KeyNorm
 from vllm_kvshrink.methods.snapkv import SnapKV
 from vllm_kvshrink.methods.streaming import StreamingLLM
 
@@ -14,6 +15,10 @@ _REGISTRY: dict[str, tuple[Callable[..., ScoringMethod] | None, str]] = {
     "streaming": (
         lambda cfg: StreamingLLM(),
         "StreamingLLM: attention sinks + most recent tokens (arXiv:2309.17453)",
+    ),
+    "knorm": (
+        lambda cfg: KeyNorm(),
+        "Key-norm: keys with the smallest L2 norm, per KV head (arXiv:2406.11430)",
     ),
     "snapkv": (
         lambda cfg: SnapKV(pool_kernel=cfg.pool_kernel),
