@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +53,12 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from vllm_kvshrink.assets import resolve_model
-    from vllm_kvshrink.bench.launch import run_engine
-    from vllm_kvshrink.bench.workload import build_workload, kv_bytes_per_token
+    from vllm_kvshrink.bench.launch import run_side_by_side
+    from vllm_kvshrink.bench.workload import (
+        build_workload,
+        greedy_spec,
+        kv_bytes_per_token,
+    )
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -69,23 +72,13 @@ def main() -> int:
         pool_tokens = max(pool_tokens, max_len + args.block_size)  # one must fit
     else:
         pool_tokens = int(sum(len(p) for p in prompts) + args.num_prompts * (args.output_len + 2 * args.block_size))
-    llm = dict(
-        model=model, dtype=args.dtype, max_model_len=max_len + args.block_size,
-        kv_cache_memory_bytes=pool_tokens * per_tok, block_size=args.block_size,
-        max_num_seqs=args.num_prompts, enforce_eager=True, seed=args.seed,
-    )
-    spec = {
-        "llm": llm,
-        "prompts": [{"prompt_token_ids": p} for p in prompts],
-        "sampling": {"max_tokens": args.output_len, "temperature": 0.0, "ignore_eos": True},
-        "progress": True,
-    }
+    spec = greedy_spec(model, prompts, args.output_len, pool_tokens, args.block_size,
+                       args.dtype, args.seed)
     print(f"workload: {len(prompts)} prompts of {args.min_len}-{args.max_len} essay tokens "
           f"(mean {mean_seq - args.output_len:.0f}), {args.output_len} output tokens; KV pool "
           f"{pool_tokens} tokens = {pool_tokens / mean_seq:.1f} mean sequences "
           f"({pool_tokens * per_tok / 2**20:.0f} MiB {args.dtype}), block {args.block_size}",
           flush=True)
-    runs = {}
     configs = [
         ("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}),
         (f"kvshrink {args.method}@{args.budget}", {
@@ -94,11 +87,7 @@ def main() -> int:
             "VLLM_KVSHRINK_SLACK_TOKENS": args.slack,
         }),
     ]
-    for name, env in configs:
-        print(f"running {name} ...", flush=True)
-        t = time.perf_counter()
-        runs[name] = run_engine(spec, env)
-        print(f"  done in {time.perf_counter() - t:.0f}s", flush=True)
+    runs = run_side_by_side(spec, configs)
 
     (stock_name, stock), (ours_name, ours) = runs.items()
     rows = [

@@ -21,7 +21,7 @@ from vllm_kvshrink.worker.kv_layout import (  # noqa: E402
     move_tokens,
     probe_layout,
     read_keys,
-    reference_slot_tensors,
+    row_slots,
 )
 
 if not hasattr(torch.ops._C, "cpu_attn_reshape_and_cache"):  # pragma: no cover
@@ -183,7 +183,7 @@ def _compaction_case(c: Cache, heads, bs, d, new_region, seed):
     cache = c.empty(seed=seed)
     k, v = c.tokens(p, heads, d, seed=seed + 1)
     pos = torch.arange(p)
-    sb, so = reference_slot_tensors(old, pos, bs)
+    sb, so = row_slots(old, pos, bs)
     c.write(k, v, cache, sb * bs + so)
     original = cache.clone()
 
@@ -202,7 +202,7 @@ def _compaction_case(c: Cache, heads, bs, d, new_region, seed):
     table = torch.as_tensor(old)
     src_blocks, src_offsets = table[keep // bs], keep % bs
     dst = torch.arange(keep_n)
-    dst_blocks, dst_offsets = reference_slot_tensors(new_region, dst, bs)
+    dst_blocks, dst_offsets = row_slots(new_region, dst, bs)
 
     expected = original.clone()
     h_idx = torch.arange(heads)[None, :]
@@ -277,9 +277,9 @@ def test_move_tokens_identity_and_swap():
                        _read_values(cache, layout, blocks, torch.tensor([1, 0])))
 
 
-def test_reference_slot_tensors():
-    b, o = reference_slot_tensors([7, 3, 9], torch.tensor([0, 31, 32, 70, 95]), 32)
+def test_row_slots():
+    b, o = row_slots([7, 3, 9], torch.tensor([0, 31, 32, 70, 95]), 32)
     assert b.tolist() == [7, 7, 3, 9, 9]
     assert o.tolist() == [0, 31, 0, 6, 31]
-    b, o = reference_slot_tensors(torch.tensor([5]), torch.tensor([3]), 16)
+    b, o = row_slots(torch.tensor([5]), torch.tensor([3]), 16)
     assert (b.tolist(), o.tolist()) == ([5], [3])

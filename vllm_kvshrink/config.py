@@ -193,3 +193,10 @@ class KVShrinkConfig:
             budget = self.budget
         floor = self.sink_tokens + self.recent_tokens
         return min(num_tokens, max(budget, floor))
+
+    def peak_tokens(self, num_tokens: int, block_size: int, chunk_tokens: int) -> int:
+        """Most cache tokens a compressed request of ``num_tokens`` holds at
+        once: its budget rounded up to whole blocks, the slack it may grow by,
+        and one prefill chunk (plus a partly filled block) in flight."""
+        keep = -(-self.target_tokens(num_tokens) // block_size) * block_size
+        return min(num_tokens, keep + self.slack_tokens + chunk_tokens + block_size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from vllm_kvshrink.assets import resolve_model
-    from vllm_kvshrink.bench.launch import run_engine
-    from vllm_kvshrink.bench.workload import build_workload, kv_bytes_per_token
+    from vllm_kvshrink.bench.launch import run_side_by_side
+    from vllm_kvshrink.bench.workload import build_workload, greedy_spec
 
     model = resolve_model(args.model)
     print(f"model: {model}", flush=True)
@@ -40,29 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     max_len = max(len(p) for p in prompts) + args.output_len
     block = 32
     pool_tokens = max(int(2.5 * mean_seq), max_len + block)
-    spec = {
-        "llm": dict(model=model, dtype="bfloat16", max_model_len=max_len + block,
-                    kv_cache_memory_bytes=pool_tokens * kv_bytes_per_token(model, 2),
-                    block_size=block, max_num_seqs=args.num_prompts, enforce_eager=True,
-                    seed=0),
-        "prompts": [{"prompt_token_ids": p} for p in prompts],
-        "sampling": {"max_tokens": args.output_len, "temperature": 0.0, "ignore_eos": True},
-        "progress": True,
-    }
+    spec = greedy_spec(model, prompts, args.output_len, pool_tokens, block)
     print(f"{len(prompts)} essay prompts of 500-900 tokens, {args.output_len} output tokens "
           f"each; KV pool of {pool_tokens} tokens (~2.5 sequences)\n", flush=True)
-    runs = {}
-    for name, env in (
+    runs = run_side_by_side(spec, [
         ("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}),
         (f"kvshrink {args.method} budget={args.budget}",
          {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
           "VLLM_KVSHRINK_SLACK_TOKENS": "32"}),
-    ):
-        print(f"running {name} ...", flush=True)
-        t = time.perf_counter()
-        runs[name] = run_engine(spec, env)
-        print(f"  finished in {time.perf_counter() - t:.0f} s (engine start "
-              f"{runs[name]['startup_s']:.0f} s)", flush=True)
+    ])
 
     names = list(runs)
     print(f"\n{'':<24}" + "".join(f"{n:>30}" for n in names))

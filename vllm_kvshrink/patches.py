@@ -86,8 +86,6 @@ def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
     """A pool smaller than ``max_model_len`` is allowed with compression on
     (see _install_memory_check); a request that could not fit even so is
     refused here rather than left waiting forever."""
-    from vllm.utils.math_utils import cdiv
-
     from vllm_kvshrink.config import request_overrides
 
     cache = vllm_config.cache_config
@@ -107,13 +105,13 @@ def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
             f"uncompressed, and it sets method 'none'; allowed: keep compression "
             f"on for it (drop the per-request method) or shorten it"
         )
-    keep = cdiv(req_cfg.target_tokens(total), bs) * bs
-    peak = keep + req_cfg.slack_tokens + vllm_config.scheduler_config.max_num_batched_tokens + bs
+    chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    peak = req_cfg.peak_tokens(total, bs, chunk)
     if peak > pool:
         raise KVShrinkConfigError(
             f"request of {total} tokens needs up to {peak} cached tokens even "
             f"compressed (budget {req_cfg.budget!r} + slack {req_cfg.slack_tokens} + "
-            f"one prefill chunk of {vllm_config.scheduler_config.max_num_batched_tokens}),"
+            f"one prefill chunk of {chunk}),"
             f" more than the KV pool ({pool} tokens); allowed: a smaller budget, "
             f"smaller max_num_batched_tokens, or a larger pool"
         )

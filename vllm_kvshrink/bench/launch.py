@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _QUIET = {"VLLM_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
@@ -52,3 +53,16 @@ def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1
                 f"engine run failed (exit {proc.returncode}):\n" + "".join(tail)[-8000:]
             )
         return json.loads(out_path.read_text())
+
+
+def run_side_by_side(spec: dict, configs: list[tuple[str, dict[str, str]]]) -> dict:
+    """Run the same ``spec`` once per ``(name, env)``, one after the other,
+    saying what runs and how long it took; ``{name: result}`` in order."""
+    runs = {}
+    for name, env in configs:
+        print(f"running {name} ...", flush=True)
+        t = time.perf_counter()
+        runs[name] = run_engine(spec, env)
+        print(f"  finished in {time.perf_counter() - t:.0f} s (engine start "
+              f"{runs[name]['startup_s']:.0f} s)", flush=True)
+    return runs

@@ -26,3 +26,22 @@ def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int:
     cfg = json.loads(Path(model_path, "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * dtype_bytes
+
+
+def greedy_spec(model: str, prompts: list[list[int]], output_len: int, pool_tokens: int,
+                block_size: int, dtype: str = "bfloat16", seed: int = 0) -> dict:
+    """An :mod:`engine_run` spec: greedy decoding of ``prompts`` (token ids) on a
+    KV pool of ``pool_tokens`` tokens; every prompt may run at once."""
+    dtype_bytes = 4 if dtype == "float32" else 2
+    max_len = max(len(p) for p in prompts) + output_len
+    return {
+        "llm": dict(
+            model=model, dtype=dtype, max_model_len=max_len + block_size,
+            kv_cache_memory_bytes=pool_tokens * kv_bytes_per_token(model, dtype_bytes),
+            block_size=block_size, max_num_seqs=len(prompts), enforce_eager=True,
+            seed=seed,
+        ),
+        "prompts": [{"prompt_token_ids": p} for p in prompts],
+        "sampling": {"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True},
+        "progress": True,
+    }

@@ -171,16 +171,10 @@ class KVShrinkScheduler(Scheduler):
     def _kvs_compressible(st: _ReqState | None) -> bool:
         return st is not None and st.cfg.enabled and not st.disabled
 
-    def kvs_peak_tokens(self, cfg: KVShrinkConfig, num_tokens: int) -> int:
-        """Most cache tokens a compressed request of ``num_tokens`` holds at once:
-        its budget, the slack it may grow by, and one prefill chunk in flight."""
-        bs = self.kvs_block_size
-        keep = cdiv(cfg.target_tokens(num_tokens), bs) * bs
-        chunk = self.scheduler_config.max_num_batched_tokens
-        return min(num_tokens, keep + cfg.slack_tokens + chunk + bs)
-
     def _kvs_remaining_blocks(self, request, st: _ReqState) -> int:
-        peak = self.kvs_peak_tokens(st.cfg, min(request.num_tokens, self.max_model_len))
+        peak = st.cfg.peak_tokens(min(request.num_tokens, self.max_model_len),
+                                  self.kvs_block_size,
+                                  self.scheduler_config.max_num_batched_tokens)
         have = len(self._kvs_single.req_to_blocks.get(request.request_id, ()))
         return max(0, cdiv(peak, self.kvs_block_size) - have)
 
@@ -338,7 +332,3 @@ class KVShrinkScheduler(Scheduler):
         payload[STATS_KEY] = c.to_dict()
         stats.kv_connector_stats = payload
         return stats
-
-    def kvshrink_offset(self, req_id: str) -> int:
-        st = self.kvs_state.get(req_id)
-        return 0 if st is None else st.offset

@@ -25,6 +25,7 @@ from vllm_kvshrink.worker.kv_layout import (
     move_tokens_stacked,
     probe_layout,
     read_keys_stacked,
+    row_slots,
     stack_layers,
 )
 
@@ -207,9 +208,7 @@ class Compactor:
             scores = method.score(torch.empty(heads, p, 0))
             keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
             return keep.expand(layers, heads, -1)
-        tok = torch.arange(p)
-        table = torch.as_tensor(old_blocks, dtype=torch.int64)
-        keys = self._read_keys(table[tok // bs], tok % bs)  # [L, H, P, D]
+        keys = self._read_keys(*row_slots(old_blocks, torch.arange(p), bs))  # [L, H, P, D]
         q = qpos = None
         if method.needs_queries:
             q, pos = self.window(comp.req_id)
@@ -248,18 +247,17 @@ class Compactor:
             comp.keep and int(keep.max()) >= comp.old_len
         ):
             raise RuntimeError("selection out of range")
-        table = torch.as_tensor(old_blocks, dtype=torch.int64)
-        region = torch.as_tensor(comp.block_ids, dtype=torch.int64)
-        dst = torch.arange(comp.keep)
+        src_blocks, src_offsets = row_slots(old_blocks, keep, bs)  # [L, H, K] each
+        dst_blocks, dst_offsets = row_slots(comp.block_ids, torch.arange(comp.keep), bs)
         layout = self._layout()
         # Everything checked: now write.  Nothing above touched the cache.
         if self.stack is not None:
-            move_tokens_stacked(self.stack, layout, table[keep // bs], keep % bs,
-                                region[dst // bs], dst % bs)
+            move_tokens_stacked(self.stack, layout, src_blocks, src_offsets,
+                                dst_blocks, dst_offsets)
         else:
             for i, c in enumerate(self.stack_list):
-                move_tokens_stacked(c, layout, table[keep[i : i + 1] // bs],
-                                    keep[i : i + 1] % bs, region[dst // bs], dst % bs)
+                move_tokens_stacked(c, layout, src_blocks[i : i + 1],
+                                    src_offsets[i : i + 1], dst_blocks, dst_offsets)
         self._record(comp, keep)
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0

@@ -119,15 +119,6 @@ def probe_layout(
     return TokenLayout(block_size, head_size, codes["key"], codes["value"])
 
 
-def _halves(cache: torch.Tensor, layout: TokenLayout, kind: str):
-    """Views ``K [NB, H, D, bs]`` or ``[NB, H, bs, D]`` and ``V [NB, H, bs, D]``."""
-    nb, h = cache.shape[:2]
-    bs, d = layout.block_size, layout.head_size
-    flat = cache.view(nb, h, 2, bs * d)
-    k_shape = (nb, h, d, bs) if kind == "k_transposed" else (nb, h, bs, d)
-    return flat[:, :, 0].view(k_shape), flat[:, :, 1].view(nb, h, bs, d)
-
-
 def read_keys(
     cache: torch.Tensor,
     layout: TokenLayout,
@@ -143,12 +134,8 @@ def read_keys(
         fast: use a strided view when the layout is a known one (the generic
             index-map path gives the same result; tests compare them).
     """
-    kind = layout.kind if fast else "generic"
-    if kind != "generic":
-        k, _ = _halves(cache, layout, kind)
-        if kind == "k_transposed":
-            return k[blocks, :, :, offsets].permute(1, 0, 2)  # [n, H, D] -> [H, n, D]
-        return k[blocks, :, offsets].permute(1, 0, 2)
+    if fast and layout.kind != "generic":
+        return read_keys_stacked(cache[None], layout, blocks, offsets)[0]
     nb, h = cache.shape[:2]
     flat = cache.view(nb, h, layout.region_size)
     idx = layout.key_index[offsets]  # [n, D]
@@ -179,22 +166,10 @@ def move_tokens(
         src_blocks, src_offsets: ``[num_kv_heads, k]``.
         dst_blocks, dst_offsets: ``[k]``.
     """
-    kind = layout.kind if fast else "generic"
+    if fast and layout.kind != "generic":
+        return move_tokens_stacked(cache[None], layout, src_blocks[None],
+                                   src_offsets[None], dst_blocks, dst_offsets)
     nb, h = cache.shape[:2]
-    if kind != "generic":
-        k, v = _halves(cache, layout, kind)
-        heads = torch.arange(h)[:, None]  # [H, 1]
-        sb, so = src_blocks, src_offsets
-        db, do = dst_blocks[None, :], dst_offsets[None, :]
-        v_vals = v[sb, heads, so]  # [H, k, D]
-        if kind == "k_transposed":
-            k_vals = k[sb, heads, :, so]  # [H, k, D]
-            k[db, heads, :, do] = k_vals
-        else:
-            k_vals = k[sb, heads, so]
-            k[db, heads, do] = k_vals
-        v[db, heads, do] = v_vals
-        return
     flat = cache.view(nb, h, layout.region_size)
     tok = layout.token_index  # [bs, 2D]
     heads = torch.arange(h)[:, None, None]  # [H, 1, 1]
@@ -202,7 +177,7 @@ def move_tokens(
     flat[dst_blocks[None, :, None], heads, tok[dst_offsets][None]] = values
 
 
-def reference_slot_tensors(
+def row_slots(
     block_ids: list[int] | torch.Tensor, positions: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(block id, in-block offset) of physical positions in a block-table row."""
@@ -251,7 +226,8 @@ def read_keys_stacked(
         blocks, offsets: ``[n]``.
     """
     if layout.kind == "generic":
-        return torch.stack([read_keys(c, layout, blocks, offsets) for c in stack])
+        return torch.stack([read_keys(c, layout, blocks, offsets, fast=False)
+                            for c in stack])
     k, _ = _stacked_halves(stack, layout)
     # Advanced indices split by a slice: the indexed axis comes first, [n, L, H, D].
     if layout.kind == "k_transposed":
@@ -276,7 +252,8 @@ def move_tokens_stacked(
     """
     if layout.kind == "generic":
         for i, c in enumerate(stack):
-            move_tokens(c, layout, src_blocks[i], src_offsets[i], dst_blocks, dst_offsets)
+            move_tokens(c, layout, src_blocks[i], src_offsets[i], dst_blocks, dst_offsets,
+                        fast=False)
         return
     l, _, h = stack.shape[:3]
     k, v = _stacked_halves(stack, layout)
