@@ -29,6 +29,7 @@ def register() -> None:
     if cfg.enabled:
         from vllm_kvshrink import compat, patches
 
+        cfg.check_servable()
         compat.check_version()
         compat.check_or_raise()
         patches.install(cfg)

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             cfg = KVShrinkConfig.from_env()
+            cfg.check_servable()
             compat.check_version()
             compat.check_or_raise()
         except envs.KVShrinkConfigError as e:

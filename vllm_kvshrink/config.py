@@ -68,6 +68,11 @@ class KVShrinkConfig:
     record_dir: str = ""
     strict: bool = False
     inject_fault: str = ""
+    method_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: ``method_args`` with defaults filled in and checked (derived).
+    args: Mapping[str, Any] = dataclasses.field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
     #: Where a value came from, for error messages ("VLLM_KVSHRINK_BUDGET" or
     #: "extra_args['kvshrink']['budget']").
     source: Mapping[str, str] = dataclasses.field(
@@ -75,7 +80,7 @@ class KVShrinkConfig:
     )
 
     def __post_init__(self) -> None:
-        from vllm_kvshrink.methods import available_methods
+        from vllm_kvshrink.methods import available_methods, resolve_args
 
         def where(field: str) -> str:
             return self.source.get(field, envs.PREFIX + field.upper())
@@ -86,6 +91,16 @@ class KVShrinkConfig:
                 f"{where('method')}={self.method!r} is not a known method; "
                 f"allowed: {', '.join(methods)}"
             )
+        if not isinstance(self.method_args, Mapping):
+            raise KVShrinkConfigError(
+                f"{where('method_args')}={self.method_args!r} is not a dict of "
+                f"method arguments"
+            )
+        try:
+            args = resolve_args(self.method, self.method_args, where("method_args"))
+        except ValueError as e:
+            raise KVShrinkConfigError(str(e)) from None
+        object.__setattr__(self, "args", args)
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise KVShrinkConfigError(
@@ -152,10 +167,12 @@ class KVShrinkConfig:
             record_dir=envs.get("RECORD_DIR"),
             strict=envs.get("STRICT"),
             inject_fault=envs.get("INJECT_FAULT"),
+            method_args=envs.get("METHOD_ARGS"),
         )
 
     #: Settings a single request may override.
-    OVERRIDABLE = ("method", "budget", "sink_tokens", "recent_tokens", "slack_tokens")
+    OVERRIDABLE = ("method", "budget", "sink_tokens", "recent_tokens", "slack_tokens",
+                   "method_args")
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "KVShrinkConfig":
         if not overrides:
@@ -174,10 +191,45 @@ class KVShrinkConfig:
         changes = dict(overrides)
         if "method" in changes and isinstance(changes["method"], str):
             changes["method"] = changes["method"].lower()
+            if "method_args" not in changes and changes["method"] != self.method:
+                # Arguments given for the global method do not follow a request
+                # to another one; the request may pass its own method_args.
+                from vllm_kvshrink.methods import method_params
+
+                try:
+                    allowed = method_params(changes["method"])
+                except ValueError:
+                    allowed = ()
+                changes["method_args"] = {k: v for k, v in self.method_args.items()
+                                          if k in allowed}
         source = dict(self.source)
         for k in changes:
             source[k] = f"extra_args[{EXTRA_ARGS_KEY!r}][{k!r}]"
         return dataclasses.replace(self, source=source, **changes)
+
+    def check_servable(self) -> None:
+        """Refuse what the engine cannot serve (research-path-only methods and
+        arguments), naming the setting."""
+        from vllm_kvshrink.methods import PARAMS, is_servable
+
+        where = self.source.get("method", envs.PREFIX + "METHOD")
+        if not is_servable(self.method):
+            raise KVShrinkConfigError(
+                f"{where}={self.method!r} runs in the research path only "
+                f"(vllm_kvshrink.hf.research): it merges KV across layers, and "
+                f"vLLM's paged cache gives every layer its own blocks, so nothing "
+                f"would be freed; allowed in the engine: any other method"
+            )
+        wa = self.source.get("method_args", envs.PREFIX + "METHOD_ARGS")
+        for key, value in self.args.items():
+            p = PARAMS[key]
+            if p.research_only and value != p.default:
+                raise KVShrinkConfigError(
+                    f"{wa}[{key!r}]={value!r} is supported in the research path only "
+                    f"(the engine's layout: one block table and seq_len per request, "
+                    f"no per-token attention bias); allowed in the engine: "
+                    f"{p.default!r}"
+                )
 
     # -------------------------------------------------------------- queries
     @property

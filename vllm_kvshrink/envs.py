@@ -80,6 +80,24 @@ def _budget(name: str, raw: str) -> float | int:
     return value
 
 
+def _json_object(name: str, raw: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise KVShrinkConfigError(
+            f"{name}={raw!r} is not valid JSON; allowed: a JSON object of method "
+            f"arguments, e.g. {name}='{{\"ema_decay\": 0.8}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise KVShrinkConfigError(
+            f"{name}={raw!r} is not a JSON object; allowed: e.g. "
+            f"{name}='{{\"merge_threshold\": 0.6}}'"
+        )
+    return value
+
+
 _VARS: list[EnvVar] = [
     EnvVar(
         PREFIX + "METHOD",
@@ -87,6 +105,14 @@ _VARS: list[EnvVar] = [
         "Compression method for every request: 'none' (stock vLLM behaviour) "
         "or a method name (see `python -m vllm_kvshrink --list`).",
         _lower,
+    ),
+    EnvVar(
+        PREFIX + "METHOD_ARGS",
+        "{}",
+        "Method arguments as a JSON object, e.g. '{\"ema_decay\": 0.8}' or "
+        "'{\"merge_threshold\": 0.6, \"online\": false}'; the keys each method "
+        "takes are listed by `python -m vllm_kvshrink --list`.",
+        _json_object,
     ),
     EnvVar(
         PREFIX + "BUDGET",

@@ -64,7 +64,7 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
         extra = getattr(params, "extra_args", None)
         if extra:
             try:
-                cfg.with_overrides(request_overrides(extra))
+                cfg.with_overrides(request_overrides(extra)).check_servable()
             except KVShrinkConfigError as e:
                 # A client error: the OpenAI server answers 400 with this text.
                 raise VLLMValidationError(str(e), parameter="extra_args") from e

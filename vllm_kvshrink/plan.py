@@ -34,6 +34,7 @@ class Compaction:
     sink_tokens: int
     recent_tokens: int
     pool_kernel: int = 7
+    method_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -46,3 +47,6 @@ class StepPlan:
     offsets: dict[str, int] = field(default_factory=dict)
 #: Attribute of ``ModelRunnerOutput`` with ``{req_id: True | "error"}``.
 RESULTS_ATTR = "kvshrink_results"
+#: Attribute of ``ModelRunnerOutput`` with the worker's method statistics
+#: (merged tokens, the temporal predictor's accuracy and training), cumulative.
+METHOD_STATS_ATTR = "kvshrink_method_stats"

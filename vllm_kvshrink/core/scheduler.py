@@ -142,6 +142,7 @@ class KVShrinkScheduler(Scheduler):
         try:
             overrides = request_overrides(sp.extra_args if sp is not None else None)
             cfg = self.kvs_config.with_overrides(overrides)
+            cfg.check_servable()
         except KVShrinkConfigError as e:
             # The front-end validates first; this is a second line of defence.
             logger.error("request %s: %s; serving it uncompressed",
@@ -235,6 +236,7 @@ class KVShrinkScheduler(Scheduler):
                 sink_tokens=cfg.sink_tokens,
                 recent_tokens=cfg.recent_tokens,
                 pool_kernel=cfg.pool_kernel,
+                method_args=dict(cfg.method_args),
             )
             st.pending = comp
             st.pending_cow = cow
@@ -279,6 +281,16 @@ class KVShrinkScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         step = getattr(scheduler_output, plan_mod.ATTR, None)
+        ms = getattr(model_runner_output, plan_mod.METHOD_STATS_ATTR, None)
+        if ms:
+            c = self.kvs_counters
+            c.tokens_merged = round(ms.get("merged_tokens", 0))
+            pred = ms.get("predictor")
+            if pred:
+                c.predictor_updates = int(pred.get("updates", 0))
+                if pred.get("recall_at_10pct") is not None:
+                    c.predictor_recall = float(pred["recall_at_10pct"])
+                    c.predictor_spearman = float(pred["spearman"])
         if step is not None and step.compactions:
             results = getattr(model_runner_output, plan_mod.RESULTS_ATTR, None) or {}
             for comp in step.compactions:

@@ -1,30 +1,100 @@
 """The interface every importance method implements.
 
 A method sees tensors only -- never the engine, never transformers -- so the
-same object makes the same decisions wherever it runs.  It implements one verb,
-:meth:`ScoringMethod.score`; :func:`select_keep` owns the top-k, the sinks and
-the recent window.
+same object makes the same decisions wherever it runs.  The engine's worker and
+the transformers research path (:mod:`vllm_kvshrink.hf.research`) both call
+:func:`compress_event` with the same tensors:
+
+* :class:`Observation` -- the cached keys of every layer of one request, the
+  queries of its observation window and (lazily) their attention;
+* a per-request ``state`` dict the method may keep between events (H2O's
+  accumulated attention, the temporal predictor's features, merge counts), in
+  cache order; :meth:`ScoringMethod.update` gathers it after each selection.
+
+:func:`select_keep` owns the top-k, the sinks and the recent window.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 
-class ScoringMethod:
-    """Scores the cached tokens of one layer of one request.
+@dataclass
+class Observation:
+    """What a method may look at during one compression event of one request.
 
-    Subclasses set :attr:`name` and :attr:`needs_queries` and implement
-    :meth:`score`.  Higher score = more worth keeping.
+    Attributes:
+        keys: ``[L, Hkv, N, D]`` cached keys (after RoPE), cache order.
+        queries: ``[L, Hq, W, D]`` the most recent queries, oldest first, or
+            ``None`` for query-free methods.
+        query_pos: ``[W]`` physical index in the cache of the token each query
+            belongs to (a query sees keys ``<=`` its index).
+        scales: per-layer softmax scale.
+    """
+
+    keys: torch.Tensor
+    queries: torch.Tensor | None = None
+    query_pos: torch.Tensor | None = None
+    scales: Sequence[float] | None = None
+    _probs: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    def scale_tensor(self) -> torch.Tensor:
+        d = self.keys.shape[-1]
+        s = [d**-0.5] * self.num_layers if self.scales is None else list(self.scales)
+        return torch.tensor(s, dtype=torch.float32)
+
+    def probs(self) -> torch.Tensor:
+        """``[L, Hkv, G, W, N]`` float32 softmax attention of each window query
+        (``G`` query heads per KV head), causal by :attr:`query_pos`."""
+        if self._probs is None:
+            if self.queries is None or self.queries.shape[2] == 0:
+                raise ValueError("this method needs an observation window of queries")
+            l, hkv, n, d = self.keys.shape
+            hq, w = self.queries.shape[1:3]
+            if hq % hkv:
+                raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+            q = self.queries.to(torch.float32).view(l, hkv, hq // hkv, w, d)
+            logits = torch.einsum("lhgwd,lhnd->lhgwn", q, self.keys.to(torch.float32))
+            logits *= self.scale_tensor().view(l, 1, 1, 1, 1)
+            visible = torch.arange(n)[None, :] <= self.query_pos[:, None]
+            logits.masked_fill_(~visible, float("-inf"))
+            self._probs = torch.softmax(logits, dim=-1)
+        return self._probs
+
+    def attention(self) -> torch.Tensor:
+        """``[L, Hkv, W, N]``: :meth:`probs` averaged over each GQA group."""
+        return self.probs().mean(dim=2)
+
+
+class ScoringMethod:
+    """Scores the cached tokens of one request.
+
+    Subclasses set :attr:`name` and :attr:`needs_queries` and implement either
+    :meth:`score` (one layer; heads scored independently) or
+    :meth:`score_layers` (all layers at once, with per-request state).  Higher
+    score = more worth keeping.
     """
 
     name: ClassVar[str] = ""
-    #: Whether :meth:`score` needs the observation window of recent queries.
+    #: Whether scoring needs the observation window of recent queries.
     needs_queries: ClassVar[bool] = False
     #: Paper the method comes from, for the README and reports.
     paper: ClassVar[str] = ""
+    #: Keeps state between events of a request (see :meth:`update`).
+    stateful: ClassVar[bool] = False
+    #: Rewrites kept tokens' K/V (merging) instead of only choosing them.
+    merges: ClassVar[bool] = False
 
     def score(
         self,
@@ -33,7 +103,7 @@ class ScoringMethod:
         query_pos: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
-        """Return per-token scores.
+        """Per-token scores of one layer.
 
         Args:
             keys: ``[num_kv_heads, num_tokens, head_dim]`` cached keys (after RoPE),
@@ -48,6 +118,54 @@ class ScoringMethod:
             ``[num_kv_heads, num_tokens]`` float32 scores.
         """
         raise NotImplementedError
+
+    def score_layers(self, obs: Observation, state: dict[str, Any]) -> torch.Tensor:
+        """``[L, Hkv, N]`` scores of every layer.  The default flattens layers
+        into the head axis (one batched call) when the scales agree."""
+        keys, q = obs.keys, obs.queries
+        l, h, n, d = keys.shape
+        scales = obs.scale_tensor().tolist()
+        if len(set(scales)) == 1:
+            flat_q = None if q is None else q.reshape(-1, *q.shape[2:])
+            return self.score(keys.reshape(-1, n, d), flat_q, obs.query_pos,
+                              scales[0]).view(l, h, n)
+        return torch.stack([
+            self.score(keys[i], None if q is None else q[i], obs.query_pos, scales[i])
+            for i in range(l)])
+
+    def update(self, state: dict[str, Any], keep: torch.Tensor) -> None:
+        """After a selection (``keep`` ``[L, Hkv, K]``): carry the state of the
+        kept tokens into their new cache order.  Stateless methods: no-op."""
+
+    def merge(self, obs: Observation, values: torch.Tensor, scores: torch.Tensor,
+              keep: torch.Tensor, state: dict[str, Any]):
+        """Merging methods only: ``(keys, values)`` ``[L, Hkv, K, D]`` float32 to
+        store in the kept slots."""
+        raise NotImplementedError
+
+
+def gather_state(t: torch.Tensor, keep: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Per-token state ``[L, H, n, ...]`` (``n`` <= cache length) gathered at
+    ``keep`` ``[L, H, K]``; tokens past ``n`` (added since) read ``fill``."""
+    l, h, n = t.shape[:3]
+    need = int(keep.max()) + 1 if keep.numel() else 0
+    if need > n:
+        pad = t.new_full((l, h, need - n) + tuple(t.shape[3:]), fill)
+        t = torch.cat([t, pad], dim=2)
+    idx = keep.view(l, h, -1, *([1] * (t.dim() - 3))).expand(l, h, -1, *t.shape[3:])
+    return t.gather(2, idx)
+
+
+def extend_state(t: torch.Tensor | None, n: int, shape_tail=(), fill: float = 0.0,
+                 like: torch.Tensor | None = None, lh=None) -> torch.Tensor:
+    """Pad per-token state to ``n`` tokens (new tokens read ``fill``)."""
+    if t is None:
+        return torch.full(tuple(lh) + (n,) + tuple(shape_tail), fill, dtype=torch.float32)
+    have = t.shape[2]
+    if have >= n:
+        return t[:, :, :n]
+    pad = t.new_full(t.shape[:2] + (n - have,) + t.shape[3:], fill)
+    return torch.cat([t, pad], dim=2)
 
 
 def select_keep(
@@ -81,3 +199,72 @@ def select_keep(
         s[:, max(0, n - recent_tokens) :] = float("inf")
     idx = torch.topk(s, num_keep, dim=-1, sorted=False).indices
     return torch.sort(idx, dim=-1).values
+
+
+@dataclass
+class EventResult:
+    keep: torch.Tensor  # [L, Hkv, K] ascending physical indices
+    keys: torch.Tensor | None = None  # [L, Hkv, K, D] merged keys (merging methods)
+    values: torch.Tensor | None = None
+    merged: int = 0  # evicted tokens folded into kept ones
+    scores: torch.Tensor | None = field(default=None, repr=False)
+    #: [L, Hkv, K] bool, research path with per-head budgets: kept slots a
+    #: (layer, head) may attend; ``None`` = all.
+    visible: torch.Tensor | None = None
+
+
+def compress_event(
+    method: ScoringMethod,
+    obs: Observation,
+    state: dict[str, Any],
+    num_keep: int,
+    sink_tokens: int,
+    recent_tokens: int,
+    values=None,
+    hidden: torch.Tensor | None = None,
+    budget_mode: str = "uniform",
+) -> EventResult:
+    """One compression event of one request: score, select, (merge), update
+    state.  The engine and the research path both call exactly this.
+
+    ``values`` (``[L, Hkv, N, D]`` or a callable returning it) is read only by
+    merging methods.  Research path only: ``hidden`` ``[L, Hkv, N]`` marks
+    slots a per-head budget already hid (dropped first), and ``budget_mode``
+    other than ``"uniform"`` gives (layer, head)s different counts
+    (:mod:`~vllm_kvshrink.methods.budgets`): ``num_keep`` becomes the mean, the
+    largest count is kept and :attr:`EventResult.visible` hides the rest.
+    """
+    l, h, n = obs.keys.shape[:3]
+    scores = method.score_layers(obs, state)
+    if scores.shape != (l, h, n) or not torch.isfinite(scores).any():
+        raise RuntimeError(f"method {method.name!r} returned bad scores "
+                           f"{tuple(scores.shape)}, expected {(l, h, n)}")
+    ranked = scores
+    if hidden is not None:
+        ranked = scores.masked_fill(hidden, float("-inf"))
+    counts = None
+    if budget_mode != "uniform":
+        from vllm_kvshrink.methods.budgets import head_budgets
+
+        forced = ranked.to(torch.float32).clone()
+        forced[:, :, :sink_tokens] = float("inf")
+        forced[:, :, max(0, n - recent_tokens):] = float("inf")
+        counts = head_budgets(forced, num_keep, min(n, sink_tokens + recent_tokens),
+                              budget_mode)
+        num_keep = int(counts.max())
+    keep = select_keep(ranked.reshape(l * h, n), num_keep, sink_tokens,
+                       recent_tokens).view(l, h, -1)
+    result = EventResult(keep=keep, scores=scores)
+    if counts is not None:
+        s = ranked.to(torch.float32).gather(2, keep)
+        pos = keep.to(torch.float32)
+        s = torch.where((pos < sink_tokens) | (pos >= n - recent_tokens),
+                        float("inf"), s)
+        order = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        result.visible = order < counts[..., None]
+    if method.merges:
+        vals = values() if callable(values) else values
+        result.keys, result.values, result.merged = method.merge(obs, vals, scores, keep,
+                                                                 state)
+    method.update(state, keep)
+    return result

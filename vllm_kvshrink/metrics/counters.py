@@ -15,6 +15,11 @@ class Counters:
     blocks_freed: int = 0  # blocks returned to vLLM's pool by those events
     fallbacks: int = 0  # compactions that failed and left the request uncompressed
     cow_blocks: int = 0  # shared blocks copied before being rewritten
+    tokens_merged: int = 0  # evicted tokens folded into kept ones (semantic)
+    predictor_updates: int = 0  # online training steps of the temporal predictor
+    # the temporal predictor's accuracy on the labels seen so far (-1: none yet)
+    predictor_recall: float = -1.0  # recall@10% of next-window attention
+    predictor_spearman: float = -1.0  # rank correlation with it
     # gauges, refreshed every step
     logical_tokens: int = 0  # tokens of running compressed-capable requests
     physical_tokens: int = 0  # of which are still in the cache

@@ -24,11 +24,17 @@ _COUNTERS = {
     "tokens_evicted": "KV-cache tokens evicted by vllm-kvshrink.",
     "blocks_freed": "KV-cache blocks returned to the pool by vllm-kvshrink.",
     "fallbacks": "Compactions that failed; the request continued uncompressed.",
+    "tokens_merged": "Evicted tokens merged into kept ones (semantic merger).",
+    "predictor_updates": "Online training steps of the temporal importance predictor.",
 }
 _GAUGES = {
     "compression_ratio": "Logical / cached tokens of running requests.",
     "logical_tokens": "Logical tokens of running requests.",
     "physical_tokens": "Tokens of running requests still in the KV cache.",
+    "predictor_recall": "Temporal predictor: recall@10% of the tokens that receive "
+                        "the most attention next (-1 until measured).",
+    "predictor_spearman": "Temporal predictor: rank correlation of predicted and "
+                          "received attention (-1 until measured).",
 }
 
 

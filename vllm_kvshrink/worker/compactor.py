@@ -19,14 +19,16 @@ import torch
 
 from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
-from vllm_kvshrink.methods import build_method, select_keep
+from vllm_kvshrink.methods import Observation, build_method, compress_event, select_keep
 from vllm_kvshrink.worker.kv_layout import (
     TokenLayout,
     move_tokens_stacked,
     probe_layout,
     read_keys_stacked,
+    read_values_stacked,
     row_slots,
     stack_layers,
+    write_tokens_stacked,
 )
 
 logger = logging.getLogger("vllm.kvshrink")
@@ -40,6 +42,8 @@ class _Req:
     #: maintained when recording.
     logical: torch.Tensor | None = None
     kept: int = 0
+    #: The method's per-request state between events (cache order).
+    method_state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +69,9 @@ class Compactor:
     results: dict[str, object] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # this step's Compaction plans
     stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
+    #: Cumulative method statistics reported to the scheduler.
+    method_stats: dict[str, float] = field(default_factory=lambda: {"merged_tokens": 0})
+    _methods: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
@@ -108,6 +115,7 @@ class Compactor:
         r = self.reqs.get(req_id)
         if r is not None:
             r.captured, r.logical, r.kept = 0, None, 0
+            r.method_state = {}
 
     # ------------------------------------------------------------- capture
     def plan_capture(
@@ -190,25 +198,44 @@ class Compactor:
                               for c in self.stack_list])
         return self._keys_as_float(keys)
 
-    def select(self, comp: plan_mod.Compaction, old_blocks: list[int]) -> torch.Tensor:
-        """Kept physical indices, ``[L, H, keep]`` ascending (reads only)."""
+    def _method(self, comp: plan_mod.Compaction):
+        key = (comp.method, comp.pool_kernel, json.dumps(comp.method_args, sort_keys=True))
+        m = self._methods.get(key)
+        if m is None:
+            cfg_like = KVShrinkConfig(method=comp.method, pool_kernel=comp.pool_kernel,
+                                      method_args=comp.method_args)
+            m = self._methods[key] = build_method(cfg_like)
+        return m
+
+    def _read_values(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        layout = self._layout()
+        if self.stack is not None:
+            vals = read_values_stacked(self.stack, layout, blocks, offs)
+        else:
+            vals = torch.cat([read_values_stacked(c, layout, blocks, offs)
+                              for c in self.stack_list])
+        return self._keys_as_float(vals)
+
+    def select(self, comp: plan_mod.Compaction, old_blocks: list[int]):
+        """Score (and merge): ``(keep [L, H, K] ascending, merged keys, merged
+        values or None)``.  Reads only; the method's state is updated."""
         fault = self.config.inject_fault
         if fault and comp.req_id.startswith(fault):
             raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
-        cfg_like = KVShrinkConfig(method=comp.method, pool_kernel=comp.pool_kernel)
-        method = build_method(cfg_like)
+        method = self._method(comp)
         p, bs = comp.old_len, self.block_size
         layers, heads = len(self.caches), self.num_kv_heads
         if len(old_blocks) * bs < p:
             raise RuntimeError(
                 f"block table holds {len(old_blocks) * bs} slots, plan says {p} tokens"
             )
-        if not method.needs_queries and method.name == "streaming":
+        if method.name == "streaming":
             # Position-only method: one selection serves every layer and head.
             scores = method.score(torch.empty(heads, p, 0))
             keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
-            return keep.expand(layers, heads, -1)
-        keys = self._read_keys(*row_slots(old_blocks, torch.arange(p), bs))  # [L, H, P, D]
+            return keep.expand(layers, heads, -1), None, None
+        slots = row_slots(old_blocks, torch.arange(p), bs)
+        keys = self._read_keys(*slots)  # [L, H, P, D]
         q = qpos = None
         if method.needs_queries:
             q, pos = self.window(comp.req_id)
@@ -219,27 +246,26 @@ class Compactor:
             qpos = torch.from_numpy(p - (comp.logical_len - pos))
             if (qpos < 0).any() or (qpos >= p).any():
                 raise RuntimeError("captured queries fall outside the cache")
-        if len(set(self.scales)) == 1:
-            # Layers x heads as one head axis: the method is layer-agnostic and
-            # GQA groups stay within their layer.
-            flat_q = None if q is None else q.reshape(-1, *q.shape[2:])
-            scores = method.score(keys.reshape(-1, p, keys.shape[-1]), flat_q, qpos,
-                                  self.scales[0]).view(layers, heads, p)
-        else:
-            scores = torch.stack([
-                method.score(keys[i], None if q is None else q[i], qpos, self.scales[i])
-                for i in range(layers)])
-        if scores.shape != (layers, heads, p) or not torch.isfinite(scores).any():
-            raise RuntimeError(f"method {comp.method} returned bad scores")
-        keep = select_keep(scores.view(layers * heads, p), comp.keep,
-                           comp.sink_tokens, comp.recent_tokens)
-        return keep.view(layers, heads, comp.keep)
+        r = self._req(comp.req_id)
+        state = r.method_state if r is not None else {}
+        # Stateful methods update their state in place: work on a copy so a
+        # failure below leaves the request's state as it was.
+        work = dict(state) if method.stateful else state
+        obs = Observation(keys, q, qpos, self.scales)
+        res = compress_event(method, obs, work, comp.keep, comp.sink_tokens,
+                             comp.recent_tokens, values=lambda: self._read_values(*slots))
+        if r is not None and method.stateful:
+            r.method_state = work
+        if res.merged:
+            # Per (layer, KV head) entries -> token equivalents.
+            self.method_stats["merged_tokens"] += res.merged / (layers * heads)
+        return res.keep, res.keys, res.values
 
     def apply(self, comp: plan_mod.Compaction, old_blocks: list[int]) -> list[int]:
         """Score, then move; returns the request's new block-table row (the
         kept region only: the scheduler frees the rest)."""
         t0 = time.perf_counter()
-        keep = self.select(comp, old_blocks)
+        keep, new_keys, new_values = self.select(comp, old_blocks)
         bs = self.block_size
         if len(comp.block_ids) * bs < comp.keep:
             raise RuntimeError("new block region too small for the kept tokens")
@@ -251,7 +277,16 @@ class Compactor:
         dst_blocks, dst_offsets = row_slots(comp.block_ids, torch.arange(comp.keep), bs)
         layout = self._layout()
         # Everything checked: now write.  Nothing above touched the cache.
-        if self.stack is not None:
+        if new_keys is not None:
+            # Merged content (computed from the old slots before any write).
+            if self.stack is not None:
+                write_tokens_stacked(self.stack, layout, new_keys, new_values,
+                                     dst_blocks, dst_offsets)
+            else:
+                for i, c in enumerate(self.stack_list):
+                    write_tokens_stacked(c, layout, new_keys[i : i + 1],
+                                         new_values[i : i + 1], dst_blocks, dst_offsets)
+        elif self.stack is not None:
             move_tokens_stacked(self.stack, layout, src_blocks, src_offsets,
                                 dst_blocks, dst_offsets)
         else:
@@ -262,6 +297,16 @@ class Compactor:
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         return list(comp.block_ids)
+
+    def report_stats(self) -> dict:
+        """Cumulative statistics of the methods in this worker."""
+        out = dict(self.method_stats)
+        for m in self._methods.values():
+            pred = getattr(m, "predictor", None) or getattr(getattr(m, "inner", None),
+                                                             "predictor", None)
+            if pred is not None:
+                out["predictor"] = pred.summary()
+        return out
 
     # ------------------------------------------------------------ recording
     def _record(self, comp: plan_mod.Compaction, keep: torch.Tensor) -> None:

@@ -268,3 +268,46 @@ def move_tokens_stacked(
         k_vals = k[li, src_blocks, hi, src_offsets]
         k[li, db, hi, do] = k_vals
     v[li, db, hi, do] = v_vals
+
+
+def read_values_stacked(
+    stack: torch.Tensor, layout: TokenLayout, blocks: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Values of the given tokens in every layer: ``[L, H, n, D]`` (storage dtype)."""
+    if layout.kind == "generic":
+        raise NotImplementedError("reading values needs a known in-block layout")
+    _, v = _stacked_halves(stack, layout)
+    return v[:, blocks, :, offsets].permute(1, 2, 0, 3)
+
+
+def _to_storage(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.uint8:  # fp8 (e4m3) cache stored as bytes
+        return x.to(torch.float8_e4m3fn).view(torch.uint8)
+    return x.to(dtype)
+
+
+def write_tokens_stacked(
+    stack: torch.Tensor,
+    layout: TokenLayout,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    dst_blocks: torch.Tensor,
+    dst_offsets: torch.Tensor,
+) -> None:
+    """Write per-(layer, head) keys and values ``[L, H, k, D]`` to the slots
+    ``dst_blocks, dst_offsets`` ``[k]`` of every layer (new content, e.g.
+    merged tokens; values are cast to the cache's dtype)."""
+    if layout.kind == "generic":
+        raise NotImplementedError("writing tokens needs a known in-block layout")
+    l, _, h = stack.shape[:3]
+    k, v = _stacked_halves(stack, layout)
+    li = torch.arange(l)[:, None, None]
+    hi = torch.arange(h)[None, :, None]
+    db, do = dst_blocks[None, None, :], dst_offsets[None, None, :]
+    kv = _to_storage(keys, stack.dtype)
+    vv = _to_storage(values, stack.dtype)
+    if layout.kind == "k_transposed":
+        k[li, db, hi, :, do] = kv
+    else:
+        k[li, db, hi, do] = kv
+    v[li, db, hi, do] = vv

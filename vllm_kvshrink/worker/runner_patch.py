@@ -170,6 +170,7 @@ def _attach(runner, out):
         return out
     out = copy.copy(out)  # may be a shared constant (EMPTY_MODEL_RUNNER_OUTPUT)
     setattr(out, plan_mod.RESULTS_ATTR, comp.results)
+    setattr(out, plan_mod.METHOD_STATS_ATTR, comp.report_stats())
     comp.results = {}
     return out
 

@@ -1,0 +1,586 @@
+"""Host wrappers: argument checks, allocation, grids, and the ``kvshrink::``
+torch custom ops (with fake implementations, so the ops can sit in
+``torch.compile`` graphs such as vLLM's).
+
+Each op runs its Triton kernel on CUDA tensors and on CPU tensors while Triton
+interprets (``TRITON_INTERPRET=1``); otherwise, on the CPU, it runs the PyTorch
+reference in :mod:`vllm_kvshrink.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from vllm_kvshrink.kernels import reference as ref
+from vllm_kvshrink.kernels import triton_kernels as tk
+from vllm_kvshrink.kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_choice,
+    check_positive,
+    check_shape,
+    check_tensor,
+)
+from vllm_kvshrink.kernels._launch import launchable, use_triton
+from vllm_kvshrink.kernels.layouts import LAYOUTS, cache_dims, kv_views, stack_layers
+
+CACHE_DTYPES = FLOAT_DTYPES + (
+    torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2,
+)
+# Compaction copies raw elements: an integer view of the same width keeps
+# every bit (NaN payloads, fp8) and works in the interpreter.
+_RAW = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+BITS = (2, 4, 8)
+REDUCTIONS = ("sum", "max")
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _check_values(name: str, t: torch.Tensor, upper: int, what: str) -> None:
+    """Range check of index values; only for CPU tensors (on CUDA it would
+    synchronise the stream, and out-of-range ids are the caller's bug, as in
+    vLLM's own cache ops)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} holds values in [{lo}, {hi}]; allowed: [0, {upper}) ({what})")
+
+
+# ==========================================================================
+# compaction
+# ==========================================================================
+def _check_compact(cache, src_table, src_index, dst_table, layout) -> tuple[int, ...]:
+    check_choice("layout", layout, LAYOUTS)
+    check_tensor("cache", cache, dtypes=CACHE_DTYPES)
+    dims = cache_dims(cache, layout)
+    n_layers, n_blocks, n_heads, bs, _ = dims
+    dev = cache.device
+    check_tensor("src_table", src_table, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("src_index", src_index, ndim=3, dtypes=INDEX_DTYPES, device=dev)
+    check_tensor("dst_table", dst_table, ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    if tuple(src_index.shape[:2]) != (n_layers, n_heads):
+        raise ValueError(
+            f"src_index must be [L={n_layers}, H={n_heads}, K], got shape "
+            f"{tuple(src_index.shape)}"
+        )
+    n_keep = src_index.shape[2]
+    if dst_table.numel() * bs < n_keep:
+        raise ValueError(
+            f"dst_table has {dst_table.numel()} blocks of {bs} tokens, too few for "
+            f"the {n_keep} kept tokens in src_index"
+        )
+    _check_values("src_index", src_index, src_table.numel() * bs, "positions in src_table's row")
+    _check_values("src_table", src_table, n_blocks, "block ids of cache")
+    _check_values("dst_table", dst_table, n_blocks, "block ids of cache")
+    return dims
+
+
+def _compact_triton(cache, src_table, src_index, dst_table, layout, staged) -> None:
+    raw = cache.view(_RAW[cache.element_size()])
+    k, v = kv_views(raw, layout)
+    n_layers, _, n_heads, bs, d = k.shape
+    n_keep = src_index.shape[2]
+    if n_keep == 0:
+        return
+    block_d = _pow2(d)
+    block_t = min(_pow2(n_keep), max(1, 8192 // block_d))
+    meta = dict(BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t)
+    kernel = launchable(tk.compact_kernel)
+    common = (src_table, src_index, dst_table, n_keep, n_heads)
+    if not staged:
+        kernel[(n_layers * n_heads, 1)](
+            k, v, k, v, *common, *k.stride(), *v.stride(), *k.stride(), *v.stride(),
+            *src_index.stride(), SRC_PAGED=True, DST_PAGED=True, **meta)
+        return
+    tmp = torch.empty(n_layers, n_heads, n_keep, 2, d, dtype=raw.dtype, device=raw.device)
+    s_l, s_h, s_t, s_kv, s_d = tmp.stride()
+    tmp_strides = (s_l, 0, s_h, s_t, s_d)  # the block stride is unused
+    tmp_v = tmp[:, :, :, 1]
+    grid = (n_layers * n_heads, triton.cdiv(n_keep, block_t))
+    kernel[grid](k, v, tmp, tmp_v, *common, *k.stride(), *v.stride(), *tmp_strides,
+                 *tmp_strides, *src_index.stride(), SRC_PAGED=True, DST_PAGED=False, **meta)
+    kernel[grid](tmp, tmp_v, k, v, *common, *tmp_strides, *tmp_strides, *k.stride(),
+                 *v.stride(), *src_index.stride(), SRC_PAGED=False, DST_PAGED=True, **meta)
+
+
+@torch.library.custom_op("kvshrink::compact_kv", mutates_args=("cache",))
+def _compact_kv_op(
+    cache: torch.Tensor,
+    src_table: torch.Tensor,
+    src_index: torch.Tensor,
+    dst_table: torch.Tensor,
+    layout: str,
+    staged: bool,
+) -> None:
+    _check_compact(cache, src_table, src_index, dst_table, layout)
+    if use_triton(cache):
+        _compact_triton(cache, src_table, src_index, dst_table, layout, staged)
+    else:
+        ref.compact_kv_ref(cache, layout, src_table, src_index, dst_table)
+
+
+@_compact_kv_op.register_fake
+def _(cache, src_table, src_index, dst_table, layout, staged) -> None:
+    _check_compact(cache, src_table, src_index, dst_table, layout)
+
+
+def compact_kv(
+    cache: torch.Tensor | list[torch.Tensor],
+    src_table: torch.Tensor,
+    src_index: torch.Tensor,
+    dst_table: torch.Tensor,
+    layout: str,
+    staged: bool = False,
+) -> None:
+    """Move each request's kept tokens (K and V) to the front of its new block
+    list, every layer and KV head in one launch.
+
+    For layer ``l``, head ``h`` and ``i < K``: the token at physical position
+    ``src_index[l, h, i]`` of the row ``src_table`` goes to position ``i`` of
+    the row ``dst_table`` (block ``dst_table[i // block_size]``, offset
+    ``i % block_size``).  Kept tokens may differ per head and per layer.
+
+    Overlap: with ``staged=False`` (one launch, one program per (layer, head)
+    walking its tokens in ascending chunks, loads before stores in each chunk)
+    the result equals :func:`~.reference.compact_kv_ref` when each
+    ``src_index[l, h]`` is strictly increasing and ``dst_table`` either is a
+    prefix of ``src_table`` (compaction in place, the engine's case) or shares
+    no block with it: token ``i`` then lands on a slot no later chunk reads.
+    ``staged=True`` gathers into a temporary buffer and scatters (two
+    launches, all (layer, head, chunk) programs in parallel) and is correct
+    for any overlap.
+
+    Args:
+        cache: stacked cache ``[L, ...]`` in ``layout`` (one of
+            :data:`~.layouts.LAYOUTS`), a single layer (then ``src_index`` is
+            ``[H, K]``), or a list of per-layer caches (one launch when they
+            are slices of one allocation, else one per layer).
+        src_table: ``[n_src_blocks]`` int32/int64 block ids.
+        src_index: ``[L, H, K]`` int32/int64 positions in ``src_table``'s row.
+        dst_table: ``[>= ceil(K / block_size)]`` block ids.
+    """
+    check_choice("layout", layout, LAYOUTS)
+    layer_dims = 5 if layout == "flash" else 4
+    if isinstance(cache, (list, tuple)):
+        check_tensor("src_index", src_index, ndim=3)
+        if len(cache) != src_index.shape[0]:
+            raise ValueError(
+                f"cache holds {len(cache)} layers but src_index is "
+                f"{tuple(src_index.shape)} (first dimension = layers)"
+            )
+        stacked = stack_layers(list(cache))
+        if stacked is None:
+            for i, c in enumerate(cache):
+                compact_kv(c, src_table, src_index[i], dst_table, layout, staged)
+            return
+        cache = stacked
+    elif isinstance(cache, torch.Tensor) and cache.dim() == layer_dims:
+        check_tensor("src_index", src_index, ndim=2)
+        cache, src_index = cache[None], src_index[None]
+    torch.ops.kvshrink.compact_kv(cache, src_table, src_index, dst_table, layout, staged)
+
+
+# ==========================================================================
+# merge
+# ==========================================================================
+def _check_merge(keys, values, weights, group, num_groups) -> None:
+    check_tensor("keys", keys, ndim=3, dtypes=FLOAT_DTYPES)
+    dev = keys.device
+    check_tensor("values", values, ndim=3, dtypes=(keys.dtype,), device=dev)
+    check_shape("values", values, tuple(keys.shape))
+    check_tensor("weights", weights, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    check_shape("weights", weights, tuple(keys.shape[:2]))
+    check_tensor("group", group, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    check_shape("group", group, tuple(keys.shape[:2]))
+    if not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be an int >= 0, got {num_groups!r}")
+
+
+def _merge_outputs(keys, num_groups):
+    h, _, d = keys.shape
+    dev = keys.device
+    return (torch.empty(h, num_groups, d, dtype=keys.dtype, device=dev),
+            torch.empty(h, num_groups, d, dtype=keys.dtype, device=dev),
+            torch.empty(h, num_groups, dtype=torch.int32, device=dev),
+            torch.empty(h, num_groups, dtype=torch.float32, device=dev))
+
+
+@torch.library.custom_op("kvshrink::merge_kv", mutates_args=())
+def _merge_kv_op(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_merge(keys, values, weights, group, num_groups)
+    if not use_triton(keys):
+        return ref.merge_kv_ref(keys, values, weights, group, num_groups)
+    h, n, d = keys.shape
+    dev = keys.device
+    acc_k = torch.zeros(h * num_groups, d, dtype=torch.float32, device=dev)
+    acc_v = torch.zeros_like(acc_k)
+    acc_w = torch.zeros(h * num_groups, dtype=torch.float32, device=dev)
+    acc_n = torch.zeros(h * num_groups, dtype=torch.int32, device=dev)
+    out_k, out_v, _, _ = _merge_outputs(keys, num_groups)
+    if h * num_groups == 0:
+        return out_k, out_v, acc_n.view(h, num_groups), acc_w.view(h, num_groups)
+    block_d = _pow2(d)
+    block_n = min(_pow2(n), max(1, 4096 // block_d))
+    if n:
+        launchable(tk.merge_accumulate_kernel)[(h, triton.cdiv(n, block_n))](
+            keys, values, weights, group, acc_k, acc_v, acc_w, acc_n, n, num_groups,
+            *keys.stride(), *values.stride(), *weights.stride(), *group.stride(),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n)
+    block_r = max(1, 4096 // block_d)
+    launchable(tk.merge_finalize_kernel)[(triton.cdiv(h * num_groups, block_r),)](
+        acc_k, acc_v, acc_w, out_k, out_v, h * num_groups,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r)
+    return out_k, out_v, acc_n.view(h, num_groups), acc_w.view(h, num_groups)
+
+
+@_merge_kv_op.register_fake
+def _(keys, values, weights, group, num_groups):
+    _check_merge(keys, values, weights, group, num_groups)
+    return _merge_outputs(keys, num_groups)
+
+
+def merge_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention-weighted average of the K and V vectors of each group into
+    one representative (the merge step of the merging methods; which tokens
+    form a group is the method's choice).
+
+    Args:
+        keys, values: ``[H, N, D]`` fp16/bf16/fp32.
+        weights: ``[H, N]`` non-negative weights (e.g. accumulated attention).
+        group: ``[H, N]`` group id of each token in ``[0, num_groups)``; any
+            other id (e.g. -1) leaves the token out.
+
+    Returns:
+        ``(keys [H, G, D], values [H, G, D], counts [H, G] int32,
+        weight_sums [H, G] fp32)``; a group with zero total weight gets zeros.
+        Accumulation is fp32 with atomics, so the order of additions (and the
+        last bits) may vary between runs on a GPU.
+    """
+    return torch.ops.kvshrink.merge_kv(keys, values, weights, group, num_groups)
+
+
+# ==========================================================================
+# quantization
+# ==========================================================================
+class Quantized(NamedTuple):
+    """Bit-packed codes and per-group parameters (see :func:`quantize`)."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def _check_quant_params(bits, group_size, n_cols, name="x") -> None:
+    check_choice("bits", bits, BITS)
+    check_positive("group_size", group_size)
+    per = 8 // bits
+    if group_size % per:
+        raise ValueError(
+            f"group_size={group_size} must be a multiple of {per} (codes per byte "
+            f"at {bits} bits)"
+        )
+    if n_cols % group_size:
+        raise ValueError(
+            f"the grouped axis of {name} has {n_cols} elements, not a multiple of "
+            f"group_size={group_size}"
+        )
+
+
+def _check_quantize(x, bits, group_size, param_dtype) -> None:
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_choice("param_dtype", param_dtype, FLOAT_DTYPES)
+    _check_quant_params(bits, group_size, x.shape[2])
+
+
+def _quant_outputs(x, bits, group_size, param_dtype):
+    a, r, c = x.shape
+    return Quantized(
+        torch.empty(a, r, c * bits // 8, dtype=torch.uint8, device=x.device),
+        torch.empty(a, r, c // group_size, dtype=param_dtype, device=x.device),
+        torch.empty(a, r, c // group_size, dtype=param_dtype, device=x.device),
+    )
+
+
+def _quant_meta(rows, bits, group_size):
+    per = 8 // bits
+    block_b = _pow2(group_size // per)
+    block_r = max(1, min(_pow2(rows), 4096 // (block_b * per)))
+    return block_r, block_b
+
+
+@torch.library.custom_op("kvshrink::quantize", mutates_args=())
+def _quantize_op(
+    x: torch.Tensor, bits: int, group_size: int, param_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_quantize(x, bits, group_size, param_dtype)
+    if not use_triton(x):
+        return ref.quantize_ref(x, bits, group_size, param_dtype)
+    out = _quant_outputs(x, bits, group_size, param_dtype)
+    a, r, c = x.shape
+    if x.numel():
+        block_r, block_b = _quant_meta(a * r, bits, group_size)
+        launchable(tk.quantize_kernel)[(triton.cdiv(a * r, block_r), c // group_size)](
+            x, out.packed, out.scale, out.zero, a * r, r, *x.stride(),
+            BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
+            BLOCK_R=block_r, BLOCK_B=block_b)
+    return tuple(out)
+
+
+@_quantize_op.register_fake
+def _(x, bits, group_size, param_dtype):
+    _check_quantize(x, bits, group_size, param_dtype)
+    return tuple(_quant_outputs(x, bits, group_size, param_dtype))
+
+
+def _check_dequantize(packed, scale, zero, bits, group_size, dtype) -> None:
+    check_tensor("packed", packed, ndim=3, dtypes=(torch.uint8,))
+    check_choice("bits", bits, BITS)
+    check_choice("dtype", dtype, FLOAT_DTYPES)
+    a, r, nbytes = packed.shape
+    n_cols = nbytes * 8 // bits
+    _check_quant_params(bits, group_size, n_cols, name="packed")
+    for name, t in (("scale", scale), ("zero", zero)):
+        check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES, device=packed.device)
+        check_shape(name, t, (a, r, n_cols // group_size))
+    for name, t in (("packed", packed), ("scale", scale), ("zero", zero)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def _dequant_output(packed, bits, dtype, channel):
+    a, r, nbytes = packed.shape
+    c = nbytes * 8 // bits
+    shape = (a, c, r) if channel else (a, r, c)
+    return torch.empty(shape, dtype=dtype, device=packed.device)
+
+
+@torch.library.custom_op("kvshrink::dequantize", mutates_args=())
+def _dequantize_op(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    channel: bool,
+) -> torch.Tensor:
+    _check_dequantize(packed, scale, zero, bits, group_size, dtype)
+    if not use_triton(packed):
+        x = ref.dequantize_ref(packed, scale, zero, bits, group_size, dtype)
+        return x.transpose(1, 2).contiguous() if channel else x
+    out = _dequant_output(packed, bits, dtype, channel)
+    view = out.transpose(1, 2) if channel else out  # [A, R, C] as the codes are
+    a, r, c = view.shape
+    if out.numel():
+        block_r, block_b = _quant_meta(a * r, bits, group_size)
+        launchable(tk.dequantize_kernel)[(triton.cdiv(a * r, block_r), c // group_size)](
+            packed, scale, zero, view, a * r, r, *view.stride(),
+            BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
+            BLOCK_R=block_r, BLOCK_B=block_b)
+    return out
+
+
+@_dequantize_op.register_fake
+def _(packed, scale, zero, bits, group_size, dtype, channel):
+    _check_dequantize(packed, scale, zero, bits, group_size, dtype)
+    return _dequant_output(packed, bits, dtype, channel)
+
+
+AXES = ("token", "channel")
+
+
+def _as_3d(x: torch.Tensor, name: str) -> torch.Tensor:
+    check_tensor(name, x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be [..., N, D], got shape {tuple(x.shape)}")
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: str = "token",
+    param_dtype: torch.dtype | None = None,
+) -> Quantized:
+    """Asymmetric ``bits``-bit quantization in groups of ``group_size``, packed.
+
+    ``axis="token"``: each token's ``D`` channels in groups (per-token, how
+    KIVI arXiv:2402.02750 stores values); ``axis="channel"``: each channel's
+    ``N`` tokens in groups (per-channel, how KIVI stores keys).  Rounding is
+    defined by :func:`~.reference.quantize_ref` and the kernel matches it bit
+    for bit.
+
+    Args:
+        x: ``[..., N, D]`` fp16/bf16/fp32.
+        bits: 2, 4 or 8.
+        param_dtype: dtype of the stored scale and zero point (default x's).
+
+    Returns:
+        :class:`Quantized` with, for ``x`` flattened to ``[A, N, D]``:
+        ``axis="token"``: packed ``[A, N, D * bits / 8]``, scale/zero
+        ``[A, N, D / group_size]``; ``axis="channel"``: packed
+        ``[A, D, N * bits / 8]``, scale/zero ``[A, D, N / group_size]``.
+    """
+    check_choice("axis", axis, AXES)
+    x3 = _as_3d(x, "x")
+    if axis == "channel":
+        x3 = x3.transpose(1, 2)
+    pdt = x.dtype if param_dtype is None else param_dtype
+    return Quantized(*torch.ops.kvshrink.quantize(x3, bits, group_size, pdt))
+
+
+def dequantize(
+    q: Quantized,
+    bits: int,
+    group_size: int,
+    axis: str = "token",
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``[A, N, D]`` in ``dtype``
+    (``x = q * scale + zero`` in fp32)."""
+    check_choice("axis", axis, AXES)
+    return torch.ops.kvshrink.dequantize(
+        q.packed, q.scale, q.zero, bits, group_size, dtype, axis == "channel")
+
+
+def kivi_quantize(
+    keys: torch.Tensor, values: torch.Tensor, bits: int, group_size: int
+) -> tuple[Quantized, Quantized]:
+    """KIVI's scheme (arXiv:2402.02750): keys per channel (groups of
+    ``group_size`` tokens), values per token (groups of ``group_size``
+    channels).  ``N`` must be a multiple of ``group_size``; KIVI keeps the
+    remaining recent tokens in full precision until a group fills."""
+    return (quantize(keys, bits, group_size, axis="channel"),
+            quantize(values, bits, group_size, axis="token"))
+
+
+# ==========================================================================
+# scoring
+# ==========================================================================
+def _check_scores(query, key_cache, block_table, seq_len, layout, reduce) -> tuple[int, ...]:
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("reduce", reduce, REDUCTIONS)
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("key_cache", key_cache, dtypes=(query.dtype,), device=query.device)
+    dims = cache_dims(key_cache, layout, name="key_cache")
+    n_layers, n_blocks, hkv, bs, d = dims
+    if n_layers != 1:
+        raise ValueError(f"key_cache must hold one layer, got {n_layers} (shape "
+                         f"{tuple(key_cache.shape)})")
+    w, hq, dq = query.shape
+    if dq != d:
+        raise ValueError(f"query has head dim {dq} but key_cache has {d}")
+    if hq % hkv:
+        raise ValueError(f"query has {hq} heads, not a multiple of the {hkv} KV heads")
+    check_tensor("block_table", block_table, ndim=1, dtypes=INDEX_DTYPES, device=query.device)
+    if not isinstance(seq_len, int) or seq_len < w or seq_len < 1:
+        raise ValueError(f"seq_len must be an int >= the window length {w} and >= 1, "
+                         f"got {seq_len!r}")
+    if block_table.numel() * bs < seq_len:
+        raise ValueError(f"block_table has {block_table.numel()} blocks of {bs} tokens, "
+                         f"too few for seq_len={seq_len}")
+    _check_values("block_table", block_table[: triton.cdiv(seq_len, bs)], n_blocks,
+                  "block ids of key_cache")
+    return dims
+
+
+@torch.library.custom_op("kvshrink::window_scores", mutates_args=())
+def _window_scores_op(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    sm_scale: float,
+    layout: str,
+    reduce: str,
+    gqa_mean: bool,
+    causal: bool,
+) -> torch.Tensor:
+    _, _, hkv, bs, d = _check_scores(query, key_cache, block_table, seq_len, layout, reduce)
+    if not use_triton(query):
+        return ref.window_scores_ref(query, key_cache, layout, block_table, seq_len,
+                                     sm_scale, reduce, gqa_mean, causal)
+    w, hq, _ = query.shape
+    k = kv_views(key_cache, layout)[0][0]  # [nb, Hkv, bs, D]
+    dev = query.device
+    m = torch.empty(hq, w, dtype=torch.float32, device=dev)
+    lsum = torch.empty_like(m)
+    out = torch.empty(hkv if gqa_mean else hq, seq_len, dtype=torch.float32, device=dev)
+    block_d = _pow2(d, 16)
+    block_w = _pow2(min(w, 32), 16)
+    block_n = 64 if query.is_cuda else 16
+    meta = dict(GROUP=hq // hkv, BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d,
+                BLOCK_W=block_w, BLOCK_N=block_n, CAUSAL=causal,
+                DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+    args = (seq_len, w, float(sm_scale), *query.stride(), *k.stride())
+    launchable(tk.window_stats_kernel)[(hq, triton.cdiv(w, block_w))](
+        query, k, block_table, m, lsum, *args, **meta)
+    launchable(tk.window_scores_kernel)[(out.shape[0], triton.cdiv(seq_len, block_n))](
+        query, k, block_table, m, lsum, out, *args,
+        HEADS_PER_OUT=hq // hkv if gqa_mean else 1, REDUCE_MAX=reduce == "max", **meta)
+    return out
+
+
+@_window_scores_op.register_fake
+def _(query, key_cache, block_table, seq_len, sm_scale, layout, reduce, gqa_mean, causal):
+    _, _, hkv, _, _ = _check_scores(query, key_cache, block_table, seq_len, layout, reduce)
+    rows = hkv if gqa_mean else query.shape[1]
+    return query.new_empty(rows, seq_len, dtype=torch.float32)
+
+
+def window_scores(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    layout: str,
+    sm_scale: float | None = None,
+    reduce: str = "sum",
+    gqa_mean: bool = True,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Per-token importance from an observation window (SnapKV arXiv:2404.14469,
+    H2O arXiv:2306.14048): ``softmax(q . K^T)`` of the window's queries over
+    the paged keys, reduced over the window, in two passes (row max and sum of
+    exponentials, then normalised probabilities per key) so no ``[W, N]``
+    matrix is written to memory.
+
+    Args:
+        query: ``[W, Hq, D]``, the last ``W`` positions' queries.
+        key_cache: one layer's KV cache in ``layout`` (``L`` absent or 1).
+        block_table: ``[>= ceil(seq_len / block_size)]`` the request's blocks.
+        seq_len: cached tokens to score (the window's are the last ``W``).
+        sm_scale: logit scale, default ``D ** -0.5``.
+        reduce: ``"sum"`` or ``"max"`` over the window.
+        gqa_mean: average over the query heads of each KV head.
+        causal: window query ``w`` sees keys ``<= seq_len - W + w`` only.
+
+    Returns:
+        fp32 ``[H_kv, seq_len]`` (``gqa_mean``) or ``[Hq, seq_len]``.
+    """
+    check_choice("layout", layout, LAYOUTS)
+    check_tensor("query", query, ndim=3)
+    if isinstance(key_cache, torch.Tensor) and key_cache.dim() == (5 if layout == "flash" else 4):
+        key_cache = key_cache[None]
+    scale = query.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    return torch.ops.kvshrink.window_scores(
+        query, key_cache, block_table, seq_len, scale, layout, reduce, gqa_mean, causal)
