@@ -135,7 +135,7 @@ def test_temporal_features():
     a = torch.rand(1, 1, 3, 5)
     a /= a.sum(-1, keepdim=True)
     hist, static = features(a, torch.zeros(1, 1, 5), n_prev=2, history=4)
-    assert hist.shape == (1, 1, 5, 4) and static.shape == (1, 1, 5, 3)
+    assert hist.shape == (1, 1, 5, 4) and static.shape == (1, 1, 5, 4)
     torch.testing.assert_close(hist[0, 0, :, 1:], torch.log1p(a[0, 0] * 5).T)
     assert torch.all(hist[..., 0] == 0)  # padded in front
     assert static[0, 0, :, 2].tolist() == [1, 1, 0, 0, 0]
@@ -146,7 +146,7 @@ def test_predictor_trains_saves_and_loads(tmp_path):
     p = SharedPredictor(seed=1, lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     hist = torch.rand(512, 16, generator=gen)
-    static = torch.rand(512, 3, generator=gen)
+    static = torch.rand(512, 4, generator=gen)
     target = hist[:, -4:].mean(1) * 2 + static[:, 0]  # learnable
     first = p.train_step(hist, static, target)
     for _ in range(150):
@@ -333,3 +333,13 @@ def test_method_args_validation():
     # A request switching method drops the global method's arguments.
     g = KVShrinkConfig(method="ema", method_args={"ema_decay": 0.5})
     assert g.with_overrides({"method": "snapkv"}).method_args == {}
+
+
+def test_temporal_net_closed_form_matches_plain_block():
+    from vllm_kvshrink.methods.temporal import TemporalNet
+
+    torch.manual_seed(0)
+    net = TemporalNet()
+    hist, static = torch.rand(37, 16) * 3, torch.rand(37, 4)
+    torch.testing.assert_close(net(hist, static), net.reference_forward(hist, static),
+                               atol=1e-5, rtol=1e-5)

@@ -70,9 +70,10 @@ def event_batch(attn: torch.Tensor, t: int, horizon: int, decay: float = 0.9,
     ema = torch.zeros(attn.shape[0], attn.shape[1], t)
     lead = past[:, :, max(0, t - history - 64): t - history]
     ema = ema_update(ema, lead, decay)
-    hist, static = features(window, ema, t - history)
+    twin = ema_update(ema, window, decay)  # what the `ema` method would score
+    hist, static = features(window, ema, t - history, ema_now=twin)
     future = attn[:, :, t:t + horizon, :t].mean(dim=2)
-    return hist, static, target_of(future, t)
+    return hist, static, target_of(future, t), twin
 
 
 def main(argv=None) -> int:
@@ -112,22 +113,24 @@ def main(argv=None) -> int:
         attn, keys = data[int(torch.randint(0, len(data) - 1, (1,), generator=g))]
         n = attn.shape[-1]
         t = int(torch.randint(HISTORY + 64, n - args.horizon, (1,), generator=g))
-        hist, static, target = event_batch(attn, t, args.horizon)
+        hist, static, target, _ = event_batch(attn, t, args.horizon)
         rows = torch.randperm(target.numel(), generator=g)[:4096]
         loss = pred.train_step(hist.reshape(-1, HISTORY)[rows],
-                               static.reshape(-1, 3)[rows], target.reshape(-1)[rows])
+                               static.reshape(-1, static.shape[-1])[rows], target.reshape(-1)[rows])
         prof = attn[:, :, t - HISTORY:t, :t].permute(0, 1, 3, 2)
         closs = emb.contrastive_step(keys[:, :, :t], prof)
         if step % 50 == 0 or step == args.steps - 1:
             ha, _ = held
             hn = ha.shape[-1]
-            hh, hs, ht = event_batch(ha, hn - 2 * args.horizon, args.horizon)
-            p = pred.predict(hh.reshape(-1, HISTORY), hs.reshape(-1, 3)).view(ht.shape)
+            hh, hs, ht, twin = event_batch(ha, hn - 2 * args.horizon, args.horizon)
+            p = pred.predict(hh.reshape(-1, HISTORY), hs.reshape(-1, hs.shape[-1])).view(ht.shape)
             recall, rho = ranking_accuracy(p.reshape(-1, ht.shape[-1]),
                                            ht.reshape(-1, ht.shape[-1]))
+            er, erho = ranking_accuracy(twin.reshape(-1, ht.shape[-1]),
+                                        ht.reshape(-1, ht.shape[-1]))
             print(f"[warmup] step {step}: predictor loss {loss:.4f}, held-out "
-                  f"recall@10% {recall:.3f}, spearman {rho:.3f}; embedding loss "
-                  f"{closs:.3f}", flush=True)
+                  f"recall@10% {recall:.3f} (ema twin {er:.3f}), spearman {rho:.3f} "
+                  f"(ema twin {erho:.3f}); embedding loss {closs:.3f}", flush=True)
     meta = {"source": "vllm_kvshrink.hf.warmup", "model": Path(path).name,
             "docs": args.docs, "tokens": args.tokens, "steps": args.steps,
             "horizon": args.horizon}

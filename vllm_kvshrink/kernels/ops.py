@@ -24,7 +24,7 @@ from vllm_kvshrink.kernels._checks import (
     check_shape,
     check_tensor,
 )
-from vllm_kvshrink.kernels._launch import launchable, use_triton
+from vllm_kvshrink.kernels._launch import interpreting, launchable, use_triton
 from vllm_kvshrink.kernels.layouts import LAYOUTS, cache_dims, kv_views, stack_layers
 
 CACHE_DTYPES = FLOAT_DTYPES + (
@@ -55,7 +55,8 @@ def _check_values(name: str, t: torch.Tensor, upper: int, what: str) -> None:
 # ==========================================================================
 # compaction
 # ==========================================================================
-def _check_compact(cache, src_table, src_index, dst_table, layout) -> tuple[int, ...]:
+def _check_compact(cache, src_table, src_index, dst_table, layout,
+                   values: bool = True) -> tuple[int, ...]:
     check_choice("layout", layout, LAYOUTS)
     check_tensor("cache", cache, dtypes=CACHE_DTYPES)
     dims = cache_dims(cache, layout)
@@ -75,9 +76,11 @@ def _check_compact(cache, src_table, src_index, dst_table, layout) -> tuple[int,
             f"dst_table has {dst_table.numel()} blocks of {bs} tokens, too few for "
             f"the {n_keep} kept tokens in src_index"
         )
-    _check_values("src_index", src_index, src_table.numel() * bs, "positions in src_table's row")
-    _check_values("src_table", src_table, n_blocks, "block ids of cache")
-    _check_values("dst_table", dst_table, n_blocks, "block ids of cache")
+    if values:
+        _check_values("src_index", src_index, src_table.numel() * bs,
+                      "positions in src_table's row")
+        _check_values("src_table", src_table, n_blocks, "block ids of cache")
+        _check_values("dst_table", dst_table, n_blocks, "block ids of cache")
     return dims
 
 
@@ -127,7 +130,7 @@ def _compact_kv_op(
 
 @_compact_kv_op.register_fake
 def _(cache, src_table, src_index, dst_table, layout, staged) -> None:
-    _check_compact(cache, src_table, src_index, dst_table, layout)
+    _check_compact(cache, src_table, src_index, dst_table, layout, values=False)
 
 
 def compact_kv(
@@ -340,7 +343,7 @@ def _quantize_op(
         launchable(tk.quantize_kernel)[(triton.cdiv(a * r, block_r), c // group_size)](
             x, out.packed, out.scale, out.zero, a * r, r, *x.stride(),
             BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
-            BLOCK_R=block_r, BLOCK_B=block_b)
+            BLOCK_R=block_r, BLOCK_B=block_b, PARAM_BF16=param_dtype == torch.bfloat16)
     return tuple(out)
 
 
@@ -476,7 +479,8 @@ def kivi_quantize(
 # ==========================================================================
 # scoring
 # ==========================================================================
-def _check_scores(query, key_cache, block_table, seq_len, layout, reduce) -> tuple[int, ...]:
+def _check_scores(query, key_cache, block_table, seq_len, layout, reduce,
+                  values: bool = True) -> tuple[int, ...]:
     check_choice("layout", layout, LAYOUTS)
     check_choice("reduce", reduce, REDUCTIONS)
     check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
@@ -498,8 +502,9 @@ def _check_scores(query, key_cache, block_table, seq_len, layout, reduce) -> tup
     if block_table.numel() * bs < seq_len:
         raise ValueError(f"block_table has {block_table.numel()} blocks of {bs} tokens, "
                          f"too few for seq_len={seq_len}")
-    _check_values("block_table", block_table[: triton.cdiv(seq_len, bs)], n_blocks,
-                  "block ids of key_cache")
+    if values:
+        _check_values("block_table", block_table[: triton.cdiv(seq_len, bs)], n_blocks,
+                      "block ids of key_cache")
     return dims
 
 
@@ -528,9 +533,11 @@ def _window_scores_op(
     block_d = _pow2(d, 16)
     block_w = _pow2(min(w, 32), 16)
     block_n = 64 if query.is_cuda else 16
+    # Triton's CPU interpreter (3.9) computes bf16 dots wrongly: upcast there.
+    upcast = interpreting() and query.dtype == torch.bfloat16
     meta = dict(GROUP=hq // hkv, BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d,
-                BLOCK_W=block_w, BLOCK_N=block_n, CAUSAL=causal,
-                DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+                BLOCK_W=block_w, BLOCK_N=block_n, CAUSAL=causal, UPCAST=upcast,
+                DOT_PRECISION="ieee" if query.dtype == torch.float32 or upcast else "tf32")
     args = (seq_len, w, float(sm_scale), *query.stride(), *k.stride())
     launchable(tk.window_stats_kernel)[(hq, triton.cdiv(w, block_w))](
         query, k, block_table, m, lsum, *args, **meta)
@@ -542,7 +549,8 @@ def _window_scores_op(
 
 @_window_scores_op.register_fake
 def _(query, key_cache, block_table, seq_len, sm_scale, layout, reduce, gqa_mean, causal):
-    _, _, hkv, _, _ = _check_scores(query, key_cache, block_table, seq_len, layout, reduce)
+    _, _, hkv, _, _ = _check_scores(query, key_cache, block_table, seq_len, layout, reduce,
+                                    values=False)
     rows = hkv if gqa_mean else query.shape[1]
     return query.new_empty(rows, seq_len, dtype=torch.float32)
 

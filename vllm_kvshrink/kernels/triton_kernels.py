@@ -152,12 +152,16 @@ def quantize_kernel(
     N_GROUPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    PARAM_BF16: tl.constexpr,
 ):
     """One group (axis 1) of ``BLOCK_R`` rows (axis 0) of ``x [A, R, C]``.
 
     The group is read as a ``[BLOCK_R, bytes, codes per byte]`` tile so that
     packing is a shift and a sum along the last axis.  Rounding as in
-    ``reference.quantize_ref`` (IEEE division, ties to even, clamp).
+    ``reference.quantize_ref`` (IEEE division, ties to even, clamp).  bf16
+    parameters are rounded to nearest-even with integer ops, which gives the
+    same bits on every backend (Triton's CPU interpreter truncates fp32 to
+    bf16 in ``.to``).
     """
     PER: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -176,9 +180,20 @@ def quantize_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mn = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=2), axis=1)
     mx = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=2), axis=1)
+    mn = tl.where(mask_r, mn, 0.0)  # rows past the end: finite, never stored
+    mx = tl.where(mask_r, mx, 0.0)
     p_ty = scale_ptr.dtype.element_ty
-    zero = mn.to(p_ty)
-    scale = tl.math.div_rn(mx - mn, QMAX * 1.0).to(p_ty)
+    scale = tl.math.div_rn(mx - mn, QMAX * 1.0)
+    zero = mn
+    if PARAM_BF16:
+        zb = zero.to(tl.uint32, bitcast=True)
+        zb = (zb + 0x7FFF + ((zb >> 16) & 1)) & 0xFFFF0000
+        zero = zb.to(tl.float32, bitcast=True)
+        sb = scale.to(tl.uint32, bitcast=True)
+        sb = (sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000
+        scale = sb.to(tl.float32, bitcast=True)
+    zero = zero.to(p_ty)
+    scale = scale.to(p_ty)
     scale = tl.where(scale > 0, scale, 1.0).to(p_ty)
     v = tl.math.div_rn(x - zero.to(tl.float32)[:, None, None], scale.to(tl.float32)[:, None, None])
     q = (v + _ROUND_MAGIC) - _ROUND_MAGIC
@@ -245,6 +260,7 @@ def window_stats_kernel(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Pass 1: running max ``m`` and sum of ``exp(s - m)`` of each window row
     (query head ``program_id(0)``), over the keys of the paged cache."""
@@ -256,6 +272,8 @@ def window_stats_kernel(
     mask_d = d < HEAD_DIM
     q = tl.load(q_ptr + w[:, None] * sq_w + hq * sq_h + d[None, :] * sq_d,
                 mask=mask_w[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     qpos = seq_len - n_window + w
     m_i = tl.full([BLOCK_W], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_W], tl.float32)
@@ -266,6 +284,8 @@ def window_stats_kernel(
         off = (n % BLOCK_SIZE).to(tl.int64)
         k = tl.load(k_ptr + blk[:, None] * sk_b + hk * sk_h + off[:, None] * sk_t
                     + d[None, :] * sk_d, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
         valid = mask_n[None, :]
         if CAUSAL:
@@ -294,6 +314,7 @@ def window_scores_kernel(
     CAUSAL: tl.constexpr,
     REDUCE_MAX: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Pass 2: for ``BLOCK_N`` keys, the normalised probabilities of every
     window row reduced over the window (sum or max), then averaged over the
@@ -309,6 +330,8 @@ def window_scores_kernel(
     off = (n % BLOCK_SIZE).to(tl.int64)
     k = tl.load(k_ptr + blk[:, None] * sk_b + hk * sk_h + off[:, None] * sk_t
                 + d[None, :] * sk_d, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
     total = tl.zeros([BLOCK_N], tl.float32)
     for hh in range(HEADS_PER_OUT):
         hq = hq0 + hh
@@ -318,7 +341,9 @@ def window_scores_kernel(
             mask_w = w < n_window
             q = tl.load(q_ptr + w[:, None] * sq_w + hq * sq_h + d[None, :] * sq_d,
                         mask=mask_w[:, None] & mask_d[None, :], other=0.0)
-            m = tl.load(m_ptr + hq * n_window + w, mask=mask_w, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            m = tl.load(m_ptr + hq * n_window + w, mask=mask_w, other=float("inf"))
             lsum = tl.load(l_ptr + hq * n_window + w, mask=mask_w, other=1.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
             valid = mask_w[:, None] & mask_n[None, :]

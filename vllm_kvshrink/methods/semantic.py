@@ -148,7 +148,8 @@ def group_and_merge(keys, values, weights, keep, z, threshold, counts):
     """
     l, h, n, d = keys.shape
     k = keep.shape[2]
-    evicted = torch.ones(l, h, n, dtype=torch.bool)
+    dev = keys.device
+    evicted = torch.ones(l, h, n, dtype=torch.bool, device=dev)
     evicted.scatter_(2, keep, False)
     zk = z.gather(2, keep[..., None].expand(l, h, k, z.shape[-1]))
     sim = z @ zk.transpose(-1, -2)  # [L, H, N, K]
@@ -156,16 +157,16 @@ def group_and_merge(keys, values, weights, keep, z, threshold, counts):
     joins = evicted & (best_sim >= threshold)
     # Group of each token: its own slot if kept, its nearest kept slot if it
     # joins, the trash slot K otherwise.
-    group = torch.full((l, h, n), k, dtype=torch.int64)
-    group.scatter_(2, keep, torch.arange(k).expand(l, h, k))
+    group = torch.full((l, h, n), k, dtype=torch.int64, device=dev)
+    group.scatter_(2, keep, torch.arange(k, device=dev).expand(l, h, k))
     group = torch.where(joins, best, group)
     w = weights.to(torch.float32) * counts
-    wk = torch.zeros(l, h, k + 1, d).scatter_add_(
+    wk = torch.zeros(l, h, k + 1, d, device=dev).scatter_add_(
         2, group[..., None].expand(l, h, n, d), keys.to(torch.float32) * w[..., None])
-    wv = torch.zeros(l, h, k + 1, d).scatter_add_(
+    wv = torch.zeros(l, h, k + 1, d, device=dev).scatter_add_(
         2, group[..., None].expand(l, h, n, d), values.to(torch.float32) * w[..., None])
-    ws = torch.zeros(l, h, k + 1).scatter_add_(2, group, w)
-    cs = torch.zeros(l, h, k + 1).scatter_add_(2, group, counts.to(torch.float32))
+    ws = torch.zeros(l, h, k + 1, device=dev).scatter_add_(2, group, w)
+    cs = torch.zeros(l, h, k + 1, device=dev).scatter_add_(2, group, counts.to(torch.float32))
     denom = ws[..., :k, None]
     return wk[..., :k, :] / denom, wv[..., :k, :] / denom, cs[..., :k], int(joins.sum())
 

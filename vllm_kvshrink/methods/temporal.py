@@ -40,44 +40,97 @@ from vllm_kvshrink.methods.h2o import new_query_mask
 #: Weights warmed up offline on the essays with SmolLM2-135M (see hf/warmup.py).
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "temporal.pt"
 HISTORY = 16
-NUM_STATIC = 3
+NUM_STATIC = 4
 
 
 class TemporalNet(nn.Module):
-    """``(hist [B, T], static [B, 3]) -> [B]`` predicted ``log1p(N * a)``."""
+    """``(hist [B, T], static [B, 3]) -> [B]`` predicted ``log1p(N * a)``.
+
+    One transformer block whose query is the token's summary embedding and
+    whose keys and values are the summary plus the ``T`` history steps, each
+    embedded as ``a_t * w + b + time_t`` (learned temporal position
+    embeddings), followed by a feed-forward layer and a linear read-out.  Only
+    the summary position is computed (the history steps do not attend to each
+    other), so the history embedding, being affine in ``a_t``, folds into the
+    key and value projections and the block costs ``O(T * d)`` per token
+    instead of ``O(T * d^2)`` -- it has to run over every cached token of every
+    layer and head at each event.
+    """
 
     def __init__(self, history: int = HISTORY, d_model: int = 16, heads: int = 2,
-                 ff: int = 32, layers: int = 1) -> None:
+                 ff: int = 32) -> None:
         super().__init__()
-        self.history = history
-        self.inp = nn.Linear(1, d_model)
-        self.time = nn.Parameter(torch.randn(history, d_model) * 0.02)
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} not a multiple of heads={heads}")
+        self.history, self.d, self.heads = history, d_model, heads
+        self.w_in = nn.Parameter(torch.randn(d_model) * 0.5)
+        self.b_in = nn.Parameter(torch.zeros(d_model))
+        self.time = nn.Parameter(torch.randn(history, d_model) * 0.1)
         self.summary = nn.Linear(NUM_STATIC, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0,
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self.ff = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, ff), nn.GELU(),
+                                nn.Linear(ff, d_model))
         self.norm = nn.LayerNorm(d_model)
         self.out = nn.Linear(d_model, 1)
 
     def forward(self, hist: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
-        x = self.inp(hist[..., None]) + self.time  # [B, T, d]
-        x = torch.cat([self.summary(static)[:, None], x], dim=1)  # summary first
-        x = self.encoder(x)
-        return self.out(self.norm(x[:, 0]))[:, 0]
+        b, t = hist.shape
+        h, dh = self.heads, self.d // self.heads
+        s = self.summary(static)  # [B, d]
+        q = self.q(s).view(b, h, dh) * dh**-0.5
+        # Key / value of history step t: (a_t * w + b + time_t) @ W + bias
+        #   = a_t * (W w) + (W (b + time_t) + bias).
+        uk = (self.k.weight @ self.w_in).view(h, dh)
+        ck = self.k(self.b_in + self.time).view(t, h, dh)
+        uv = (self.v.weight @ self.w_in).view(h, dh)
+        cv = self.v(self.b_in + self.time).view(t, h, dh)
+        scores = hist[:, None, :] * torch.einsum("bhd,hd->bh", q, uk)[..., None] \
+            + torch.einsum("bhd,thd->bht", q, ck)  # [B, h, T]
+        self_score = (q * self.k(s).view(b, h, dh)).sum(-1, keepdim=True)
+        p = torch.softmax(torch.cat([self_score, scores], dim=-1), dim=-1)
+        ph = p[..., 1:]
+        mixed = (p[..., :1] * self.v(s).view(b, h, dh)
+                 + (ph * hist[:, None, :]).sum(-1, keepdim=True) * uv
+                 + torch.einsum("bht,thd->bhd", ph, cv))
+        x = s + self.o(mixed.reshape(b, self.d))
+        x = x + self.ff(x)
+        return self.out(self.norm(x))[:, 0]
+
+    def reference_forward(self, hist: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """The same block computed the plain way (embed every step, project,
+        attend), for tests."""
+        b, t = hist.shape
+        h, dh = self.heads, self.d // self.heads
+        s = self.summary(static)
+        steps = hist[..., None] * self.w_in + self.b_in + self.time  # [B, T, d]
+        tokens = torch.cat([s[:, None], steps], dim=1)  # [B, T+1, d]
+        q = self.q(s).view(b, h, 1, dh)
+        k = self.k(tokens).view(b, t + 1, h, dh).transpose(1, 2)
+        v = self.v(tokens).view(b, t + 1, h, dh).transpose(1, 2)
+        att = torch.softmax((q @ k.transpose(-1, -2)) * dh**-0.5, dim=-1) @ v
+        x = s + self.o(att.reshape(b, self.d))
+        x = x + self.ff(x)
+        return self.out(self.norm(x))[:, 0]
 
 
 def features(attn: torch.Tensor, ema_prev: torch.Tensor, n_prev: int,
-             history: int = HISTORY) -> tuple[torch.Tensor, torch.Tensor]:
+             history: int = HISTORY, ema_now: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs of the predictor for every cached token.
 
     Args:
         attn: ``[L, H, W, N]`` window attention (GQA-group mean), oldest first.
         ema_prev: ``[L, H, N]`` long-run moving average (0 for new tokens).
         n_prev: tokens that were in the cache at the previous event.
+        ema_now: the moving average with this window folded in (what the
+            ``ema`` twin scores), so the network learns a correction to it.
 
     Returns:
         ``hist [L, H, N, T]`` = ``log1p(N * a)`` of the last ``T`` queries
-        (zero-padded in front when fewer), ``static [L, H, N, 3]``.
+        (zero-padded in front when fewer), ``static [L, H, N, 4]``.
     """
     l, h, w, n = attn.shape
     a = attn[:, :, -history:] if w >= history else torch.cat(
@@ -86,7 +139,9 @@ def features(attn: torch.Tensor, ema_prev: torch.Tensor, n_prev: int,
     j = torch.arange(n, dtype=torch.float32)
     age = ((n - 1 - j) / max(n - 1, 1)).expand(l, h, n)
     seen = (j < n_prev).to(torch.float32).expand(l, h, n)
-    static = torch.stack([torch.log1p(ema_prev * n), age, seen], dim=-1)
+    now = ema_prev if ema_now is None else ema_now
+    static = torch.stack([torch.log1p(ema_prev * n), age, seen, torch.log1p(now * n)],
+                         dim=-1)
     return hist.contiguous(), static
 
 
@@ -258,9 +313,11 @@ class TemporalImportance(ScoringMethod):
                 if self.save_path and p.stats["updates"] % self.save_every == 0:
                     p.save(self.save_path)
         ema_prev = extend_state(state.get("ema"), n, lh=(l, h))
-        hist, static = features(attn, ema_prev, n_prev)
-        pred = p.predict(hist.view(-1, hist.shape[-1]), static.view(-1, 3)).view(l, h, n)
-        state["_ema"] = ema_update(ema_prev, attn[:, :, new], self.decay)
+        ema_now = ema_update(ema_prev, attn[:, :, new], self.decay)
+        hist, static = features(attn, ema_prev, n_prev, ema_now=ema_now)
+        pred = p.predict(hist.view(-1, hist.shape[-1]),
+                         static.view(-1, static.shape[-1])).view(l, h, n)
+        state["_ema"] = ema_now
         state["_hist"], state["_static"], state["_pred"] = hist, static, pred
         return pred
 
@@ -274,7 +331,8 @@ class TemporalImportance(ScoringMethod):
             rows = torch.randperm(l * h * k, generator=self.predictor.gen)[: self.train_rows]
             t = hist.shape[-1]
             kh = hist.gather(2, keep[..., None].expand(l, h, k, t)).reshape(-1, t)
-            ks = static.gather(2, keep[..., None].expand(l, h, k, 3)).reshape(-1, 3)
+            f = static.shape[-1]
+            ks = static.gather(2, keep[..., None].expand(l, h, k, f)).reshape(-1, f)
             state["train_rows"] = rows
             state["train_hist"] = kh[rows]
             state["train_static"] = ks[rows]

@@ -1,0 +1,36 @@
+"""The GPU benchmark script runs end to end in its CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernels" / "run_all.py"), "--smoke",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    ops = {r["op"] for r in result["rows"]}
+    assert ops == {"compaction", "quantize", "dequantize", "merge", "scoring"}
+    assert all(r["ok"] for r in result["rows"])
+    assert "| compaction | triton in-place |" in (tmp_path / "table.md").read_text()
+
+
+def test_kernels_import_without_vllm():
+    """The GPU machine has no vLLM: the kernels package must not need it."""
+    code = ("import sys; import vllm_kvshrink.kernels, vllm_kvshrink.kernels.cuda_ext; "
+            "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,119 @@
+"""The CUDA versions of compaction and quantization (``csrc/``), built with
+torch's extension machinery on first use where torch has CUDA.
+
+Without CUDA (or without the ``csrc/`` sources, e.g. a non-editable install)
+:func:`load` returns ``None`` and the Triton / PyTorch ops are used; nothing
+here is needed for the package to work.  The wrappers take the same
+arguments as their :mod:`.ops` twins and check them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from vllm_kvshrink.kernels import ops
+from vllm_kvshrink.kernels.layouts import kv_views
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("kvshrink_ops.cpp", "kvshrink_kernels.cu")
+_STATE: dict[str, object] = {}
+
+
+def available() -> bool:
+    """Whether the extension can be built here (CUDA torch, a GPU, the sources)."""
+    return (
+        torch.version.cuda is not None
+        and torch.cuda.is_available()
+        and all((CSRC / s).is_file() for s in SOURCES)
+    )
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (cached by torch under ``TORCH_EXTENSIONS_DIR``) and load the
+    extension once; ``False`` when it is not available here.  A build error
+    propagates: a CUDA machine that cannot compile the sources should say so."""
+    if "loaded" in _STATE:
+        return bool(_STATE["loaded"])
+    if not available():
+        _STATE["loaded"] = False
+        return False
+    from torch.utils.cpp_extension import load as load_ext
+
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not arch:  # only the local device: a fast build
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    load_ext(
+        name="kvshrink_cuda",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3"],
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _STATE["loaded"] = True
+    return True
+
+
+def _require() -> None:
+    if not load():
+        raise RuntimeError(
+            "the kvshrink CUDA extension is not available here (needs CUDA torch, a GPU "
+            f"and the sources in {CSRC}); use vllm_kvshrink.kernels ops instead"
+        )
+
+
+def compact_kv(
+    cache: torch.Tensor,
+    src_table: torch.Tensor,
+    src_index: torch.Tensor,
+    dst_table: torch.Tensor,
+    layout: str,
+    staged: bool = False,
+) -> None:
+    """CUDA twin of :func:`vllm_kvshrink.kernels.compact_kv` (stacked cache)."""
+    ops._check_compact(cache, src_table, src_index, dst_table, layout)
+    _require()
+    raw = cache.view(ops._RAW[cache.element_size()])
+    k, v = kv_views(raw, layout)
+    idx_dtype = src_index.dtype
+    torch.ops.kvshrink_cuda.compact_kv(
+        k, v, src_table.to(idx_dtype).contiguous(), src_index,
+        dst_table.to(idx_dtype).contiguous(), staged)
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    axis: str = "token",
+    param_dtype: torch.dtype | None = None,
+) -> ops.Quantized:
+    """CUDA twin of :func:`vllm_kvshrink.kernels.quantize` (bit-exact with it)."""
+    ops.check_choice("axis", axis, ops.AXES)
+    x3 = ops._as_3d(x, "x")
+    if axis == "channel":
+        x3 = x3.transpose(1, 2)
+    pdt = x.dtype if param_dtype is None else param_dtype
+    ops._check_quantize(x3, bits, group_size, pdt)
+    _require()
+    return ops.Quantized(*torch.ops.kvshrink_cuda.quantize(x3, bits, group_size, pdt))
+
+
+def dequantize(
+    q: ops.Quantized,
+    bits: int,
+    group_size: int,
+    axis: str = "token",
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """CUDA twin of :func:`vllm_kvshrink.kernels.dequantize`."""
+    ops.check_choice("axis", axis, ops.AXES)
+    ops._check_dequantize(q.packed, q.scale, q.zero, bits, group_size, dtype)
+    _require()
+    return torch.ops.kvshrink_cuda.dequantize(
+        q.packed, q.scale, q.zero, bits, group_size, dtype, axis == "channel")
