@@ -36,7 +36,10 @@ def compare(model_path: str, dtype: str, methods: list[str], prompts: list[list[
         spec = {
             "llm": dict(model=model_path, dtype=dtype, max_model_len=2048,
                         kv_cache_memory_bytes=256 << 20, block_size=block_size,
-                        max_num_seqs=16, enforce_eager=True, seed=0),
+                        max_num_seqs=16, enforce_eager=True, seed=0,
+                        # Every prompt prefilled whole in the first step, as
+                        # the research path does (no compaction between chunks).
+                        max_num_batched_tokens=max(2048, sum(map(len, prompts)))),
             # One distinct prompt per method: a prefix-cache hit would leave
             # the engine's observation window without the cached tokens'
             # queries (they are never computed for that request).

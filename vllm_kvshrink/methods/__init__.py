@@ -197,6 +197,8 @@ def describe_methods() -> str:
         params = f"  [args: {', '.join(spec.params)}]" if spec.params else ""
         lines.append(f"{name:<10} {spec.doc}{params}")
     lines.append(f"{'semantic':<10} {_SEMANTIC_DOC}  [args: {', '.join(_SEMANTIC_PARAMS)}]")
+    combos = [n for n in available_methods() if n.endswith("+semantic")]
+    lines.append(f"{'':<10} compositions: {', '.join(combos)}")
     lines.append("\nMethod arguments (VLLM_KVSHRINK_METHOD_ARGS, JSON):")
     for key, p in PARAMS.items():
         lines.append(f"  {key:<22} default {p.default!r}: {p.doc}")
