@@ -79,7 +79,6 @@ def real_observation(model_path, n_tokens, window):
 
 def decode_step_seconds(model_path, n_tokens):
     from vllm_kvshrink.bench.launch import run_engine
-    from vllm_kvshrink.bench.workload import greedy_spec  # noqa: F401 (same defaults)
 
     spec = {"llm": dict(model=model_path, dtype="bfloat16", max_model_len=n_tokens + 256,
                         kv_cache_memory_bytes=256 << 20, block_size=32, max_num_seqs=4,

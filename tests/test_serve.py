@@ -84,12 +84,24 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
             "model": model_path, "prompt": prompt, "max_tokens": 8, "temperature": 0,
             "vllm_xargs": {"kvshrink_method": "none"}})
         assert out2["usage"]["completion_tokens"] >= 1
+        # Another request picks our learned methods: online training and
+        # merging happen in the server's worker process and are exported.
+        out3 = _post(base + "/v1/completions", {
+            "model": model_path, "prompt": tokenizer.decode(essay_prompts[1]),
+            "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+            "vllm_xargs": {"kvshrink_method": "temporal+semantic"}})
+        assert out3["usage"]["completion_tokens"] == 48
         deadline = time.time() + 30
         while True:
             metrics = _get(base + "/metrics")
-            if _metric(metrics, "vllm:kvshrink_tokens_evicted_total") > 0 or time.time() > deadline:
+            if (_metric(metrics, "vllm:kvshrink_tokens_merged_total") > 0
+                    and _metric(metrics, "vllm:kvshrink_predictor_updates_total") > 0
+                    ) or time.time() > deadline:
                 break
             time.sleep(1)
+        assert _metric(metrics, "vllm:kvshrink_tokens_merged_total") > 0
+        assert _metric(metrics, "vllm:kvshrink_predictor_updates_total") > 0
+        assert 0 <= _metric(metrics, "vllm:kvshrink_predictor_recall") <= 1
         assert _metric(metrics, "vllm:kvshrink_compactions_total") >= 1
         assert _metric(metrics, "vllm:kvshrink_tokens_evicted_total") > 0
         assert _metric(metrics, "vllm:kvshrink_blocks_freed_total") > 0

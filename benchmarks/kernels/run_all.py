@@ -176,7 +176,7 @@ def bench_compaction(cuda_ext) -> None:
         record("compaction", name, shape, lambda: fn(work), moved,
                "exact" if ok else "MISMATCH", ok, ref_fn if name == "triton in-place" else None,
                target=0.7)
-    del cache, expected, work
+    del cache, expected
 
 
 def bench_quantization(cuda_ext) -> None:
@@ -209,7 +209,7 @@ def bench_quantization(cuda_ext) -> None:
                        lambda: dqfn(q, bits, gs, axis=axis, dtype=DTYPE), nbytes(out, *q),
                        f"max err {err:.1e}", ok,
                        (lambda: ref.dequantize_ref(*q, bits, gs, DTYPE)) if name == "triton" else None)
-    del x
+    del exp, exp_x
 
 
 def bench_merge() -> None:

@@ -189,14 +189,21 @@ class Compactor:
             return keys.view(torch.float8_e4m3fn).to(torch.float32)
         return keys
 
-    def _read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def _read(self, reader, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """``reader`` (keys or values) over every layer: ``[L, H, n, D]``, fp8
+        caches as float32."""
         layout = self._layout()
         if self.stack is not None:
-            keys = read_keys_stacked(self.stack, layout, blocks, offs)
+            out = reader(self.stack, layout, blocks, offs)
         else:
-            keys = torch.cat([read_keys_stacked(c, layout, blocks, offs)
-                              for c in self.stack_list])
-        return self._keys_as_float(keys)
+            out = torch.cat([reader(c, layout, blocks, offs) for c in self.stack_list])
+        return self._keys_as_float(out)
+
+    def _read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return self._read(read_keys_stacked, blocks, offs)
+
+    def _read_values(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return self._read(read_values_stacked, blocks, offs)
 
     def _method(self, comp: plan_mod.Compaction):
         key = (comp.method, comp.pool_kernel, json.dumps(comp.method_args, sort_keys=True))
@@ -206,15 +213,6 @@ class Compactor:
                                       method_args=comp.method_args)
             m = self._methods[key] = build_method(cfg_like)
         return m
-
-    def _read_values(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        layout = self._layout()
-        if self.stack is not None:
-            vals = read_values_stacked(self.stack, layout, blocks, offs)
-        else:
-            vals = torch.cat([read_values_stacked(c, layout, blocks, offs)
-                              for c in self.stack_list])
-        return self._keys_as_float(vals)
 
     def select(self, comp: plan_mod.Compaction, old_blocks: list[int]):
         """Score (and merge): ``(keep [L, H, K] ascending, merged keys, merged
