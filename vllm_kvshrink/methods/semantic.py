@@ -57,7 +57,8 @@ class SharedEmbedding:
 
     def embed(self, keys: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return F.normalize(keys.to(torch.float32) @ self.proj, dim=-1)
+            flat = keys.reshape(-1, keys.shape[-1]).to(torch.float32) @ self.proj
+            return F.normalize(flat, dim=-1).view(*keys.shape[:-1], -1)
 
     def save(self, path, **meta) -> None:
         path = Path(path)
@@ -148,27 +149,36 @@ def group_and_merge(keys, values, weights, keep, z, threshold, counts):
     """
     l, h, n, d = keys.shape
     k = keep.shape[2]
+    e = z.shape[-1]
     dev = keys.device
     evicted = torch.ones(l, h, n, dtype=torch.bool, device=dev)
     evicted.scatter_(2, keep, False)
-    zk = z.gather(2, keep[..., None].expand(l, h, k, z.shape[-1]))
-    sim = z @ zk.transpose(-1, -2)  # [L, H, N, K]
-    best_sim, best = sim.max(dim=-1)
-    joins = evicted & (best_sim >= threshold)
+    # Every (layer, head) evicts the same number of tokens: a dense
+    # [L, H, N-K] index of them, ascending (nonzero is row-major).
+    ev_idx = evicted.nonzero()[:, 2].view(l, h, n - k)
+    z_ev = z.gather(2, ev_idx[..., None].expand(l, h, n - k, e))
+    zk = z.gather(2, keep[..., None].expand(l, h, k, e))
+    best_sim, best = (z_ev @ zk.transpose(-1, -2)).max(dim=-1)  # [L, H, N-K]
+    joins = best_sim >= threshold
     # Group of each token: its own slot if kept, its nearest kept slot if it
     # joins, the trash slot K otherwise.
-    group = torch.full((l, h, n), k, dtype=torch.int64, device=dev)
+    group = torch.empty(l, h, n, dtype=torch.int64, device=dev)
     group.scatter_(2, keep, torch.arange(k, device=dev).expand(l, h, k))
-    group = torch.where(joins, best, group)
-    w = weights.to(torch.float32) * counts
-    wk = torch.zeros(l, h, k + 1, d, device=dev).scatter_add_(
-        2, group[..., None].expand(l, h, n, d), keys.to(torch.float32) * w[..., None])
-    wv = torch.zeros(l, h, k + 1, d, device=dev).scatter_add_(
-        2, group[..., None].expand(l, h, n, d), values.to(torch.float32) * w[..., None])
-    ws = torch.zeros(l, h, k + 1, device=dev).scatter_add_(2, group, w)
-    cs = torch.zeros(l, h, k + 1, device=dev).scatter_add_(2, group, counts.to(torch.float32))
-    denom = ws[..., :k, None]
-    return wk[..., :k, :] / denom, wv[..., :k, :] / denom, cs[..., :k], int(joins.sum())
+    group.scatter_(2, ev_idx, torch.where(joins, best, k))
+    flat = (group + torch.arange(l * h, device=dev).view(l, h, 1) * (k + 1)).view(-1)
+    w = (weights.to(torch.float32) * counts).view(-1)
+    rows = l * h * (k + 1)
+
+    def pooled(x):
+        out = torch.zeros(rows, d, device=dev)
+        out.index_add_(0, flat, x.reshape(-1, d).to(torch.float32) * w[:, None])
+        return out.view(l, h, k + 1, d)[:, :, :k]
+
+    ws = torch.zeros(rows, device=dev).index_add_(0, flat, w).view(l, h, k + 1)[..., :k]
+    cs = torch.zeros(rows, device=dev).index_add_(
+        0, flat, counts.reshape(-1).to(torch.float32)).view(l, h, k + 1)[..., :k]
+    denom = ws[..., None]
+    return pooled(keys) / denom, pooled(values) / denom, cs, int(joins.sum())
 
 
 class SemanticMerge(ScoringMethod):
