@@ -125,13 +125,16 @@ _SHARED: dict[tuple, SharedEmbedding] = {}
 
 
 def shared_embedding(head_dim: int, path: str = "", lr: float = 1e-3) -> SharedEmbedding:
-    if not path and DEFAULT_WEIGHTS.exists():
-        blob = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
-        if blob["proj"].shape[0] == head_dim:
-            path = str(DEFAULT_WEIGHTS)
+    """The process-wide embedding for ``path`` ('' = the shipped weights when
+    they fit ``head_dim``, else a seeded random orthogonal projection)."""
     key = (head_dim, path, lr)
     if key not in _SHARED:
-        _SHARED[key] = SharedEmbedding(head_dim, path=path or None, lr=lr)
+        load = path
+        if not path and DEFAULT_WEIGHTS.exists():
+            blob = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+            if blob["proj"].shape[0] == head_dim:
+                load = str(DEFAULT_WEIGHTS)
+        _SHARED[key] = SharedEmbedding(head_dim, path=load or None, lr=lr)
     return _SHARED[key]
 
 
