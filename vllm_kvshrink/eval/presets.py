@@ -1,0 +1,119 @@
+"""Named evaluation presets: which methods, budgets and tasks one run covers.
+
+Task kinds:
+
+``ppl``
+    A window of an Austen novel: ``context`` tokens of prompt, then
+    ``continuation`` tokens teacher-forced ``forced_chunk`` at a time
+    (compression runs between the forward passes).  Scored on the
+    continuation: mean negative log-likelihood, and fidelity to the full
+    cache on the same positions (top-1 agreement, KL(full || compressed),
+    cosine of each layer's attention output).
+``copy``
+    Copy-back on the essays: a ``passage`` of one essay, ``filler`` tokens of
+    other essays, then an instruction to repeat the passage; the passage is
+    teacher-forced and scored by top-1 accuracy on its tokens.  The full-cache
+    run also scores a control prompt in which another passage was shown, the
+    task's chance level; the task is informative only where the full cache
+    is well above it.
+``engine_copy``
+    The same copy-back prompts served by the real vLLM engine with the plugin
+    (greedy generation, one engine run; each request picks its method and
+    budget); scored by the longest common subsequence of generated and passage
+    tokens over the passage length; the full cache also serves the control
+    prompts, the chance level.
+"""
+
+from __future__ import annotations
+
+class EvalError(ValueError):
+    """A bad evaluation setting (the message names it, its value and what is
+    allowed)."""
+
+
+#: Methods every table compares against (where they are part of the run).
+BASELINES = ("none", "streaming", "h2o", "snapkv", "tova", "knorm", "minicache")
+
+QUICK_METHODS = ["none", "streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
+                 "semantic", "minicache"]
+
+PRESETS: dict[str, dict] = {
+    # CI: two compressed methods, one budget, tiny examples.
+    "smoke": {
+        "methods": ["none", "streaming", "snapkv"],
+        "budgets": [0.5],
+        "tasks": [
+            {"name": "austen_96", "kind": "ppl", "context": 96, "continuation": 16,
+             "examples": 2},
+            {"name": "copy_64", "kind": "copy", "passage": 12, "filler": 64,
+             "examples": 2},
+        ],
+        "prefill_chunk": 64, "forced_chunk": 16, "slack_tokens": 16,
+        "recent_tokens": 32, "block_size": 32, "n_boot": 500,
+    },
+    # About 190k tokens through the model (19 configurations per example): about
+    # 6 minutes on two idle CPU cores, under 15 with the cores shared.
+    "quick": {
+        "methods": QUICK_METHODS,
+        "budgets": [0.25, 0.5],
+        "tasks": [
+            {"name": "austen_512", "kind": "ppl", "context": 512, "continuation": 64,
+             "examples": 4},
+            {"name": "austen_1k", "kind": "ppl", "context": 1024, "continuation": 64,
+             "examples": 4},
+            {"name": "copy_1k", "kind": "copy", "passage": 48, "filler": 1024,
+             "examples": 3},
+        ],
+        "prefill_chunk": 256, "forced_chunk": 32, "slack_tokens": 32,
+        "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
+    },
+    "full": {
+        "methods": QUICK_METHODS,
+        "budgets": [0.125, 0.25, 0.5],
+        "tasks": [
+            {"name": "austen_1k", "kind": "ppl", "context": 1024, "continuation": 128,
+             "examples": 8},
+            {"name": "austen_2k", "kind": "ppl", "context": 2048, "continuation": 128,
+             "examples": 8},
+            {"name": "austen_4k", "kind": "ppl", "context": 4096, "continuation": 128,
+             "examples": 8},
+            {"name": "copy_1k", "kind": "copy", "passage": 96, "filler": 1024,
+             "examples": 8},
+            {"name": "engine_copy_1k", "kind": "engine_copy", "passage": 96,
+             "filler": 1024, "examples": 8},
+        ],
+        "prefill_chunk": 512, "forced_chunk": 64, "slack_tokens": 64,
+        "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
+    },
+}
+
+KINDS = {
+    "ppl": ("context", "continuation", "examples"),
+    "copy": ("passage", "filler", "examples"),
+    "engine_copy": ("passage", "filler", "examples"),
+}
+
+#: Per kind: the primary metric and whether higher is better.
+PRIMARY = {"ppl": ("nll", False), "copy": ("copy_acc", True),
+           "engine_copy": ("copy_acc", True)}
+
+#: Every per-example metric and whether higher is better.
+METRICS = {"nll": False, "copy_acc": True, "top1_agree": True, "kl": False,
+           "attn_cos": True, "kv_mean_ratio": False, "kv_peak_ratio": False}
+
+
+def check_task(task: dict) -> dict:
+    """A task spec, checked: clear errors naming the field, value and allowed."""
+    if not isinstance(task, dict) or "kind" not in task or "name" not in task:
+        raise EvalError(f"task {task!r} needs 'name' and 'kind'; allowed kinds: "
+                         f"{', '.join(KINDS)}")
+    kind = task["kind"]
+    if kind not in KINDS:
+        raise EvalError(f"task {task['name']!r}: kind={kind!r} is not known; allowed: "
+                         f"{', '.join(KINDS)}")
+    for field in KINDS[kind]:
+        v = task.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise EvalError(f"task {task['name']!r}: {field}={v!r} is out of range; "
+                             f"allowed: a whole number >= 1")
+    return task

@@ -1,0 +1,252 @@
+"""Summaries, paired comparisons, ``results.json``, ``report.md`` and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vllm_kvshrink.eval import stats
+from vllm_kvshrink.eval.presets import BASELINES, METRICS, PRIMARY
+
+#: Copy-back is informative only where the full cache beats the control
+#: prompt (passage not shown) by at least this much accuracy.
+ABOVE_CHANCE_MARGIN = 0.15
+
+
+def _summary(cell: dict, n_boot: int, seed: int) -> dict:
+    out = {}
+    rows = cell["examples"]
+    for metric in list(METRICS) + ["control_copy_acc"]:
+        vals = [r[metric] for r in rows if metric in r]
+        if vals:
+            out[metric] = stats.bootstrap_ci(vals, n_boot=n_boot, seed=seed)
+    return out
+
+
+def build_results(ev, cells: list[dict], seconds: float) -> dict:
+    import torch
+    import transformers
+
+    n_boot = ev.settings["n_boot"]
+    for c in cells:
+        c["summary"] = _summary(c, n_boot, ev.seed)
+    by = {(c["task"], c["method"], c["budget"]): c for c in cells}
+    chance = {}
+    comparisons = []
+    for task in ev.tasks:
+        name, kind = task["name"], task["kind"]
+        full = by.get((name, "none", None))
+        if kind in ("copy", "engine_copy") and full is not None:
+            f = full["summary"]["copy_acc"]["mean"]
+            ctl = full["summary"].get("control_copy_acc", {}).get("mean")
+            chance[name] = {"full_cache": f, "control": ctl,
+                            "above_chance": None if ctl is None else
+                            bool(f - ctl >= ABOVE_CHANCE_MARGIN),
+                            "margin": ABOVE_CHANCE_MARGIN}
+        metric_names = [PRIMARY[kind][0]] + (["top1_agree", "kl"] if kind != "engine_copy"
+                                             else [])
+        for budget in ev.budgets:
+            present = [m for m in ev.methods if (name, m, budget if m != "none" else None)
+                       in by]
+            for m in present:
+                if m == "none":
+                    continue
+                mc = by[(name, m, budget)]
+                for base in BASELINES:
+                    if base == m or base not in present:
+                        continue
+                    bc = by[(name, base, None if base == "none" else budget)]
+                    for metric in metric_names:
+                        if base == "none" and metric in ("top1_agree", "kl"):
+                            continue  # fixed by definition for the full cache
+                        x = [r[metric] for r in mc["examples"]]
+                        y = [r[metric] for r in bc["examples"]]
+                        if len(x) != len(y):
+                            continue
+                        res = stats.compare(x, y, METRICS[metric], n_boot=n_boot,
+                                            seed=ev.seed)
+                        comparisons.append({"task": name, "budget": budget, "method": m,
+                                            "baseline": base, "metric": metric,
+                                            "higher_is_better": METRICS[metric], **res})
+    return {
+        "meta": {
+            "preset": ev.preset, "model": ev.model_name,
+            "model_path": getattr(ev, "_model_path", None), "dtype": ev.dtype,
+            "seed": ev.seed, "methods": ev.methods, "budgets": ev.budgets,
+            "settings": ev.settings, "learned_methods_frozen": True,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 2),
+        },
+        "tasks": ev.tasks, "chance": chance, "cells": cells, "comparisons": comparisons,
+    }
+
+
+def _fmt(s: dict | None, digits: int = 3) -> str:
+    if not s:
+        return "-"
+    return f"{s['mean']:.{digits}f} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
+
+
+def _p(p: float) -> str:
+    return "-" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def render_markdown(results: dict) -> str:
+    meta = results["meta"]
+    cells = results["cells"]
+    lines = [f"# KV-cache compression evaluation ({meta['preset']} preset)", "",
+             f"Model `{meta['model']}` ({meta['dtype']}), seed {meta['seed']}, "
+             f"budgets {meta['budgets']}, settings {json.dumps(meta['settings'])}; "
+             f"research path (transformers {meta['transformers']}, torch "
+             f"{meta['torch']}, {meta['torch_threads']} threads); {meta['seconds']:.0f} s.",
+             "Learned methods (temporal, semantic) ran with their shipped weights frozen. "
+             "MiniCache merges adjacent deep layers and does not take a token budget: "
+             "its rows repeat across budgets.",
+             "Values are means over examples with 95% bootstrap intervals; memory is the "
+             "measured KV bytes held relative to the full cache at the same step (mean "
+             "over steps, and peak).", ""]
+    for task in results["tasks"]:
+        name, kind = task["name"], task["kind"]
+        metric, hib = PRIMARY[kind]
+        spec = ", ".join(f"{k}={v}" for k, v in task.items() if k not in ("name", "kind"))
+        lines += [f"## {name} ({kind}: {spec})", ""]
+        ch = results["chance"].get(name)
+        if ch:
+            ctl = "n/a" if ch["control"] is None else f"{ch['control']:.3f}"
+            verdict = {True: "well above chance: informative",
+                       False: "NOT well above chance: not informative at this length",
+                       None: "chance level unknown"}[ch["above_chance"]]
+            lines += [f"Full-cache copy accuracy {ch['full_cache']:.3f} vs control "
+                      f"(passage not shown) {ctl} — {verdict} (margin "
+                      f"{ch['margin']}).", ""]
+        cols = [metric] + ([] if kind == "engine_copy" else ["top1_agree", "kl", "attn_cos"])
+        cols += ["kv_mean_ratio", "kv_peak_ratio"]
+        arrow = {True: "↑", False: "↓"}
+        lines.append("| method | budget | " + " | ".join(
+            f"{c} {arrow[METRICS[c]]}" for c in cols) + " | n |")
+        lines.append("|---" * (len(cols) + 3) + "|")
+        for c in cells:
+            if c["task"] != name:
+                continue
+            b = "full" if c["budget"] is None else str(c["budget"])
+            s = c["summary"]
+            n = len(c["examples"])
+            lines.append(f"| {c['method']} | {b} | " + " | ".join(
+                _fmt(s.get(k)) for k in cols) + f" | {n} |")
+        comps = [r for r in results["comparisons"] if r["task"] == name and
+                 r["metric"] == metric]
+        if comps:
+            lines += ["", f"Paired Wilcoxon signed-rank tests on `{metric}` "
+                      f"({'higher' if hib else 'lower'} is better); r = matched-pairs "
+                      "rank-biserial correlation of method − baseline; 'better'/'worse' "
+                      "needs p < 0.05 and a bootstrap interval of the mean difference "
+                      "that excludes 0.", "",
+                      "| budget | method | baseline | mean diff [95% CI] | p | r | verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in comps:
+                lines.append(f"| {r['budget']} | {r['method']} | {r['baseline']} | "
+                             f"{r['mean_diff']:+.4f} [{r['diff_ci'][0]:+.4f}, "
+                             f"{r['diff_ci'][1]:+.4f}] | {_p(r['p_value'])} | "
+                             f"{r['rank_biserial']:+.2f} | {r['verdict']} |")
+        lines.append("")
+    preds = [(c["task"], c["method"], c["budget"], r["predictor"]) for c in cells
+             for r in c["examples"][-1:] if "predictor" in r]
+    if preds:
+        lines += ["## Temporal predictor (last example of each cell)", ""]
+        for t, m, b, p in preds:
+            lines.append(f"- {t} {m} budget={b}: `{json.dumps(p)[:300]}`")
+        lines.append("")
+    merged = [(c["task"], c["method"], c["budget"],
+               float(np.mean([r.get("merged_tokens", 0) for r in c["examples"]])))
+              for c in cells if "semantic" in c["method"]]
+    if merged:
+        lines += ["## Semantic merger: tokens merged per example (mean)", ""]
+        lines += [f"- {t} {m} budget={b}: {v:.1f}" for t, m, b, v in merged]
+        lines.append("")
+    lines += ["Plots: " + ", ".join(f"`{p}`" for p in results.get("plots", [])), ""]
+    return "\n".join(lines)
+
+
+def make_plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    cells = results["cells"]
+    for task in results["tasks"]:
+        name, kind = task["name"], task["kind"]
+        metric, hib = PRIMARY[kind]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in results["meta"]["methods"]:
+            cs = sorted((c for c in cells if c["task"] == name and c["method"] == m
+                         and c["budget"] is not None), key=lambda c: c["budget"])
+            if m == "none":
+                full = [c for c in cells if c["task"] == name and c["method"] == "none"]
+                if full:
+                    ax.axhline(full[0]["summary"][metric]["mean"], color="black",
+                               linestyle="--", label="full cache")
+                continue
+            if not cs:
+                continue
+            xs = [c["budget"] for c in cs]
+            ys = [c["summary"][metric]["mean"] for c in cs]
+            lo = [c["summary"][metric]["lo"] for c in cs]
+            hi = [c["summary"][metric]["hi"] for c in cs]
+            ax.errorbar(xs, ys, yerr=[np.subtract(ys, lo), np.subtract(hi, ys)],
+                        marker="o", capsize=3, label=m)
+        ch = results["chance"].get(name)
+        if ch and ch.get("control") is not None:
+            ax.axhline(ch["control"], color="grey", linestyle=":", label="chance (control)")
+        ax.set_xlabel("budget")
+        ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fname = f"{name}_{metric}.png"
+        fig.savefig(out / fname, dpi=90)
+        plt.close(fig)
+        files.append(fname)
+    # Memory: measured KV bytes held relative to the full cache.
+    rows = {}
+    for c in cells:
+        if c["budget"] is None or "kv_mean_ratio" not in c["summary"]:
+            continue
+        k = (c["method"], c["budget"])
+        rows.setdefault(k, []).append((c["summary"]["kv_mean_ratio"]["mean"],
+                                       c["summary"]["kv_peak_ratio"]["mean"]))
+    if rows:
+        keys = sorted(rows, key=lambda k: (k[1], results["meta"]["methods"].index(k[0])))
+        mean = [np.mean([a for a, _ in rows[k]]) for k in keys]
+        peak = [np.mean([b for _, b in rows[k]]) for k in keys]
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(keys)), 4))
+        x = np.arange(len(keys))
+        ax.bar(x - 0.2, mean, 0.4, label="mean over steps")
+        ax.bar(x + 0.2, peak, 0.4, label="peak")
+        ax.set_xticks(x, [f"{m}\n{b}" for m, b in keys], fontsize=7, rotation=45)
+        ax.set_ylabel("KV bytes held / full cache")
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        ax.legend(fontsize=7)
+        ax.set_title("Measured KV memory (all tasks)")
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=90)
+        plt.close(fig)
+        files.append("memory.png")
+    return files
+
+
+def write_outputs(ev, results: dict) -> None:
+    out = ev.out
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = make_plots(results, out) if ev.plots else []
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "results.json")
+    (out / "report.md").write_text(render_markdown(results))
