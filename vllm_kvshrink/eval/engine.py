@@ -38,7 +38,8 @@ def run_engine_task(ev, task: dict, cells_dir: Path, label: str):
     from vllm_kvshrink.methods import is_servable
 
     exs = ev.examples(task)
-    wanted = [("none", None)] + [(m, b) for b in ev.budgets for m in ev.methods[1:]
+    budgets = task.get("budgets", ev.budgets)
+    wanted = [("none", None)] + [(m, b) for b in budgets for m in ev.methods[1:]
                                  if is_servable(m)]
     cells, todo = [], []
     for m, b in wanted:
@@ -76,7 +77,7 @@ def run_engine_task(ev, task: dict, cells_dir: Path, label: str):
         "sampling": {"max_tokens": task["passage"] + 8, "temperature": 0.0,
                      "ignore_eos": True},
     }
-    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": str(ev.budgets[0]),
+    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": str(budgets[0]),
            "VLLM_KVSHRINK_SLACK_TOKENS": str(s["slack_tokens"]),
            "VLLM_KVSHRINK_RECENT_TOKENS": str(s["recent_tokens"]),
            "VLLM_KVSHRINK_STRICT": "1"}

@@ -16,13 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,7 +208,9 @@ class ResearchEvaluator:
         out = []
         for task in self.tasks:
             out.append((task, "none", None))
-            for budget in self.budgets:
+            # A task may name its own budgets (e.g. only the headline budget
+            # at the longest context, where every run is expensive).
+            for budget in task.get("budgets", self.budgets):
                 for m in self.methods[1:]:
                     out.append((task, m, budget))
         return out
