@@ -127,3 +127,19 @@ def test_engine_copy_served_by_vllm_with_per_request_methods(tmp_path, model_pat
     ev2 = ResearchEvaluator(tmp_path, **kw)
     ev2.run()
     assert (ev2.last_run["computed"], ev2.last_run["reused"]) == (0, 2)
+
+
+def test_fp8_storage_baseline(tmp_path, model_path):
+    """Stock vLLM's kv_cache_dtype=fp8, emulated in the research path: half
+    the bytes of a 16-bit cache, close to but not exactly the full cache."""
+    task = {"name": "austen_64", "kind": "ppl", "context": 64, "continuation": 16,
+            "examples": 2}
+    ev = ResearchEvaluator(tmp_path, preset="smoke", methods=["fp8"], tasks=[task],
+                           progress=False, plots=False)
+    res = ev.run()
+    assert [(c["method"], c["budget"]) for c in res["cells"]] == [("none", None),
+                                                                  ("fp8", None)]
+    for row in res["cells"][1]["examples"]:
+        assert row["kv_peak_ratio"] == 0.5
+        assert 0.0 < row["kl"] < 0.1
+    assert {(c["method"], c["baseline"]) for c in res["comparisons"]} == {("fp8", "none")}

@@ -34,13 +34,15 @@ def lcs_recall(generated: list[int], reference: list[int]) -> float:
 
 
 def run_engine_task(ev, task: dict, cells_dir: Path, label: str):
-    from vllm_kvshrink.bench.launch import run_engine
+    from vllm_kvshrink.eval.presets import STORAGE_BASELINES
     from vllm_kvshrink.methods import is_servable
 
     exs = ev.examples(task)
     budgets = task.get("budgets", ev.budgets)
-    wanted = [("none", None)] + [(m, b) for b in budgets for m in ev.methods[1:]
-                                 if is_servable(m)]
+    wanted = [("none", None)]
+    wanted += [(m, None) for m in ev.methods[1:] if m in STORAGE_BASELINES]
+    wanted += [(m, b) for b in budgets for m in ev.methods[1:]
+               if m not in STORAGE_BASELINES and is_servable(m)]
     cells, todo = [], []
     for m, b in wanted:
         key = ev.cell_key(task, m, b) + "__engine"
@@ -53,13 +55,28 @@ def run_engine_task(ev, task: dict, cells_dir: Path, label: str):
     if not todo:
         ev._log(f"{label}: {reused} engine cells finished earlier, reused")
         return cells, 0, reused
+    # One engine run per KV storage dtype: stock (plus every method, each
+    # request picking its own), and each storage baseline as stock vLLM with
+    # that kv_cache_dtype.
+    groups: dict[str, list] = {}
+    for item in todo:
+        groups.setdefault(item[0] if item[0] in STORAGE_BASELINES else "auto",
+                          []).append(item)
+    for kv_dtype, group in groups.items():
+        cells += _serve(ev, task, exs, group, kv_dtype, budgets, label)
+    return cells, len(todo), reused
+
+
+def _serve(ev, task, exs, todo, kv_dtype: str, budgets, label: str) -> list[dict]:
+    from vllm_kvshrink.bench.launch import run_engine
+
     s = ev.settings
     prompts, extra, index = [], {}, []
     for m, b, key, _ in todo:
         for ex in exs:
             i = len(prompts)
             prompts.append({"prompt_token_ids": ex.prompt})
-            extra[str(i)] = ({"method": "none"} if m == "none" else
+            extra[str(i)] = ({"method": "none"} if m == "none" or kv_dtype != "auto" else
                              {"method": m, "budget": b, "method_args": _method_args(m)})
             index.append((key, ex.index, False))
             if m == "none":  # chance level: the same prompt with another passage
@@ -71,18 +88,21 @@ def run_engine_task(ev, task: dict, cells_dir: Path, label: str):
         "llm": dict(model=ev._model_path, dtype=ev.dtype, max_model_len=longest,
                     kv_cache_memory_bytes=512 << 20, block_size=s["block_size"],
                     max_num_seqs=8, enforce_eager=True, seed=ev.seed,
-                    enable_prefix_caching=False,
+                    enable_prefix_caching=False, kv_cache_dtype=kv_dtype,
                     max_num_batched_tokens=s["prefill_chunk"]),
         "prompts": prompts, "per_request_extra": extra,
         "sampling": {"max_tokens": task["passage"] + 8, "temperature": 0.0,
                      "ignore_eos": True},
     }
-    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": str(budgets[0]),
-           "VLLM_KVSHRINK_SLACK_TOKENS": str(s["slack_tokens"]),
-           "VLLM_KVSHRINK_RECENT_TOKENS": str(s["recent_tokens"]),
-           "VLLM_KVSHRINK_STRICT": "1"}
-    ev._log(f"{label}: one engine run, {len(prompts)} requests "
-            f"({len(todo)} method/budget cells x {len(exs)} examples)")
+    env = ({"VLLM_KVSHRINK_METHOD": "none"} if kv_dtype != "auto" else
+           {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": str(budgets[0]),
+            "VLLM_KVSHRINK_SLACK_TOKENS": str(s["slack_tokens"]),
+            "VLLM_KVSHRINK_RECENT_TOKENS": str(s["recent_tokens"]),
+            "VLLM_KVSHRINK_STRICT": "1"})
+    if kv_dtype != "auto":
+        spec["per_request_extra"] = {}
+    ev._log(f"{label}: one engine run (kv_cache_dtype={kv_dtype}), {len(prompts)} "
+            f"requests ({len(todo)} method/budget cells x {len(exs)} examples)")
     t0 = time.perf_counter()
     out = run_engine(spec, env)
     seconds = time.perf_counter() - t0
@@ -98,14 +118,18 @@ def run_engine_task(ev, task: dict, cells_dir: Path, label: str):
                           len(exs[ex_i].prompt), "scored_tokens": len(ref),
                           "copy_acc": lcs_recall(gen, ref),
                           "generated_text": ev._tok.decode(gen)[:300]})
-    for row in rows.get(todo[0][2], []) if todo[0][0] == "none" else []:
-        row["control_copy_acc"] = controls[row["index"]]
+    for m, _, key, _ in todo:
+        if m == "none":
+            for row in rows[key]:
+                row["control_copy_acc"] = controls[row["index"]]
+    cells = []
     for m, b, key, path in todo:
         cell = {"task": task["name"], "kind": task["kind"], "method": m, "budget": b,
                 "examples": rows[key], "key": key, "engine": True,
+                "kv_cache_dtype": kv_dtype,
                 "seconds": round(seconds / len(todo), 2)}
         _write_atomic(path, cell)
         cells.append(cell)
     ev._log(f"{label}: engine served {len(prompts)} requests in {seconds:.1f} s "
             f"(startup {out.get('startup_s', 0):.1f} s)")
-    return cells, len(todo), reused
+    return cells

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_kvshrink.eval.presets import PRESETS, EvalError, check_task
+from vllm_kvshrink.eval.presets import (
+    PRESETS,
+    STORAGE_BASELINES,
+    EvalError,
+    check_task,
+    unbudgeted,
+)
 
 #: Learned methods run with their shipped weights frozen, so that a cell's
 #: numbers do not depend on which cells ran before it in the same process
@@ -137,9 +143,9 @@ class ResearchEvaluator:
         methods = list(methods if methods is not None else p["methods"])
         known = available_methods()
         for m in methods:
-            if m not in known:
+            if m not in known and m not in STORAGE_BASELINES:
                 raise EvalError(f"methods: {m!r} is not a known method; allowed: "
-                                f"{', '.join(known)}")
+                                f"{', '.join(known + list(STORAGE_BASELINES))}")
         self.methods = ["none"] + [m for m in dict.fromkeys(methods) if m != "none"]
         budgets = list(budgets if budgets is not None else p["budgets"])
         if not budgets:
@@ -200,7 +206,7 @@ class ResearchEvaluator:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def cell_key(self, task: dict, method: str, budget) -> str:
-        b = "full" if method == "none" else f"b{budget}"
+        b = "full" if unbudgeted(method) else f"b{budget}"
         return f"{task['name']}__{_safe(method)}__{b}__{self._fingerprint(task)}"
 
     def cells(self) -> list[tuple[dict, str, Any]]:
@@ -208,10 +214,13 @@ class ResearchEvaluator:
         out = []
         for task in self.tasks:
             out.append((task, "none", None))
+            out += [(task, m, None) for m in self.methods[1:] if m in STORAGE_BASELINES]
             # A task may name its own budgets (e.g. only the headline budget
             # at the longest context, where every run is expensive).
             for budget in task.get("budgets", self.budgets):
                 for m in self.methods[1:]:
+                    if m in STORAGE_BASELINES:
+                        continue
                     out.append((task, m, budget))
         return out
 
@@ -219,6 +228,8 @@ class ResearchEvaluator:
         from vllm_kvshrink.config import KVShrinkConfig
 
         s = self.settings
+        if method in STORAGE_BASELINES:
+            method = "none"
         return KVShrinkConfig(method=method, budget=budget if budget is not None else 1.0,
                               slack_tokens=s["slack_tokens"],
                               recent_tokens=s["recent_tokens"],
@@ -306,7 +317,9 @@ class ResearchEvaluator:
         wrapped = _TailLogits(model, len(prompt), keep_attn)
         try:
             runner = ResearchRunner(wrapped, self._config(method, budget),
-                                    block_size=s["block_size"], chunk=s["prefill_chunk"])
+                                    block_size=s["block_size"], chunk=s["prefill_chunk"],
+                                    kv_dtype=(getattr(torch, STORAGE_BASELINES[method])
+                                              if method in STORAGE_BASELINES else None))
             res = runner.run(prompt, forced=target, keep_logits=True,
                              forced_chunk=s["forced_chunk"])
         finally:
@@ -317,6 +330,10 @@ class ResearchEvaluator:
         attn = [torch.cat(a)[:c] for a in wrapped.attn] if keep_attn else None
         kv = np.asarray(res.kv_bytes, dtype=float)
         full = np.asarray(res.full_kv_bytes, dtype=float)
+        if method in STORAGE_BASELINES:
+            # A storage dtype's saving is against the 16-bit cache vLLM serves,
+            # whatever dtype this evaluation runs the model in.
+            kv = kv * model.dtype.itemsize / 2
         return {"logp": logp, "attn": attn,
                 "kv_mean_ratio": float(np.mean(kv / full)),
                 "kv_peak_ratio": float(kv.max() / full.max()),

@@ -31,10 +31,22 @@ class EvalError(ValueError):
     allowed)."""
 
 
-#: Methods every table compares against (where they are part of the run).
-BASELINES = ("none", "streaming", "h2o", "snapkv", "tova", "knorm", "minicache")
+#: Baselines that are a storage dtype of the full cache, not a method: one
+#: cell per task (no budget).  ``fp8`` = stock vLLM ``kv_cache_dtype="fp8"``
+#: (e4m3, scale 1): emulated in the research path (K/V rounded to fp8 when
+#: stored), served for real in the engine task.
+STORAGE_BASELINES = {"fp8": "float8_e4m3fn"}
 
-QUICK_METHODS = ["none", "streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
+
+def unbudgeted(method: str) -> bool:
+    """Full-cache rows: the reference and the storage-dtype baselines."""
+    return method == "none" or method in STORAGE_BASELINES
+
+
+#: Methods every table compares against (where they are part of the run).
+BASELINES = ("none", "fp8", "streaming", "h2o", "snapkv", "tova", "knorm", "minicache")
+
+QUICK_METHODS = ["none", "fp8", "streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
                  "semantic", "minicache"]
 
 PRESETS: dict[str, dict] = {

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from vllm_kvshrink.eval import stats
-from vllm_kvshrink.eval.presets import BASELINES, METRICS, PRIMARY
+from vllm_kvshrink.eval.presets import BASELINES, METRICS, PRIMARY, unbudgeted
 
 #: Copy-back is informative only where the full cache beats the control
 #: prompt (passage not shown) by at least this much accuracy.
@@ -50,17 +52,30 @@ def build_results(ev, cells: list[dict], seconds: float) -> dict:
                             "margin": ABOVE_CHANCE_MARGIN}
         metric_names = [PRIMARY[kind][0]] + (["top1_agree", "kl"] if kind != "engine_copy"
                                              else [])
+        # Storage baselines (full cache in fewer bits) against the full cache,
+        # once per task; compressed methods meet them per budget below.
+        for m in ev.methods:
+            if unbudgeted(m) and m != "none" and (name, m, None) in by and full:
+                for metric in metric_names[:1]:
+                    x = [r[metric] for r in by[(name, m, None)]["examples"]]
+                    y = [r[metric] for r in full["examples"]]
+                    if len(x) == len(y):
+                        comparisons.append({
+                            "task": name, "budget": None, "method": m, "baseline": "none",
+                            "metric": metric, "higher_is_better": METRICS[metric],
+                            **stats.compare(x, y, METRICS[metric], n_boot=n_boot,
+                                            seed=ev.seed)})
         for budget in ev.budgets:
-            present = [m for m in ev.methods if (name, m, budget if m != "none" else None)
-                       in by]
+            present = [m for m in ev.methods
+                       if (name, m, None if unbudgeted(m) else budget) in by]
             for m in present:
-                if m == "none":
+                if unbudgeted(m):
                     continue
                 mc = by[(name, m, budget)]
                 for base in BASELINES:
                     if base == m or base not in present:
                         continue
-                    bc = by[(name, base, None if base == "none" else budget)]
+                    bc = by[(name, base, None if unbudgeted(base) else budget)]
                     for metric in metric_names:
                         if base == "none" and metric in ("top1_agree", "kl"):
                             continue  # fixed by definition for the full cache
@@ -82,9 +97,24 @@ def build_results(ev, cells: list[dict], seconds: float) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "written": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 2),
+            "machine": _machine(),
+            "command": "python -m vllm_kvshrink.eval " + " ".join(sys.argv[1:])
+            if sys.argv and sys.argv[0].endswith("__main__.py") else "ResearchEvaluator",
         },
         "tasks": ev.tasks, "chance": chance, "cells": cells, "comparisons": comparisons,
     }
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), no GPU used"
 
 
 def _fmt(s: dict | None, digits: int = 3) -> str:
@@ -101,6 +131,8 @@ def render_markdown(results: dict) -> str:
     meta = results["meta"]
     cells = results["cells"]
     lines = [f"# KV-cache compression evaluation ({meta['preset']} preset)", "",
+             f"Command: `{meta.get('command', '')}`  ",
+             f"Machine: {meta.get('machine', '')}; written {meta['written']}.", "",
              f"Model `{meta['model']}` ({meta['dtype']}), seed {meta['seed']}, "
              f"budgets {meta['budgets']}, settings {json.dumps(meta['settings'])}; "
              f"research path (transformers {meta['transformers']}, torch "
@@ -110,7 +142,10 @@ def render_markdown(results: dict) -> str:
              "its rows repeat across budgets.",
              "Values are means over examples with 95% bootstrap intervals; memory is the "
              "measured KV bytes held relative to the full cache at the same step (mean "
-             "over steps, and peak).", ""]
+             "over steps, and peak). `fp8` is stock vLLM's `kv_cache_dtype=\"fp8\"` "
+             "(the full cache stored in e4m3): emulated in the research path, served for "
+             "real in engine tasks; its memory is relative to the 16-bit cache vLLM "
+             "serves.", ""]
     for task in results["tasks"]:
         name, kind = task["name"], task["kind"]
         metric, hib = PRIMARY[kind]
@@ -150,7 +185,8 @@ def render_markdown(results: dict) -> str:
                       "| budget | method | baseline | mean diff [95% CI] | p | r | verdict |",
                       "|---|---|---|---|---|---|---|"]
             for r in comps:
-                lines.append(f"| {r['budget']} | {r['method']} | {r['baseline']} | "
+                b = "full" if r["budget"] is None else r["budget"]
+                lines.append(f"| {b} | {r['method']} | {r['baseline']} | "
                              f"{r['mean_diff']:+.4f} [{r['diff_ci'][0]:+.4f}, "
                              f"{r['diff_ci'][1]:+.4f}] | {_p(r['p_value'])} | "
                              f"{r['rank_biserial']:+.2f} | {r['verdict']} |")
@@ -188,11 +224,13 @@ def make_plots(results: dict, out: Path) -> list[str]:
         for m in results["meta"]["methods"]:
             cs = sorted((c for c in cells if c["task"] == name and c["method"] == m
                          and c["budget"] is not None), key=lambda c: c["budget"])
-            if m == "none":
-                full = [c for c in cells if c["task"] == name and c["method"] == "none"]
+            if unbudgeted(m):
+                full = [c for c in cells if c["task"] == name and c["method"] == m]
                 if full:
-                    ax.axhline(full[0]["summary"][metric]["mean"], color="black",
-                               linestyle="--", label="full cache")
+                    ax.axhline(full[0]["summary"][metric]["mean"],
+                               color="black" if m == "none" else "tab:brown",
+                               linestyle="--" if m == "none" else "-.",
+                               label="full cache" if m == "none" else f"{m} (full cache)")
                 continue
             if not cs:
                 continue

@@ -57,6 +57,9 @@ class ResearchCache:
     on_attention: Callable[[int, torch.Tensor], None] | None = None
     step_positions: torch.Tensor | None = None
     scales: list[float] = field(default_factory=list)
+    #: store K/V rounded to this dtype (e.g. float8_e4m3fn: vLLM's
+    #: ``kv_cache_dtype="fp8"`` with scale 1), or None
+    store_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_layers
@@ -73,7 +76,8 @@ class ResearchCache:
         if self.keys[0] is None:
             return 0
         hkv, n, d = self.keys[0].shape
-        elem = self.keys[0].element_size()
+        elem = (torch.empty(0, dtype=self.store_dtype).element_size()
+                if self.store_dtype is not None else self.keys[0].element_size())
         total = 0
         for layer in range(self.num_layers):
             vis = torch.ones(hkv, n, dtype=torch.bool)
@@ -99,6 +103,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scaling = d**-0.5 if scaling is None else scaling
     cache.scales[li] = float(scaling)
     k_new, v_new = key[0], value[0]
+    if cache.store_dtype is not None:
+        k_new = k_new.to(cache.store_dtype).to(key.dtype)
+        v_new = v_new.to(cache.store_dtype).to(value.dtype)
     if cache.keys[li] is None:
         cache.keys[li], cache.values[li] = k_new, v_new
     else:
@@ -156,11 +163,14 @@ class ResearchRunner:
         block_size: the engine's block size, which rounds the kept count.
         chunk: prompt tokens per forward pass (``None``: the whole prompt),
             mirroring the engine's ``max_num_batched_tokens``.
+        kv_dtype: store K/V rounded to this dtype (``torch.float8_e4m3fn``
+            emulates vLLM's ``kv_cache_dtype="fp8"``); bytes are counted in it.
     """
 
     def __init__(self, model, config: KVShrinkConfig, block_size: int = 16,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
         _register()
+        self.kv_dtype = kv_dtype
         self.model = model
         self.cfg = config
         self.block_size = block_size
@@ -184,6 +194,7 @@ class ResearchRunner:
         """
         cfg = self.cfg
         cache = ResearchCache(self.num_layers, cfg.obs_window)
+        cache.store_dtype = self.kv_dtype
         cache.on_attention = on_attention
         state: dict = {}
         tokens = list(prompt_ids)
@@ -253,6 +264,7 @@ class ResearchRunner:
     # ------------------------------------------------------------ internals
     def _full_bytes(self, cache: ResearchCache, logical: int) -> int:
         hkv, _, d = cache.keys[0].shape
+        # The full cache in the model's dtype: what stock vLLM holds.
         return self.num_layers * hkv * logical * 2 * d * cache.keys[0].element_size()
 
     def _append(self, cache: ResearchCache, pos: torch.Tensor) -> None:
