@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                     "('none' is always run as the reference)")
     ap.add_argument("--budgets", nargs="+", type=_budget,
                     help="override the preset's budgets")
-    ap.add_argument("--model", default="default",
-                    help="Hugging Face id or folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", nargs="+", default=["default"],
+                    help="Hugging Face ids or folders (default: SmolLM2-135M-Instruct); "
+                    "with several, each gets its own sub-folder of --out")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -37,15 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from vllm_kvshrink.eval.evaluator import EvalError, ResearchEvaluator
 
-    try:
-        ev = ResearchEvaluator(args.out, preset=args.preset, methods=args.methods,
-                               budgets=args.budgets, model=args.model, dtype=args.dtype,
-                               seed=args.seed, threads=args.threads,
-                               progress=not args.quiet, plots=not args.no_plots)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ev.run()
+    from pathlib import Path
+
+    runs = []
+    for model in args.model:
+        out = Path(args.out)
+        if len(args.model) > 1:
+            out = out / Path(model.rstrip("/")).name.replace(":", "_")
+        try:
+            runs.append(ResearchEvaluator(out, preset=args.preset, methods=args.methods,
+                                          budgets=args.budgets, model=model,
+                                          dtype=args.dtype, seed=args.seed,
+                                          threads=args.threads, progress=not args.quiet,
+                                          plots=not args.no_plots))
+        except EvalError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for ev in runs:  # every setting checked before the first (long) run
+        ev.run()
     return 0
 
 
