@@ -54,22 +54,7 @@ def real_observation(model_path, n_tokens, window):
     tok = AutoTokenizer.from_pretrained(model_path)
     ids = tok(" ".join(load_essays()[:3]), add_special_tokens=False)["input_ids"][:n_tokens]
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    runner = ResearchRunner(model, KVShrinkConfig(obs_window=window))
-    caches = []
-    from vllm_kvshrink.hf import research
-
-    orig = research.ResearchRunner._append
-
-    def grab(self, cache, pos):
-        orig(self, cache, pos)
-        caches.append(cache)
-
-    research.ResearchRunner._append = grab
-    try:
-        runner.run(ids)
-    finally:
-        research.ResearchRunner._append = orig
-    c = caches[-1]
+    c = ResearchRunner(model, KVShrinkConfig(obs_window=window)).run(ids).cache
     keys = torch.stack(c.keys).to(torch.bfloat16)
     values = torch.stack(c.values).to(torch.bfloat16)
     q = torch.stack([qq for _, qq in c.qring], dim=2).to(torch.bfloat16)
@@ -122,7 +107,7 @@ def main() -> int:
             # Back to n tokens: re-extend the state with the event's newest rows.
         def event():
             obs = copy.copy(obs0)
-            obs._probs = None
+            obs._probs = obs._attn = None
             st = copy.deepcopy(state)
             if st:
                 st["n"] = min(st.get("n", 0), n - 16)

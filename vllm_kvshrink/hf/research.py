@@ -55,7 +55,6 @@ class ResearchCache:
     _step_q: dict = field(default_factory=dict)
     #: optional observer of every layer's attention probabilities
     on_attention: Callable[[int, torch.Tensor], None] | None = None
-    step_positions: torch.Tensor | None = None
     scales: list[float] = field(default_factory=list)
     #: store K/V rounded to this dtype (e.g. float8_e4m3fn: vLLM's
     #: ``kv_cache_dtype="fp8"`` with scale 1), or None
@@ -151,6 +150,8 @@ class ResearchResult:
     full_kv_bytes: list[int]  # what the full cache would hold
     merged_tokens: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    #: the store as the run left it (keys, values, logical positions, ...)
+    cache: ResearchCache | None = field(default=None, repr=False)
 
 
 class ResearchRunner:
@@ -259,7 +260,7 @@ class ResearchRunner:
             stats["predictor"] = pred.summary()
         return ResearchResult(tokens, events,
                               torch.cat(logits_out) if keep_logits else None,
-                              kv_bytes, full_bytes, merged, stats)
+                              kv_bytes, full_bytes, merged, stats, cache)
 
     # ------------------------------------------------------------ internals
     def _full_bytes(self, cache: ResearchCache, logical: int) -> int:

@@ -40,22 +40,13 @@ def full_attention(model, ids: list[int]):
     """Per layer ``[Hkv, T, T]`` attention (GQA-group mean) and keys
     ``[L, Hkv, T, D]`` of one full-cache forward pass."""
     from vllm_kvshrink.config import KVShrinkConfig
-    from vllm_kvshrink.hf.research import ResearchCache, ResearchRunner, _ACTIVE, _IMPL
+    from vllm_kvshrink.hf.research import ResearchRunner
 
-    runner = ResearchRunner(model, KVShrinkConfig())
-    cache = ResearchCache(runner.num_layers, 16)
+    runner = ResearchRunner(model, KVShrinkConfig())  # method none: the full cache
     attn: dict[int, torch.Tensor] = {}
-    cache.on_attention = lambda li, p: attn.__setitem__(li, p.mean(dim=1))
-    prev = model.config._attn_implementation
-    model.set_attn_implementation(_IMPL)
-    _ACTIVE.append(cache)
-    try:
-        model(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None],
-              use_cache=False)
-    finally:
-        _ACTIVE.pop()
-        model.set_attn_implementation(prev)
-    return torch.stack([attn[i] for i in range(runner.num_layers)]), torch.stack(cache.keys)
+    res = runner.run(ids, on_attention=lambda li, p: attn.__setitem__(li, p.mean(dim=1)))
+    return (torch.stack([attn[i] for i in range(runner.num_layers)]),
+            torch.stack(res.cache.keys))
 
 
 def event_batch(attn: torch.Tensor, t: int, horizon: int, decay: float = 0.9,

@@ -40,6 +40,7 @@ class Observation:
     query_pos: torch.Tensor | None = None
     scales: Sequence[float] | None = None
     _probs: torch.Tensor | None = field(default=None, repr=False)
+    _attn: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -73,8 +74,11 @@ class Observation:
         return self._probs
 
     def attention(self) -> torch.Tensor:
-        """``[L, Hkv, W, N]``: :meth:`probs` averaged over each GQA group."""
-        return self.probs().mean(dim=2)
+        """``[L, Hkv, W, N]``: :meth:`probs` averaged over each GQA group
+        (computed once: the importance method and the merger both read it)."""
+        if self._attn is None:
+            self._attn = self.probs().mean(dim=2)
+        return self._attn
 
 
 class ScoringMethod:
@@ -144,23 +148,12 @@ class ScoringMethod:
         raise NotImplementedError
 
 
-def gather_state(t: torch.Tensor, keep: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """Per-token state ``[L, H, n, ...]`` (``n`` <= cache length) gathered at
-    ``keep`` ``[L, H, K]``; tokens past ``n`` (added since) read ``fill``."""
-    l, h, n = t.shape[:3]
-    need = int(keep.max()) + 1 if keep.numel() else 0
-    if need > n:
-        pad = t.new_full((l, h, need - n) + tuple(t.shape[3:]), fill)
-        t = torch.cat([t, pad], dim=2)
-    idx = keep.view(l, h, -1, *([1] * (t.dim() - 3))).expand(l, h, -1, *t.shape[3:])
-    return t.gather(2, idx)
-
-
-def extend_state(t: torch.Tensor | None, n: int, shape_tail=(), fill: float = 0.0,
-                 like: torch.Tensor | None = None, lh=None) -> torch.Tensor:
-    """Pad per-token state to ``n`` tokens (new tokens read ``fill``)."""
+def extend_state(t: torch.Tensor | None, n: int, fill: float = 0.0,
+                 lh: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-token state ``[L, H, have, ...]`` padded (or cut) to ``n`` tokens;
+    new tokens read ``fill``.  ``t=None``: a fresh ``[*lh, n]`` state."""
     if t is None:
-        return torch.full(tuple(lh) + (n,) + tuple(shape_tail), fill, dtype=torch.float32)
+        return torch.full(tuple(lh) + (n,), fill, dtype=torch.float32)
     have = t.shape[2]
     if have >= n:
         return t[:, :, :n]

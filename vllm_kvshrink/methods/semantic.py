@@ -22,7 +22,6 @@ KV states; token merging with size-weighted attention comes from ToMe
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from pathlib import Path
@@ -234,7 +233,3 @@ class SemanticMerge(ScoringMethod):
         """``[L, H, K]`` attention-logit bias for merged slots (research path)."""
         c = state.get("count")
         return None if c is None else torch.log(c)
-
-
-def mass_entropy(count: torch.Tensor) -> float:
-    return float(math.log(max(1.0, float(count.mean()))))

@@ -84,9 +84,11 @@ class Compactor:
         )
         # All layers as one tensor when vLLM allocated them back to back (it
         # does): one gather / scatter per compaction instead of one per layer.
-        self.stack = stack_layers(self.caches)
-        if self.stack is None:
-            self.stack_list = [c[None] for c in self.caches]
+        stack = stack_layers(self.caches)
+        #: (stacked ``[L', NB, H, bs, 2D]`` view, its layers' slice of [L]) pairs:
+        #: one for all layers when allocated back to back, else one per layer.
+        self.stacks = ([(stack, slice(None))] if stack is not None else
+                       [(c[None], slice(i, i + 1)) for i, c in enumerate(self.caches)])
         self.qpos = np.zeros((self.max_reqs, w), dtype=np.int64)  # logical positions
         self.free_slots = list(range(self.max_reqs - 1, -1, -1))
         self.block_size = self.caches[0].shape[2]
@@ -193,10 +195,7 @@ class Compactor:
         """``reader`` (keys or values) over every layer: ``[L, H, n, D]``, fp8
         caches as float32."""
         layout = self._layout()
-        if self.stack is not None:
-            out = reader(self.stack, layout, blocks, offs)
-        else:
-            out = torch.cat([reader(c, layout, blocks, offs) for c in self.stack_list])
+        out = torch.cat([reader(s, layout, blocks, offs) for s, _ in self.stacks])
         return self._keys_as_float(out)
 
     def _read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -275,22 +274,14 @@ class Compactor:
         dst_blocks, dst_offsets = row_slots(comp.block_ids, torch.arange(comp.keep), bs)
         layout = self._layout()
         # Everything checked: now write.  Nothing above touched the cache.
-        if new_keys is not None:
-            # Merged content (computed from the old slots before any write).
-            if self.stack is not None:
-                write_tokens_stacked(self.stack, layout, new_keys, new_values,
+        for stack, layers in self.stacks:
+            if new_keys is not None:
+                # Merged content (computed from the old slots before any write).
+                write_tokens_stacked(stack, layout, new_keys[layers], new_values[layers],
                                      dst_blocks, dst_offsets)
             else:
-                for i, c in enumerate(self.stack_list):
-                    write_tokens_stacked(c, layout, new_keys[i : i + 1],
-                                         new_values[i : i + 1], dst_blocks, dst_offsets)
-        elif self.stack is not None:
-            move_tokens_stacked(self.stack, layout, src_blocks, src_offsets,
-                                dst_blocks, dst_offsets)
-        else:
-            for i, c in enumerate(self.stack_list):
-                move_tokens_stacked(c, layout, src_blocks[i : i + 1],
-                                    src_offsets[i : i + 1], dst_blocks, dst_offsets)
+                move_tokens_stacked(stack, layout, src_blocks[layers], src_offsets[layers],
+                                    dst_blocks, dst_offsets)
         self._record(comp, keep)
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
