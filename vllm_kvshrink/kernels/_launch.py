@@ -11,15 +11,53 @@ when the modes differ, so the mode is read at each launch instead.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 
 _CACHE: dict[tuple[int, bool], object] = {}
+# While :func:`vllm_kvshrink.kernels.aot.record_launches` is active: the list
+# that launches are appended to instead of running.
+_RECORD: list | None = None
+
+
+class Launch(NamedTuple):
+    """One kernel launch as the host wrapper issued it (for ahead-of-time
+    compilation): the kernel, its grid, and its arguments."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            _RECORD.append(Launch(self.kernel, tuple(grid), args, kwargs))
+
+        return record
+
+
+def recording() -> bool:
+    """Whether launches are being recorded for a GPU (nothing runs)."""
+    return _RECORD is not None
+
+
+def targets_gpu(t: torch.Tensor) -> bool:
+    """Whether a launch for ``t`` should use the GPU configuration: CUDA
+    tensors, or any tensor while launches are recorded for a GPU."""
+    return t.is_cuda or recording()
 
 
 def interpreting() -> bool:
     """Whether Triton kernels launched now run in the CPU interpreter."""
+    if _RECORD is not None:
+        return False
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
@@ -28,10 +66,12 @@ def interpreting() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors only when interpreting."""
-    return t.is_cuda or interpreting()
+    return t.is_cuda or interpreting() or recording()
 
 
 def launchable(kernel):
+    if _RECORD is not None:
+        return _Recorder(kernel)
     interpret = interpreting()
     key = (id(kernel), interpret)
     fn = _CACHE.get(key)

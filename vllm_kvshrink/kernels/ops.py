@@ -24,7 +24,7 @@ from vllm_kvshrink.kernels._checks import (
     check_shape,
     check_tensor,
 )
-from vllm_kvshrink.kernels._launch import interpreting, launchable, use_triton
+from vllm_kvshrink.kernels._launch import interpreting, launchable, targets_gpu, use_triton
 from vllm_kvshrink.kernels.layouts import LAYOUTS, cache_dims, kv_views, stack_layers
 
 CACHE_DTYPES = FLOAT_DTYPES + (
@@ -532,7 +532,7 @@ def _window_scores_op(
     out = torch.empty(hkv if gqa_mean else hq, seq_len, dtype=torch.float32, device=dev)
     block_d = _pow2(d, 16)
     block_w = _pow2(min(w, 32), 16)
-    block_n = 64 if query.is_cuda else 16
+    block_n = 64 if targets_gpu(query) else 16
     # Triton's CPU interpreter (3.9) computes bf16 dots wrongly: upcast there.
     upcast = interpreting() and query.dtype == torch.bfloat16
     meta = dict(GROUP=hq // hkv, BLOCK_SIZE=bs, HEAD_DIM=d, BLOCK_D=block_d,

@@ -156,12 +156,13 @@ def quantize_kernel(
 ):
     """One group (axis 1) of ``BLOCK_R`` rows (axis 0) of ``x [A, R, C]``.
 
-    The group is read as a ``[BLOCK_R, bytes, codes per byte]`` tile so that
-    packing is a shift and a sum along the last axis.  Rounding as in
-    ``reference.quantize_ref`` (IEEE division, ties to even, clamp).  bf16
-    parameters are rounded to nearest-even with integer ops, which gives the
-    same bits on every backend (Triton's CPU interpreter truncates fp32 to
-    bf16 in ``.to``).
+    The group is loaded as a flat ``[BLOCK_R, BLOCK_B * codes per byte]``
+    tile (contiguous, so the loads vectorise) and its codes are reshaped to
+    ``[BLOCK_R, bytes, codes per byte]``, so that packing is a shift and a sum
+    along the last axis.  Rounding as in ``reference.quantize_ref`` (IEEE
+    division, ties to even, clamp).  bf16 parameters are rounded to
+    nearest-even with integer ops, which gives the same bits on every backend
+    (Triton's CPU interpreter truncates fp32 to bf16 in ``.to``).
     """
     PER: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -173,13 +174,13 @@ def quantize_kernel(
     r = (rows % rows_per_a).to(tl.int64)
     b = tl.arange(0, BLOCK_B)
     j = tl.arange(0, PER)
-    within = b[:, None] * PER + j[None, :]  # [BLOCK_B, PER] element of the group
-    col = g * GROUP_SIZE + within
-    mask = mask_r[:, None, None] & (within < GROUP_SIZE)[None, :, :]
-    offs = (a * sx_a + r * sx_r)[:, None, None] + col[None, :, :].to(tl.int64) * sx_c
+    e = tl.arange(0, BLOCK_B * PER)  # element of the group
+    col = g * GROUP_SIZE + e
+    mask = mask_r[:, None] & (e < GROUP_SIZE)[None, :]
+    offs = (a * sx_a + r * sx_r)[:, None] + col[None, :].to(tl.int64) * sx_c
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    mn = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=2), axis=1)
-    mx = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=2), axis=1)
+    mn = tl.min(tl.where(mask, x, float("inf")), axis=1)
+    mx = tl.max(tl.where(mask, x, float("-inf")), axis=1)
     mn = tl.where(mask_r, mn, 0.0)  # rows past the end: finite, never stored
     mx = tl.where(mask_r, mx, 0.0)
     p_ty = scale_ptr.dtype.element_ty
@@ -195,9 +196,10 @@ def quantize_kernel(
     zero = zero.to(p_ty)
     scale = scale.to(p_ty)
     scale = tl.where(scale > 0, scale, 1.0).to(p_ty)
-    v = tl.math.div_rn(x - zero.to(tl.float32)[:, None, None], scale.to(tl.float32)[:, None, None])
+    v = tl.math.div_rn(x - zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None])
     q = (v + _ROUND_MAGIC) - _ROUND_MAGIC
     q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0).to(tl.int32)
+    q = tl.reshape(q, (BLOCK_R, BLOCK_B, PER))
     byte = tl.sum(q << (j * BITS)[None, None, :], axis=2)  # [BLOCK_R, BLOCK_B]
     n_bytes_row: tl.constexpr = N_GROUPS * BYTES
     p_offs = rows.to(tl.int64)[:, None] * n_bytes_row + g * BYTES + b[None, :]
@@ -235,12 +237,13 @@ def dequantize_kernel(
     scale = tl.load(scale_ptr + s_offs, mask=mask_r, other=0.0).to(tl.float32)
     zero = tl.load(zero_ptr + s_offs, mask=mask_r, other=0.0).to(tl.float32)
     x = q.to(tl.float32) * scale[:, None, None] + zero[:, None, None]
+    x = tl.reshape(x, (BLOCK_R, BLOCK_B * PER))  # flat, so the stores vectorise
     a = (rows // rows_per_a).to(tl.int64)
     r = (rows % rows_per_a).to(tl.int64)
-    within = b[:, None] * PER + j[None, :]
-    col = g * GROUP_SIZE + within
-    offs = (a * so_a + r * so_r)[:, None, None] + col[None, :, :].to(tl.int64) * so_c
-    mask = mask_r[:, None, None] & (within < GROUP_SIZE)[None, :, :]
+    e = tl.arange(0, BLOCK_B * PER)
+    col = g * GROUP_SIZE + e
+    offs = (a * so_a + r * so_r)[:, None] + col[None, :].to(tl.int64) * so_c
+    mask = mask_r[:, None] & (e < GROUP_SIZE)[None, :]
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
