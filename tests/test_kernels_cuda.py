@@ -57,3 +57,30 @@ def test_extension_is_optional_without_cuda():
     assert cuda_ext.available() is False and cuda_ext.load() is False
     with pytest.raises(RuntimeError, match="CUDA extension is not available"):
         cuda_ext.quantize(torch.randn(1, 4, 8), 4, 8)
+
+
+def test_build_says_why_it_cannot_build_here():
+    from vllm_kvshrink.kernels import cuda_ext
+
+    if torch.version.cuda is not None:
+        pytest.skip("torch has CUDA here")
+    assert cuda_ext.buildable() is False
+    with pytest.raises(RuntimeError, match=r"torch .* has no CUDA"):
+        cuda_ext.build("9.0")
+
+
+@pytest.mark.skipif(torch.version.cuda is None or NVCC is None,
+                    reason="needs a CUDA build of torch and nvcc (no GPU needed)")
+def test_extension_builds_links_and_registers_without_a_gpu(tmp_path):
+    """With a CUDA torch (e.g. the GPU machine's torch 2.11+cu130 installed on
+    a CPU machine) the full build -- nvcc, the binding, the link against
+    libtorch_cuda -- works for sm_90 and registers the ops."""
+    from vllm_kvshrink.kernels import cuda_ext
+
+    path = cuda_ext.build("9.0", build_dir=str(tmp_path))
+    assert Path(path).is_file()
+    schemas = {op: str(getattr(torch.ops.kvshrink_cuda, op).default._schema)
+               for op in ("compact_kv", "quantize", "dequantize")}
+    assert "bool staged" in schemas["compact_kv"]
+    assert "ScalarType param_dtype" in schemas["quantize"]
+    assert "bool channel" in schemas["dequantize"]

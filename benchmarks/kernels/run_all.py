@@ -53,6 +53,7 @@ if ARGS.smoke:
     # Triton decides between compiling and interpreting when it is imported.
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -60,14 +61,14 @@ import triton  # noqa: E402
 from vllm_kvshrink import kernels as K  # noqa: E402
 from vllm_kvshrink.kernels import reference as ref  # noqa: E402
 
+from shapes import LLAMA3_8B, SMOKE  # noqa: E402
+
 if ARGS.smoke:
     DEV = torch.device("cpu")
-    CFG = dict(layers=2, kv_heads=2, q_heads=4, head_dim=16, block=16, tokens=64, keep=0.25,
-               window=8, group=16, merge_tokens=64)
+    CFG = dict(SMOKE)
 elif torch.cuda.is_available():
     DEV = torch.device("cuda")
-    CFG = dict(layers=32, kv_heads=8, q_heads=32, head_dim=128, block=16, tokens=ARGS.tokens,
-               keep=ARGS.keep, window=32, group=32, merge_tokens=ARGS.tokens)
+    CFG = dict(LLAMA3_8B, tokens=ARGS.tokens, keep=ARGS.keep, merge_tokens=ARGS.tokens)
 else:
     sys.exit("no CUDA device: run with --smoke on a CPU machine")
 DTYPE = torch.float16

@@ -31,30 +31,63 @@ def available() -> bool:
     )
 
 
+def buildable() -> bool:
+    """Whether the extension can be compiled here: a CUDA build of torch and
+    the sources (no GPU needed; ``nvcc`` is found by torch)."""
+    return torch.version.cuda is not None and all((CSRC / s).is_file() for s in SOURCES)
+
+
+def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | None = None):
+    """Compile (cached by torch under ``TORCH_EXTENSIONS_DIR``, or in
+    ``build_dir``) and load the extension, registering
+    ``torch.ops.kvshrink_cuda.*``.  Needs a CUDA build of torch and ``nvcc``,
+    not a GPU: ``arch_list`` (``TORCH_CUDA_ARCH_LIST`` syntax, e.g. ``"9.0"``)
+    must then be given.  Returns the path of the built library."""
+    if not buildable():
+        raise RuntimeError(
+            f"cannot build the kvshrink CUDA extension here: torch {torch.__version__} "
+            f"{'has no CUDA' if torch.version.cuda is None else 'is fine'}, sources in {CSRC} "
+            f"{'present' if all((CSRC / s).is_file() for s in SOURCES) else 'missing'}")
+    from torch.utils.cpp_extension import load as load_ext
+
+    if arch_list is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if not torch.cuda.is_available():
+            raise ValueError("arch_list is required without a GPU (e.g. '9.0' for H100/H200)")
+        major, minor = torch.cuda.get_device_capability()
+        arch_list = f"{major}.{minor}"  # only the local device: a fast build
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        path = load_ext(
+            name="kvshrink_cuda",
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],
+            is_python_module=False,
+            build_directory=build_dir,
+            verbose=verbose,
+        )
+    finally:
+        if arch_list is not None:
+            if previous is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+    return path
+
+
 def load(verbose: bool = False) -> bool:
-    """Build (cached by torch under ``TORCH_EXTENSIONS_DIR``) and load the
-    extension once; ``False`` when it is not available here.  A build error
-    propagates: a CUDA machine that cannot compile the sources should say so."""
+    """Build and load the extension once, for the local GPU; ``False`` when it
+    is not available here.  A build error propagates: a CUDA machine that
+    cannot compile the sources should say so."""
     if "loaded" in _STATE:
         return bool(_STATE["loaded"])
     if not available():
         _STATE["loaded"] = False
         return False
-    from torch.utils.cpp_extension import load as load_ext
-
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not arch:  # only the local device: a fast build
-        major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-    load_ext(
-        name="kvshrink_cuda",
-        sources=[str(CSRC / s) for s in SOURCES],
-        extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
-        is_python_module=False,
-        verbose=verbose,
-    )
+    build(verbose=verbose)
     _STATE["loaded"] = True
     return True
 

@@ -194,7 +194,8 @@ def quantize_kernel(
         sb = (sb + 0x7FFF + ((sb >> 16) & 1)) & 0xFFFF0000
         scale = sb.to(tl.float32, bitcast=True)
     zero = zero.to(p_ty)
-    scale = scale.to(p_ty)
+    # exact in p_ty; compared and replaced in fp32 (no p_ty constant needed)
+    scale = scale.to(p_ty).to(tl.float32)
     scale = tl.where(scale > 0, scale, 1.0).to(p_ty)
     v = tl.math.div_rn(x - zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None])
     q = (v + _ROUND_MAGIC) - _ROUND_MAGIC
