@@ -416,3 +416,32 @@ def test_opcheck_schemas():
     x = torch.randn(1, 3, 16)
     torch.library.opcheck(torch.ops.kvshrink.quantize.default, (x, 4, 8, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_ops_compile_into_one_graph():
+    """torch.compile(fullgraph=True) traces every op through its fake kernel
+    (no graph break), and the compiled function gives the eager results."""
+
+    def f(cache, table, idx, dst, x, query, keys, w, grp):
+        compact_kv(cache, table, idx, dst, "flash")
+        q = quantize(x, 4, 8)
+        y = dequantize(q, 4, 8, dtype=x.dtype)
+        s = window_scores(query, cache[0], table, 20, "flash", reduce="max")
+        mk, mv, n, ws = merge_kv(keys, keys, w, grp, 3)
+        return y, s, mk, n
+
+    def args():
+        g = torch.Generator().manual_seed(5)
+        cache = torch.randn(1, 4, 2, 16, 2, 32, generator=g).half()
+        table = torch.tensor([2, 0], dtype=torch.int32)
+        return (cache, table, _kept(1, 2, 20, 9), table[:1].clone(),
+                torch.randn(2, 5, 16, generator=g), torch.randn(3, 4, 32, generator=g).half(),
+                torch.randn(2, 7, 32, generator=g).half(), torch.rand(2, 7, generator=g),
+                torch.randint(-1, 3, (2, 7), generator=g))
+
+    eager_args, compiled_args = args(), args()
+    expected = f(*eager_args)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*compiled_args)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(compiled_args[0], eager_args[0])  # the compaction happened in both

@@ -7,11 +7,18 @@ shapes.  Here: that every case compiles without spills, that the
 bandwidth-bound kernels use 128-bit accesses on the benchmark shapes, and that
 the checks can fail (a strided layout is seen as narrow, a kernel the
 interpreter would run but the compiler rejects is reported).
+
+Compilation runs in child processes: once Triton's interpreter has run a
+kernel in a process (``tests/test_kernels.py`` does), ``triton.language`` is
+left patched there and the compiler fails on any kernel.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,10 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nvidia_backend_usable() -> bool:
-    try:
-        import triton.backends.nvidia  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
         return False
     return aot._tool("ptxas") is not None
 
@@ -49,11 +53,17 @@ def aot_check():
     return module
 
 
-def test_benchmark_and_awkward_shapes_compile_for_sm90(aot_check):
-    rows = aot_check.run(aot_check.benchmark_cases() + aot_check.awkward_cases(), [90],
-                         log=lambda s: None)
-    failed = [(r["case"], r["kernel"], r["problems"]) for r in rows if r["problems"]]
-    assert not failed, failed
+def _child(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_benchmark_and_awkward_shapes_compile_for_sm90(tmp_path):
+    proc = _child(str(ROOT / "benchmarks" / "kernels" / "aot_check.py"), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) >= 40 and not [r for r in rows if r["problems"]]
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"compact_kernel", "quantize_kernel", "dequantize_kernel",
                        "merge_accumulate_kernel", "merge_finalize_kernel",
@@ -61,7 +71,9 @@ def test_benchmark_and_awkward_shapes_compile_for_sm90(aot_check):
     bench = [r for r in rows if r["case"].startswith("bench")]
     assert all(r["widest_load_bits"] == 128 and r["widest_store_bits"] == 128
                for r in bench if r["kernel"] == "compact_kernel")
-    assert all(r["registers"] > 0 for r in rows)  # cuobjdump was read
+    assert all(r["registers"] > 0 and r["spill_bytes"] == 0 for r in rows)  # cuobjdump read
+    assert "| bench compaction in-place | sm_90 | compact_kernel |" in \
+        (tmp_path / "table.md").read_text()
 
 
 def test_recording_runs_nothing_and_uses_the_gpu_configuration():
@@ -89,31 +101,47 @@ def _strided_copy(src, dst, stride, BLOCK: tl.constexpr):
     tl.store(dst + i * stride, tl.load(src + i * stride))
 
 
-def test_narrow_accesses_are_seen(aot_check):
-    # The JIT turns a stride equal to 1 into a constant, which is what lets
-    # the compiler vectorise; any other stride leaves 16-bit accesses.
-    x = torch.empty(2048, dtype=torch.float16)
-    wide = aot.compile_launch(_launch.Launch(_strided_copy, (1,), (x, x, 1), {"BLOCK": 1024}))
-    narrow = aot.compile_launch(_launch.Launch(_strided_copy, (1,), (x, x, 2), {"BLOCK": 1024}))
-    assert (wide.widest_load_bits, wide.widest_store_bits) == (128, 128)
-    assert (narrow.widest_load_bits, narrow.widest_store_bits) == (16, 16)
-    row = dict(case="bench strided", kernel="compact_kernel", error=None, spill_bytes=0,
-               widest_load_bits=narrow.widest_load_bits,
-               widest_store_bits=narrow.widest_store_bits)
-    assert aot_check.problems(row) == ["widest global ld is 16 bit, not 128",
-                                       "widest global st is 16 bit, not 128"]
-
-
 @triton.jit
 def _non_power_of_two_range(out_ptr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     tl.store(out_ptr + i, i)
 
 
-def test_a_kernel_the_compiler_rejects_is_reported(aot_check):
-    launch = _launch.Launch(_non_power_of_two_range, (1,), (torch.empty(3, dtype=torch.int32),),
-                            {"BLOCK": 3})
-    with pytest.raises(Exception, match="power of 2|power of two"):
-        aot.compile_launch(launch, 90)
+def _compile_checks() -> dict:
+    """Run in a child process: the compile-time facts the negative tests need."""
+    x = torch.empty(2048, dtype=torch.float16)
+    out = {}
+    for stride in (1, 2):
+        c = aot.compile_launch(_launch.Launch(_strided_copy, (1,), (x, x, stride), {"BLOCK": 1024}))
+        out[f"stride{stride}"] = [c.widest_load_bits, c.widest_store_bits]
+    try:
+        aot.compile_launch(_launch.Launch(_non_power_of_two_range, (1,),
+                                          (torch.empty(3, dtype=torch.int32),), {"BLOCK": 3}))
+        out["rejected"] = None
+    except Exception as e:
+        out["rejected"] = str(e)
+    return out
+
+
+def test_the_checks_can_fail(aot_check):
+    # The JIT turns a stride equal to 1 into a constant, which is what lets
+    # the compiler vectorise; any other stride leaves 16-bit accesses.  A
+    # kernel the interpreter would run but the compiler rejects is an error.
+    proc = _child(__file__, "--compile-checks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert facts["stride1"] == [128, 128] and facts["stride2"] == [16, 16]
+    assert facts["rejected"] and "power of 2" in facts["rejected"].replace("power of two",
+                                                                           "power of 2")
+    row = dict(case="bench strided", kernel="compact_kernel", error=None, spill_bytes=0,
+               widest_load_bits=16, widest_store_bits=16)
+    assert aot_check.problems(row) == ["widest global ld is 16 bit, not 128",
+                                       "widest global st is 16 bit, not 128"]
+    assert aot_check.problems(dict(row, error="CompilationError: x")) == ["does not compile"]
+    assert aot_check.problems(dict(row, case="awkward", spill_bytes=8)) == ["spills 8 B"]
     assert aot.widest_access("ld.global.v4.b32 {%r1}, [%rd1];\n@%p1 st.global.b16 [%rd2], %rs1;") \
         == {"ld": 128, "st": 16}
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-checks"]:
+    print(json.dumps(_compile_checks()))

@@ -37,6 +37,21 @@ def buildable() -> bool:
     return torch.version.cuda is not None and all((CSRC / s).is_file() for s in SOURCES)
 
 
+def _fix_cuda_home(cpp_extension) -> None:
+    """torch takes the toolkit to be the folder above the ``nvcc`` on the
+    PATH; where that ``nvcc`` is a wrapper script elsewhere (``/usr/local/bin``)
+    the headers are not there.  Then use ``/usr/local/cuda`` if it has them; an
+    explicit ``CUDA_HOME`` is always left alone."""
+    home = cpp_extension.CUDA_HOME
+    if os.environ.get("CUDA_HOME") or (home and (Path(home) / "include" /
+                                                 "cuda_runtime_api.h").is_file()):
+        return
+    fallback = Path("/usr/local/cuda")
+    if (fallback / "include" / "cuda_runtime_api.h").is_file():
+        cpp_extension.CUDA_HOME = str(fallback)
+        os.environ["CUDA_HOME"] = str(fallback)
+
+
 def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | None = None):
     """Compile (cached by torch under ``TORCH_EXTENSIONS_DIR``, or in
     ``build_dir``) and load the extension, registering
@@ -48,8 +63,9 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
             f"cannot build the kvshrink CUDA extension here: torch {torch.__version__} "
             f"{'has no CUDA' if torch.version.cuda is None else 'is fine'}, sources in {CSRC} "
             f"{'present' if all((CSRC / s).is_file() for s in SOURCES) else 'missing'}")
-    from torch.utils.cpp_extension import load as load_ext
+    from torch.utils import cpp_extension
 
+    _fix_cuda_home(cpp_extension)
     if arch_list is None and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if not torch.cuda.is_available():
             raise ValueError("arch_list is required without a GPU (e.g. '9.0' for H100/H200)")
@@ -59,7 +75,7 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     if arch_list is not None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     try:
-        path = load_ext(
+        path = cpp_extension.load(
             name="kvshrink_cuda",
             sources=[str(CSRC / s) for s in SOURCES],
             extra_include_paths=[str(CSRC)],

@@ -340,7 +340,7 @@ def _quantize_op(
     a, r, c = x.shape
     if x.numel():
         block_r, block_b = _quant_meta(a * r, bits, group_size)
-        launchable(tk.quantize_kernel)[(triton.cdiv(a * r, block_r), c // group_size)](
+        launchable(tk.quantize_kernel)[(triton.cdiv(a * r, block_r) * (c // group_size),)](
             x, out.packed, out.scale, out.zero, a * r, r, *x.stride(),
             BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
             BLOCK_R=block_r, BLOCK_B=block_b, PARAM_BF16=param_dtype == torch.bfloat16)
@@ -394,7 +394,7 @@ def _dequantize_op(
     a, r, c = view.shape
     if out.numel():
         block_r, block_b = _quant_meta(a * r, bits, group_size)
-        launchable(tk.dequantize_kernel)[(triton.cdiv(a * r, block_r), c // group_size)](
+        launchable(tk.dequantize_kernel)[(triton.cdiv(a * r, block_r) * (c // group_size),)](
             packed, scale, zero, view, a * r, r, *view.stride(),
             BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
             BLOCK_R=block_r, BLOCK_B=block_b)

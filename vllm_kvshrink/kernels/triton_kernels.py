@@ -154,7 +154,7 @@ def quantize_kernel(
     BLOCK_B: tl.constexpr,
     PARAM_BF16: tl.constexpr,
 ):
-    """One group (axis 1) of ``BLOCK_R`` rows (axis 0) of ``x [A, R, C]``.
+    """One group of ``BLOCK_R`` rows of ``x [A, R, C]`` per program.
 
     The group is loaded as a flat ``[BLOCK_R, BLOCK_B * codes per byte]``
     tile (contiguous, so the loads vectorise) and its codes are reshaped to
@@ -167,8 +167,11 @@ def quantize_kernel(
     PER: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     BYTES: tl.constexpr = GROUP_SIZE // PER
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = tl.program_id(1)
+    # One axis, groups fastest: neighbouring programs share the rows' cache
+    # lines (and the grid has no 65535 limit on the row blocks).
+    pid = tl.program_id(0)
+    g = pid % N_GROUPS
+    rows = (pid // N_GROUPS) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < n_rows
     a = (rows // rows_per_a).to(tl.int64)
     r = (rows % rows_per_a).to(tl.int64)
@@ -225,8 +228,11 @@ def dequantize_kernel(
     PER: tl.constexpr = 8 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
     BYTES: tl.constexpr = GROUP_SIZE // PER
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = tl.program_id(1)
+    # One axis, groups fastest: neighbouring programs share the rows' cache
+    # lines (and the grid has no 65535 limit on the row blocks).
+    pid = tl.program_id(0)
+    g = pid % N_GROUPS
+    rows = (pid // N_GROUPS) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < n_rows
     b = tl.arange(0, BLOCK_B)
     j = tl.arange(0, PER)
