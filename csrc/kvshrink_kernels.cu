@@ -3,6 +3,7 @@
 // PyTorch references define them).  See csrc/README.md.
 
 #include "kvshrink_kernels.h"
+#include "kvshrink_quant_math.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -143,24 +144,15 @@ cudaError_t dispatch_unit(CompactArgs a, cudaStream_t stream) {
 // --------------------------------------------------------------------------
 // quantization
 // --------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(float x) { return x; }
+using quant::to_float;
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-
-// One thread per (row, group).  Along a contiguous row the threads of a warp
-// take consecutive groups; along a strided (per-channel) axis, consecutive
-// rows, so the warp's loads of one element index are coalesced either way.
+// Generic layout: one thread per (row, group), any strides.  Along a strided
+// (per-channel) axis the threads of a warp take consecutive rows, so the
+// warp's loads of one element index are coalesced; along a contiguous row the
+// vector kernels below are used where they apply.
 template <typename T, typename P, int BITS>
 __global__ void quantize_kernel(QuantArgs a) {
   constexpr int kPer = 8 / BITS;
-  constexpr float kQmax = static_cast<float>((1 << BITS) - 1);
   const int64_t n_groups = a.n_c / a.group_size;
   const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (id >= a.n_a * a.n_r * n_groups) return;
@@ -175,9 +167,8 @@ __global__ void quantize_kernel(QuantArgs a) {
     mn = fminf(mn, v);
     mx = fmaxf(mx, v);
   }
-  const P zero_p = from_float<P>(mn);
-  P scale_p = from_float<P>(__fdiv_rn(mx - mn, kQmax));
-  if (!(to_float(scale_p) > 0.0f)) scale_p = from_float<P>(1.0f);
+  P zero_p, scale_p;
+  quant::group_params<P, BITS>(mn, mx, &zero_p, &scale_p);
   static_cast<P*>(a.scale)[id] = scale_p;
   static_cast<P*>(a.zero)[id] = zero_p;
   const float zero = to_float(zero_p);
@@ -187,9 +178,7 @@ __global__ void quantize_kernel(QuantArgs a) {
     unsigned byte = 0;
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      const float v = __fdiv_rn(to_float(x[(b * kPer + j) * a.s_c]) - zero, scale);
-      const float q = fminf(fmaxf(rintf(v), 0.0f), kQmax);  // ties to even
-      byte |= static_cast<unsigned>(q) << (j * BITS);
+      byte |= quant::code<BITS>(to_float(x[(b * kPer + j) * a.s_c]), zero, scale) << (j * BITS);
     }
     out[b] = static_cast<uint8_t>(byte);
   }
@@ -214,9 +203,113 @@ __global__ void dequantize_kernel(QuantArgs a) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       const float q = static_cast<float>((byte >> (j * BITS)) & kMask);
-      out[(b * kPer + j) * a.s_c] = from_float<T>(q * scale + zero);
+      out[(b * kPer + j) * a.s_c] =
+          quant::from_float<T>(quant::add_rn(quant::mul_rn(q, scale), zero));
     }
   }
+}
+
+// Vector layout (contiguous groups, see kvshrink_quant_math.cuh): L lanes per
+// group, one 16-byte load or store per lane, the group's min / max reduced
+// over its L lanes with shuffles, one packed word per lane.  L is a power of
+// two <= 32, so a group never straddles warps; threads past the end still
+// take part in the shuffles (full mask) and store nothing.
+template <typename Word> __device__ __forceinline__ void store_word(uint8_t* p, uint64_t w) {
+  *reinterpret_cast<Word*>(p) = static_cast<Word>(w);
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ void store_packed(uint8_t* p, uint64_t w) {
+  constexpr int kBytes = quant::Word<T, BITS>::kBytes;
+  if constexpr (kBytes == 8) store_word<unsigned long long>(p, w);
+  else if constexpr (kBytes == 4) store_word<uint32_t>(p, w);
+  else if constexpr (kBytes == 2) store_word<uint16_t>(p, w);
+  else store_word<uint8_t>(p, w);
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ uint64_t load_packed(const uint8_t* p) {
+  constexpr int kBytes = quant::Word<T, BITS>::kBytes;
+  if constexpr (kBytes == 8) return *reinterpret_cast<const unsigned long long*>(p);
+  else if constexpr (kBytes == 4) return *reinterpret_cast<const uint32_t*>(p);
+  else if constexpr (kBytes == 2) return *reinterpret_cast<const uint16_t*>(p);
+  else return *p;
+}
+
+template <typename T, typename P, int BITS>
+__global__ void quantize_vector_kernel(QuantArgs a, int lanes) {
+  constexpr int kElems = quant::Lanes<T>::kElems;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t unit = t / lanes;
+  const int lane = static_cast<int>(t % lanes);
+  const int64_t n_units = a.n_a * a.n_r * (a.n_c / a.group_size);
+  const bool valid = unit < n_units;
+  const quant::VectorAddress addr = quant::vector_address<T, BITS>(
+      valid ? unit : 0, lane, a.n_r, a.n_c, a.group_size, a.s_a, a.s_r);
+  union {
+    uint4 raw;
+    T v[kElems];
+  } in;
+  in.raw = valid ? *reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + addr.x)
+                 : make_uint4(0, 0, 0, 0);
+  float v[kElems];
+  float mn = to_float(in.v[0]), mx = mn;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    v[e] = to_float(in.v[e]);
+    mn = fminf(mn, v[e]);
+    mx = fmaxf(mx, v[e]);
+  }
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
+    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, offset, lanes));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset, lanes));
+  }
+  if (!valid) return;  // after the last shuffle
+  P zero_p, scale_p;
+  quant::group_params<P, BITS>(mn, mx, &zero_p, &scale_p);
+  if (lane == 0) {
+    static_cast<P*>(a.scale)[unit] = scale_p;
+    static_cast<P*>(a.zero)[unit] = zero_p;
+  }
+  store_packed<T, BITS>(a.packed + addr.packed,
+                        quant::pack_lane<T, BITS>(v, to_float(zero_p), to_float(scale_p)));
+}
+
+template <typename T, typename P, int BITS>
+__global__ void dequantize_vector_kernel(QuantArgs a, int lanes) {
+  constexpr int kElems = quant::Lanes<T>::kElems;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t unit = t / lanes;
+  if (unit >= a.n_a * a.n_r * (a.n_c / a.group_size)) return;  // no shuffles here
+  const int lane = static_cast<int>(t % lanes);
+  const quant::VectorAddress addr = quant::vector_address<T, BITS>(
+      unit, lane, a.n_r, a.n_c, a.group_size, a.s_a, a.s_r);
+  const float scale = to_float(static_cast<const P*>(a.scale)[unit]);
+  const float zero = to_float(static_cast<const P*>(a.zero)[unit]);
+  union {
+    uint4 raw;
+    T v[kElems];
+  } out;
+  quant::unpack_lane<T, BITS>(load_packed<T, BITS>(a.packed + addr.packed), scale, zero, out.v);
+  *reinterpret_cast<uint4*>(static_cast<T*>(a.out) + addr.x) = out.raw;
+}
+
+// Lanes per group for the vector kernels, or 0 where they do not apply: the
+// grouped axis contiguous, 16-byte aligned rows and groups of 16*L bytes with
+// L a power of two <= 32, and the packed words aligned.
+template <typename T, int BITS>
+int vector_lanes(const QuantArgs& a, const void* data) {
+  const int64_t size = static_cast<int64_t>(sizeof(T));
+  const int64_t group_bytes = a.group_size * size;
+  if (a.s_c != 1 || group_bytes % 16 != 0) return 0;
+  const int64_t lanes = group_bytes / 16;
+  if (lanes > 32 || (lanes & (lanes - 1)) != 0) return 0;
+  if ((a.s_r * size) % 16 != 0 || (a.s_a * size) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(data) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(a.packed) % quant::Word<T, BITS>::kBytes != 0) {
+    return 0;
+  }
+  return static_cast<int>(lanes);
 }
 
 template <template <typename, typename, int> class Launch, typename T, typename P>
@@ -249,15 +342,19 @@ cudaError_t by_type(const QuantArgs& a, cudaStream_t s) {
   return cudaErrorInvalidValue;
 }
 
-unsigned blocks_for(const QuantArgs& a) {
-  const int64_t n = a.n_a * a.n_r * (a.n_c / a.group_size);
+unsigned blocks_for(const QuantArgs& a, int64_t threads_per_group) {
+  const int64_t n = a.n_a * a.n_r * (a.n_c / a.group_size) * threads_per_group;
   return static_cast<unsigned>((n + kThreads - 1) / kThreads);
 }
 
 template <typename T, typename P, int BITS>
 struct QuantizeLaunch {
   static cudaError_t run(const QuantArgs& a, cudaStream_t s) {
-    quantize_kernel<T, P, BITS><<<blocks_for(a), kThreads, 0, s>>>(a);
+    if (const int lanes = vector_lanes<T, BITS>(a, a.x)) {
+      quantize_vector_kernel<T, P, BITS><<<blocks_for(a, lanes), kThreads, 0, s>>>(a, lanes);
+    } else {
+      quantize_kernel<T, P, BITS><<<blocks_for(a, 1), kThreads, 0, s>>>(a);
+    }
     return cudaGetLastError();
   }
 };
@@ -265,7 +362,11 @@ struct QuantizeLaunch {
 template <typename T, typename P, int BITS>
 struct DequantizeLaunch {
   static cudaError_t run(const QuantArgs& a, cudaStream_t s) {
-    dequantize_kernel<T, P, BITS><<<blocks_for(a), kThreads, 0, s>>>(a);
+    if (const int lanes = vector_lanes<T, BITS>(a, a.out)) {
+      dequantize_vector_kernel<T, P, BITS><<<blocks_for(a, lanes), kThreads, 0, s>>>(a, lanes);
+    } else {
+      dequantize_kernel<T, P, BITS><<<blocks_for(a, 1), kThreads, 0, s>>>(a);
+    }
     return cudaGetLastError();
   }
 };

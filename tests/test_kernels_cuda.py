@@ -84,3 +84,67 @@ def test_extension_builds_links_and_registers_without_a_gpu(tmp_path):
     assert "bool staged" in schemas["compact_kv"]
     assert "ScalarType param_dtype" in schemas["quantize"]
     assert "bool channel" in schemas["dequantize"]
+
+
+# --------------------------------------------------------------------------
+# the vector quantization kernels' per-lane code, run on the CPU
+# --------------------------------------------------------------------------
+_TYPE_IDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@pytest.fixture(scope="module")
+def quant_vector_host(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    exe = tmp_path_factory.mktemp("cuda") / "quant_vector_host"
+    cmd = [NVCC, "-std=c++17", "-O2", "-Xcompiler", "-Wall,-ffp-contract=off", f"-I{CSRC}",
+           str(Path(__file__).parent / "cuda" / "quant_vector_host.cu"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
+    return exe
+
+
+def _run_host(exe, x, bits, group_size, param_dtype):
+    import numpy as np
+
+    a, r, c = x.shape
+    header = np.array([_TYPE_IDS[x.dtype], _TYPE_IDS[param_dtype], bits, a, r, c, group_size],
+                      dtype=np.int32).tobytes()
+    raw = x.contiguous().view(torch.uint8).numpy().tobytes()
+    proc = subprocess.run([str(exe)], input=header + raw, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.returncode
+    buf = torch.frombuffer(bytearray(proc.stdout), dtype=torch.uint8)
+    n_units = a * r * (c // group_size)
+    sizes = [a * r * c * bits // 8, n_units * param_dtype.itemsize,
+             n_units * param_dtype.itemsize, a * r * c * x.element_size()]
+    assert buf.numel() == sum(sizes)
+    packed, scale, zero, out = torch.split(buf, sizes)
+    return (packed.view(a, r, c * bits // 8), scale.view(param_dtype).view(a, r, -1),
+            zero.view(param_dtype).view(a, r, -1), out.view(x.dtype).view(a, r, c))
+
+
+VECTOR_CASES = [  # dtype, param dtype, shape, group size (16 bytes * 1..32 lanes)
+    (torch.float16, torch.float16, (3, 5, 128), 32),
+    (torch.bfloat16, torch.bfloat16, (2, 7, 64), 8),
+    (torch.float32, torch.float32, (2, 3, 96), 4),
+    (torch.float16, torch.float32, (1, 4, 512), 256),
+    (torch.float32, torch.bfloat16, (4, 2, 256), 128),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype,param_dtype,shape,group_size", VECTOR_CASES)
+def test_vector_quantization_lane_code_matches_reference(quant_vector_host, bits, dtype,
+                                                         param_dtype, shape, group_size):
+    from vllm_kvshrink.kernels import reference as ref
+
+    g = torch.Generator().manual_seed(bits * 7 + group_size)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    x[0, 0, :group_size] = 1.5  # a constant group: scale 0 -> 1
+    packed, scale, zero, out = _run_host(quant_vector_host, x, bits, group_size, param_dtype)
+    exp = ref.quantize_ref(x, bits, group_size, param_dtype)
+    assert torch.equal(packed, exp[0])
+    assert torch.equal(scale, exp[1]) and torch.equal(zero, exp[2])
+    # multiply then add, unfused: the reference's bits
+    assert torch.equal(out, ref.dequantize_ref(*exp, bits, group_size, dtype))
