@@ -206,9 +206,10 @@ def bench_quantization(cuda_ext) -> None:
                 out = dqfn(q, bits, gs, axis=axis, dtype=DTYPE)
                 err = (out.float() - exp_x.float()).abs().max().item()
                 ok = err <= 1e-3 * max(1.0, exp_x.float().abs().max().item())
+                check = "bit-exact" if torch.equal(out, exp_x) else f"max err {err:.1e}"
                 record("dequantize", f"{name} int{bits} {axis}", shape,
                        lambda: dqfn(q, bits, gs, axis=axis, dtype=DTYPE), nbytes(out, *q),
-                       f"max err {err:.1e}", ok,
+                       check, ok,
                        (lambda: ref.dequantize_ref(*q, bits, gs, DTYPE)) if name == "triton" else None)
     del exp, exp_x
 

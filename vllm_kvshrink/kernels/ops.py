@@ -397,7 +397,8 @@ def _dequantize_op(
         launchable(tk.dequantize_kernel)[(triton.cdiv(a * r, block_r) * (c // group_size),)](
             packed, scale, zero, view, a * r, r, *view.stride(),
             BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
-            BLOCK_R=block_r, BLOCK_B=block_b)
+            BLOCK_R=block_r, BLOCK_B=block_b,
+            enable_fp_fusion=False)  # q * scale + zero unfused: the reference's bits
     return out
 
 
