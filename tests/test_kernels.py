@@ -223,6 +223,27 @@ def test_compact_rejects_bad_arguments(kwargs, match):
         compact_kv(cache, table, idx, kwargs.get("dst", table), kwargs.get("layout", "flash"))
 
 
+def test_compact_in_place_refuses_what_it_cannot_do_in_place():
+    """staged=False over overlapping blocks needs dst_table to be a prefix of
+    src_table and ascending sources; otherwise the error names staged=True,
+    which handles the same input."""
+    layout, bs = "flash", 4
+    cache = _cache(layout, 1, 4, bs, 2, 8, torch.float16)
+    table = torch.tensor([3, 1, 0], dtype=torch.int32)
+    idx = torch.tensor([[[0, 5, 9], [1, 2, 11]]], dtype=torch.int32)
+    unsorted = idx.flip(-1).contiguous()
+    with pytest.raises(ValueError, match=r"strictly increasing; src_index\[0, 0, 0:2\]=\[9, 5\]"):
+        compact_kv(cache, table, unsorted, table[:1], layout)
+    with pytest.raises(ValueError, match=r"prefix of src_table .* use staged=True"):
+        compact_kv(cache, table, idx, table[1:2], layout)
+    for dst in (table[:1], table[1:2]):
+        for sources in (idx, unsorted):
+            got, expected = cache.clone(), cache.clone()
+            ref.compact_kv_ref(expected, layout, table, sources, dst)
+            compact_kv(got, table, sources, dst, layout, staged=True)
+            assert torch.equal(got, expected)
+
+
 # ==========================================================================
 # merge
 # ==========================================================================

@@ -125,7 +125,7 @@ def compact_kv(
     staged: bool = False,
 ) -> None:
     """CUDA twin of :func:`vllm_kvshrink.kernels.compact_kv` (stacked cache)."""
-    ops._check_compact(cache, src_table, src_index, dst_table, layout)
+    ops._check_compact(cache, src_table, src_index, dst_table, layout, staged=staged)
     _require()
     raw = cache.view(ops._RAW[cache.element_size()])
     k, v = kv_views(raw, layout)

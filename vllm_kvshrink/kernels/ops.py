@@ -55,8 +55,35 @@ def _check_values(name: str, t: torch.Tensor, upper: int, what: str) -> None:
 # ==========================================================================
 # compaction
 # ==========================================================================
+def _check_in_place_order(src_table, src_index, dst_table, bs) -> None:
+    """The precondition of ``staged=False`` when destination and source blocks
+    overlap: ``dst_table`` (the part used) is a prefix of ``src_table`` and
+    each ``src_index[l, h]`` is strictly increasing.  CPU tensors only, like
+    the range checks."""
+    n_keep = src_index.shape[2]
+    if src_table.device.type != "cpu" or n_keep == 0:
+        return
+    used = dst_table[: triton.cdiv(n_keep, bs)].tolist()
+    if not set(used) & set(src_table.tolist()):
+        return  # disjoint: any order is safe
+    if used != src_table[: len(used)].tolist():
+        raise ValueError(
+            f"staged=False with dst_table sharing blocks with src_table needs dst_table to be "
+            f"a prefix of src_table (compaction in place); got dst_table[:{len(used)}]={used} "
+            f"and src_table[:{len(used)}]={src_table[: len(used)].tolist()}; use staged=True "
+            f"for any other overlap")
+    if n_keep > 1:
+        steps = src_index[..., 1:].long() - src_index[..., :-1].long()
+        if (steps <= 0).any():
+            l, h, i = (int(v) for v in (steps <= 0).nonzero()[0])
+            raise ValueError(
+                f"staged=False in place needs each src_index[l, h] strictly increasing; "
+                f"src_index[{l}, {h}, {i}:{i + 2}]={src_index[l, h, i:i + 2].tolist()}; sort "
+                f"the kept positions or use staged=True")
+
+
 def _check_compact(cache, src_table, src_index, dst_table, layout,
-                   values: bool = True) -> tuple[int, ...]:
+                   values: bool = True, staged: bool = True) -> tuple[int, ...]:
     check_choice("layout", layout, LAYOUTS)
     check_tensor("cache", cache, dtypes=CACHE_DTYPES)
     dims = cache_dims(cache, layout)
@@ -81,6 +108,8 @@ def _check_compact(cache, src_table, src_index, dst_table, layout,
                       "positions in src_table's row")
         _check_values("src_table", src_table, n_blocks, "block ids of cache")
         _check_values("dst_table", dst_table, n_blocks, "block ids of cache")
+        if not staged:
+            _check_in_place_order(src_table, src_index, dst_table, bs)
     return dims
 
 
@@ -121,7 +150,7 @@ def _compact_kv_op(
     layout: str,
     staged: bool,
 ) -> None:
-    _check_compact(cache, src_table, src_index, dst_table, layout)
+    _check_compact(cache, src_table, src_index, dst_table, layout, staged=staged)
     if use_triton(cache):
         _compact_triton(cache, src_table, src_index, dst_table, layout, staged)
     else:
