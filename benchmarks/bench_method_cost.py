@@ -12,6 +12,7 @@ micro-targets of the issue at Llama-3-8B shapes (8 KV heads): the predictor
 over 4k tokens of one layer, and the semantic grouping of 512 tokens.
 
     python benchmarks/bench_method_cost.py [--json docs/method_cost.json]
+    python benchmarks/bench_method_cost.py --micro-only [--json F]   # e.g. on a GPU
 """
 
 from __future__ import annotations
@@ -81,8 +82,23 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--json", default="")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--micro-only", action="store_true",
+                    help="only the two micro-targets (no model, no vLLM: runs on the GPU "
+                         "machine)")
     args = ap.parse_args()
     import torch
+
+    if args.micro_only:
+        micro = micro_targets(torch)
+        print(f"Micro-targets ({micro['device']}, torch {torch.__version__}):")
+        for k, v in micro.items():
+            if k != "device":
+                print(f"  {k}: {v:.2f} ms")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(dict(micro, torch=torch.__version__),
+                                                  indent=1) + "\n")
+        return 0
 
     from vllm_kvshrink.assets import default_model_path
     from vllm_kvshrink.config import KVShrinkConfig
