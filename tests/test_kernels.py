@@ -33,6 +33,7 @@ from vllm_kvshrink.kernels import (  # noqa: E402
     kivi_quantize,
     kv_views,
     merge_kv,
+    pool_scores,
     quantize,
     window_scores,
 )
@@ -393,6 +394,41 @@ def test_window_scores_match_reference(layout, dtype, bs, w, hq, hkv, d, n, caus
                                            atol=1e-3 * w, rtol=1e-3)
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 7, 31])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 5), (2, 37), (4, 1100)])
+def test_pool_scores_match_reference(kernel, mode, rows, n):
+    """Edges (a kernel wider than the row), one token, and rows longer than one
+    program's block."""
+    x = torch.rand(rows, n, generator=torch.Generator().manual_seed(n + kernel))
+    out = pool_scores(x, kernel, mode)
+    torch.testing.assert_close(out, ref.pool_scores_ref(x, kernel, mode), atol=1e-7, rtol=1e-6)
+    if kernel == 1:
+        assert torch.equal(out, x)
+
+
+def test_window_scores_pooled_as_snapkv():
+    """window_scores(pool=7) is the SnapKV score: the window's attention summed,
+    averaged over each KV head's query heads, then average-pooled."""
+    from vllm_kvshrink.methods.snapkv import SnapKV
+
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d, n, w, bs = 6, 2, 16, 45, 8, 16
+    cache = _cache("flash", 1, 4, bs, hkv, d, torch.float32)[0]
+    table = torch.tensor([2, 0, 3], dtype=torch.int32)
+    query = torch.randn(w, hq, d, generator=g)
+    out = window_scores(query, cache, table, n, "flash", pool=7)
+    pos = torch.arange(n)
+    keys = kv_views(cache[None], "flash")[0][0][table.long()[pos // bs], :, pos % bs]
+    expected = SnapKV(pool_kernel=7).score(keys.permute(1, 0, 2), query.permute(1, 0, 2),
+                                           torch.arange(n - w, n), d**-0.5)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="pool=4 is not allowed; allowed: an odd int >= 1"):
+        window_scores(query, cache, table, n, "flash", pool=4)
+    with pytest.raises(ValueError, match="pool_mode='median' is not allowed"):
+        window_scores(query, cache, table, n, "flash", pool=3, pool_mode="median")
+
+
 def test_window_scores_reject_bad_arguments():
     cache = _cache("flash", 1, 4, 16, 2, 8, torch.float32)[0]
     table = torch.tensor([0, 1], dtype=torch.int32)
@@ -437,6 +473,8 @@ def test_opcheck_schemas():
     x = torch.randn(1, 3, 16)
     torch.library.opcheck(torch.ops.kvshrink.quantize.default, (x, 4, 8, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.kvshrink.pool_scores.default, (torch.rand(2, 9), 3, "max"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_ops_compile_into_one_graph():
@@ -447,7 +485,7 @@ def test_ops_compile_into_one_graph():
         compact_kv(cache, table, idx, dst, "flash")
         q = quantize(x, 4, 8)
         y = dequantize(q, 4, 8, dtype=x.dtype)
-        s = window_scores(query, cache[0], table, 20, "flash", reduce="max")
+        s = window_scores(query, cache[0], table, 20, "flash", reduce="max", pool=3)
         mk, mv, n, ws = merge_kv(keys, keys, w, grp, 3)
         return y, s, mk, n
 

@@ -67,7 +67,7 @@ def test_benchmark_and_awkward_shapes_compile_for_sm90(tmp_path):
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"compact_kernel", "quantize_kernel", "dequantize_kernel",
                        "merge_accumulate_kernel", "merge_finalize_kernel",
-                       "window_stats_kernel", "window_scores_kernel"}
+                       "window_stats_kernel", "window_scores_kernel", "pool_scores_kernel"}
     bench = [r for r in rows if r["case"].startswith("bench")]
     assert all(r["widest_load_bits"] == 128 and r["widest_store_bits"] == 128
                for r in bench if r["kernel"] == "compact_kernel")

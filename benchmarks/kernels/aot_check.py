@@ -74,13 +74,13 @@ def _merge(label, H, n, D, groups, dtype):
     return label, lambda: K.merge_kv(keys, keys, w, grp, groups)
 
 
-def _scoring(label, W, hq, hkv, D, bs, n, dtype, reduce, gqa_mean=True, causal=True):
+def _scoring(label, W, hq, hkv, D, bs, n, dtype, reduce, gqa_mean=True, causal=True, pool=1):
     n_blocks = triton.cdiv(n, bs)
     cache = torch.empty(n_blocks, 2, bs, hkv, D, dtype=dtype)
     table = torch.arange(n_blocks, dtype=torch.int32)
     q = torch.empty(W, hq, D, dtype=dtype)
     return label, lambda: K.window_scores(q, cache, table, n, "flash", reduce=reduce,
-                                          gqa_mean=gqa_mean, causal=causal)
+                                          gqa_mean=gqa_mean, causal=causal, pool=pool)
 
 
 def benchmark_cases(c: dict = LLAMA3_8B) -> list:
@@ -97,7 +97,7 @@ def benchmark_cases(c: dict = LLAMA3_8B) -> list:
                         max(1, int(c["merge_tokens"] * c["keep"])), torch.float16))
     for red in ("sum", "max"):
         cases.append(_scoring(f"bench scoring {red}", c["window"], c["q_heads"], H, D, bs, n,
-                              torch.float16, red))
+                              torch.float16, red, pool=7 if red == "sum" else 1))
     return cases
 
 

@@ -241,16 +241,22 @@ def bench_scoring() -> None:
     cache = torch.randn(n_blocks, 2, bs, hkv, D, generator=g).to(DTYPE).to(DEV)
     table = torch.randperm(n_blocks, generator=g)[: triton.cdiv(n, bs)].to(torch.int32).to(DEV)
     q = torch.randn(wlen, hq, D, generator=g).to(DTYPE).to(DEV)
-    for red in ("sum", "max"):
-        out = K.window_scores(q, cache, table, n, "flash", reduce=red)
-        exp = ref.window_scores_ref(q, cache, "flash", table, n, D**-0.5, red)
+    for red, pool in (("sum", 1), ("max", 1), ("sum", 7)):
+        out = K.window_scores(q, cache, table, n, "flash", reduce=red, pool=pool)
+
+        def reference(red=red, pool=pool):
+            s = ref.window_scores_ref(q, cache, "flash", table, n, D**-0.5, red)
+            return s if pool == 1 else ref.pool_scores_ref(s, pool, "avg")
+
+        exp = reference()
         err = (out - exp).abs().max().item()
         keys_bytes = n * hkv * D * cache.element_size()
-        record("scoring", f"triton {red}, gqa mean", f"W{wlen} Hq{hq} Hkv{hkv} N{n}",
-               lambda: K.window_scores(q, cache, table, n, "flash", reduce=red),
+        record("scoring", f"triton {red}, gqa mean" + (f", pool {pool}" if pool > 1 else ""),
+               f"W{wlen} Hq{hq} Hkv{hkv} N{n}",
+               lambda red=red, pool=pool: K.window_scores(q, cache, table, n, "flash",
+                                                          reduce=red, pool=pool),
                keys_bytes + nbytes(q, out), f"max err {err:.1e}",
-               err < 5e-3 * max(1.0, exp.abs().max().item()),
-               lambda: ref.window_scores_ref(q, cache, "flash", table, n, D**-0.5, red))
+               err < 5e-3 * max(1.0, exp.abs().max().item()), reference)
 
 
 # --------------------------------------------------------------------------

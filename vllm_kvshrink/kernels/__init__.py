@@ -16,6 +16,7 @@ from vllm_kvshrink.kernels.ops import (
     dequantize,
     kivi_quantize,
     merge_kv,
+    pool_scores,
     quantize,
     window_scores,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "kv_views",
     "layout_from_kind",
     "merge_kv",
+    "pool_scores",
     "quantize",
     "stack_layers",
     "window_scores",

@@ -35,6 +35,7 @@ CACHE_DTYPES = FLOAT_DTYPES + (
 _RAW = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 BITS = (2, 4, 8)
 REDUCTIONS = ("sum", "max")
+POOL_MODES = ("avg", "max")
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -585,6 +586,47 @@ def _(query, key_cache, block_table, seq_len, sm_scale, layout, reduce, gqa_mean
     return query.new_empty(rows, seq_len, dtype=torch.float32)
 
 
+def _check_pool_args(kernel, mode) -> None:
+    check_choice("pool_mode", mode, POOL_MODES)
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"pool={kernel!r} is not allowed; allowed: an odd int >= 1 "
+                         f"(1: no pooling)")
+
+
+def _check_pool(scores, kernel, mode) -> None:
+    check_tensor("scores", scores, ndim=2, dtypes=(torch.float32,))
+    _check_pool_args(kernel, mode)
+
+
+@torch.library.custom_op("kvshrink::pool_scores", mutates_args=())
+def _pool_scores_op(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
+    _check_pool(scores, kernel, mode)
+    if not use_triton(scores):
+        return ref.pool_scores_ref(scores, kernel, mode)
+    rows, n = scores.shape
+    out = torch.empty_like(scores)
+    if scores.numel():
+        block_n = min(1024, _pow2(n))
+        launchable(tk.pool_scores_kernel)[(rows, triton.cdiv(n, block_n))](
+            scores.contiguous(), out, n, KERNEL=kernel, MAX=mode == "max", BLOCK_N=block_n)
+    return out
+
+
+@_pool_scores_op.register_fake
+def _(scores, kernel, mode):
+    _check_pool(scores, kernel, mode)
+    return torch.empty_like(scores)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, mode: str = "avg") -> torch.Tensor:
+    """Centred pooling of per-token scores ``[rows, N]`` (fp32) over ``kernel``
+    (odd) neighbours: SnapKV's pooling of the window's attention, which keeps
+    the neighbours of important tokens together.  ``mode`` ``"avg"`` (the mean
+    of the taps inside the row, as ``avg_pool1d(count_include_pad=False)``) or
+    ``"max"``."""
+    return torch.ops.kvshrink.pool_scores(scores, kernel, mode)
+
+
 def window_scores(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -595,6 +637,8 @@ def window_scores(
     reduce: str = "sum",
     gqa_mean: bool = True,
     causal: bool = True,
+    pool: int = 1,
+    pool_mode: str = "avg",
 ) -> torch.Tensor:
     """Per-token importance from an observation window (SnapKV arXiv:2404.14469,
     H2O arXiv:2306.14048): ``softmax(q . K^T)`` of the window's queries over
@@ -611,6 +655,9 @@ def window_scores(
         reduce: ``"sum"`` or ``"max"`` over the window.
         gqa_mean: average over the query heads of each KV head.
         causal: window query ``w`` sees keys ``<= seq_len - W + w`` only.
+        pool: then pool each row over this many (odd) neighbouring tokens
+            (:func:`pool_scores`, SnapKV uses 7); 1 leaves the scores as they are.
+        pool_mode: ``"avg"`` or ``"max"``.
 
     Returns:
         fp32 ``[H_kv, seq_len]`` (``gqa_mean``) or ``[Hq, seq_len]``.
@@ -620,5 +667,7 @@ def window_scores(
     if isinstance(key_cache, torch.Tensor) and key_cache.dim() == (5 if layout == "flash" else 4):
         key_cache = key_cache[None]
     scale = query.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    return torch.ops.kvshrink.window_scores(
+    _check_pool_args(pool, pool_mode)
+    scores = torch.ops.kvshrink.window_scores(
         query, key_cache, block_table, seq_len, scale, layout, reduce, gqa_mean, causal)
+    return scores if pool == 1 else pool_scores(scores, pool, pool_mode)

@@ -8,6 +8,7 @@ kernels' docstrings in :mod:`vllm_kvshrink.kernels.ops`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vllm_kvshrink.kernels.layouts import kv_views
 
@@ -211,3 +212,16 @@ def window_scores_ref(
     if gqa_mean:
         out = out.view(hkv, hq // hkv, seq_len).mean(1)
     return out
+
+
+def pool_scores_ref(scores: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
+    """Centred pooling of per-token scores ``[rows, N]`` over ``kernel`` (odd)
+    neighbours (SnapKV's clustering of the observation window's attention):
+    ``"max"``, or ``"avg"`` over the taps inside the row."""
+    x = scores.float()[:, None, :]
+    if mode == "max":
+        out = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        out = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return out[:, 0, :]
+

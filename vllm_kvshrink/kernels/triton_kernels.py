@@ -366,3 +366,36 @@ def window_scores_kernel(
                 red = red + tl.sum(p, axis=0)
         total = total + red
     tl.store(out_ptr + o * seq_len + n, total / HEADS_PER_OUT, mask=mask_n)
+
+
+@triton.jit
+def pool_scores_kernel(
+    x_ptr, out_ptr, n,
+    KERNEL: tl.constexpr,
+    MAX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Pooling of per-token scores over ``KERNEL`` (odd) neighbours, centred,
+    row ``program_id(0)`` of ``x [rows, n]``: max, or the mean of the taps
+    inside the row (padding not counted)."""
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = i < n
+    HALF: tl.constexpr = KERNEL // 2
+    if MAX:
+        acc = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+    count = tl.zeros([BLOCK_N], tl.float32)
+    for t in tl.static_range(KERNEL):
+        j = i + (t - HALF)
+        ok = mask & (j >= 0) & (j < n)
+        if MAX:
+            acc = tl.maximum(acc, tl.load(x_ptr + row * n + j, mask=ok, other=float("-inf")))
+        else:
+            acc = acc + tl.load(x_ptr + row * n + j, mask=ok, other=0.0)
+            count = count + ok.to(tl.float32)
+    if not MAX:
+        acc = acc / tl.maximum(count, 1.0)
+    tl.store(out_ptr + row * n + i, acc, mask=mask)
+
