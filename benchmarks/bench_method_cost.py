@@ -90,10 +90,7 @@ def main() -> int:
 
     if args.micro_only:
         micro = micro_targets(torch)
-        print(f"Micro-targets ({micro['device']}, torch {torch.__version__}):")
-        for k, v in micro.items():
-            if k != "device":
-                print(f"  {k}: {v:.2f} ms")
+        print_micro(micro, torch)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(dict(micro, torch=torch.__version__),
@@ -147,10 +144,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['method']} | {r['event_ms']:.1f} | {r['ms_per_1k_tokens']:.1f} | "
               f"{r['decode_steps']:.2f} |")
-    print("\nMicro-targets (" + micro["device"] + "):")
-    for k, v in micro.items():
-        if k != "device":
-            print(f"  {k}: {v:.2f} ms")
+    print()
+    print_micro(micro, torch)
     out = {"machine": f"{platform.machine()} {os.cpu_count()} cores",
            "torch_threads": torch.get_num_threads(), "tokens": n, "keep": keep,
            "decode_step_ms": step * 1e3, "methods": rows, "micro": micro}
@@ -173,6 +168,13 @@ def main() -> int:
         except ImportError:
             pass
     return 0
+
+
+def print_micro(micro: dict, torch) -> None:
+    print(f"Micro-targets ({micro['device']}, torch {torch.__version__}):")
+    for k, v in micro.items():
+        if k != "device":
+            print(f"  {k}: {v:.2f} ms")
 
 
 def micro_targets(torch) -> dict:

@@ -56,7 +56,7 @@ def targets_gpu(t: torch.Tensor) -> bool:
 
 def interpreting() -> bool:
     """Whether Triton kernels launched now run in the CPU interpreter."""
-    if _RECORD is not None:
+    if recording():
         return False
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
@@ -70,7 +70,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def launchable(kernel):
-    if _RECORD is not None:
+    if recording():
         return _Recorder(kernel)
     interpret = interpreting()
     key = (id(kernel), interpret)

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -98,14 +98,15 @@ class Compiled:
     widest_load_bits: int  # widest global load instruction in the PTX (128 = v4.b32)
     widest_store_bits: int
     seconds: float
-    extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         return asdict(self)
 
 
 def source_of(launch: _launch.Launch):
-    """``(ASTSource, options)`` for one recorded launch."""
+    """``(ASTSource, options, constexprs)`` for one recorded launch: the
+    source to compile, the launch options (``num_warps``, ...) and the
+    kernel's declared ``tl.constexpr`` values (for the report)."""
     from triton.compiler import ASTSource
 
     fn = _jit_function(launch.kernel)

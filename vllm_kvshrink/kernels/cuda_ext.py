@@ -22,19 +22,24 @@ SOURCES = ("kvshrink_ops.cpp", "kvshrink_kernels.cu")
 _STATE: dict[str, object] = {}
 
 
-def available() -> bool:
-    """Whether the extension can be built here (CUDA torch, a GPU, the sources)."""
-    return (
-        torch.version.cuda is not None
-        and torch.cuda.is_available()
-        and all((CSRC / s).is_file() for s in SOURCES)
-    )
+def _missing() -> list[str]:
+    """What building the extension here lacks (empty: it can be built)."""
+    missing = [] if torch.version.cuda is not None else [
+        f"a CUDA build of torch (torch {torch.__version__} has no CUDA)"]
+    if not all((CSRC / s).is_file() for s in SOURCES):
+        missing.append(f"the sources in {CSRC}")
+    return missing
 
 
 def buildable() -> bool:
     """Whether the extension can be compiled here: a CUDA build of torch and
     the sources (no GPU needed; ``nvcc`` is found by torch)."""
-    return torch.version.cuda is not None and all((CSRC / s).is_file() for s in SOURCES)
+    return not _missing()
+
+
+def available() -> bool:
+    """Whether the extension can be built and run here (also needs a GPU)."""
+    return buildable() and torch.cuda.is_available()
 
 
 def _fix_cuda_home(cpp_extension) -> None:
@@ -58,11 +63,10 @@ def build(arch_list: str | None = None, verbose: bool = False, build_dir: str | 
     ``torch.ops.kvshrink_cuda.*``.  Needs a CUDA build of torch and ``nvcc``,
     not a GPU: ``arch_list`` (``TORCH_CUDA_ARCH_LIST`` syntax, e.g. ``"9.0"``)
     must then be given.  Returns the path of the built library."""
-    if not buildable():
-        raise RuntimeError(
-            f"cannot build the kvshrink CUDA extension here: torch {torch.__version__} "
-            f"{'has no CUDA' if torch.version.cuda is None else 'is fine'}, sources in {CSRC} "
-            f"{'present' if all((CSRC / s).is_file() for s in SOURCES) else 'missing'}")
+    missing = _missing()
+    if missing:
+        raise RuntimeError("cannot build the kvshrink CUDA extension here: it needs "
+                           + " and ".join(missing))
     from torch.utils import cpp_extension
 
     _fix_cuda_home(cpp_extension)
