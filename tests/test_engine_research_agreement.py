@@ -21,7 +21,7 @@ from vllm_kvshrink.hf.research import kept_agreement
 
 pytestmark = pytest.mark.engine
 
-SERVED = ["streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal", "semantic",
+SERVED = ["streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal", "expected_attention", "semantic",
           "temporal+semantic"]
 
 

@@ -26,6 +26,8 @@ def register() -> None:
 
     _declare_env_vars()
     cfg = KVShrinkConfig.from_env()
+    if cfg.tiered:  # refused by the engine: never silently ignored
+        cfg.check_servable()
     if cfg.enabled:
         from vllm_kvshrink import compat, patches
 

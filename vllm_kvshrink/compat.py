@@ -82,6 +82,9 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm._custom_ops:cpu_attn_reshape_and_cache",
            ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
            "probe the CPU paged-KV layout through vLLM's own write op"),
+    Symbol("vllm.model_executor.layers.rotary_embedding.base:"
+           "RotaryEmbedding._compute_inv_freq", ("self", "base"),
+           "the model's RoPE frequencies for expected_attention"),
     Symbol("vllm.v1.core.sched.scheduler:Scheduler._request_remaining_blocks",
            ("self", "request"), "admission by the compressed peak"),
     Symbol("vllm.v1.core.kv_cache_utils:_check_enough_kv_cache_memory",

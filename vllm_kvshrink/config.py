@@ -65,6 +65,9 @@ class KVShrinkConfig:
     obs_window: int = 16
     pool_kernel: int = 7
     min_prompt_tokens: int = 0
+    #: forms the tier policy may use (``("bf16",)``: eviction only); a
+    #: comma-separated string is accepted and normalised
+    storage: Any = ("bf16",)
     record_dir: str = ""
     strict: bool = False
     inject_fault: str = ""
@@ -118,6 +121,29 @@ class KVShrinkConfig:
                 f"{where('budget')}={b!r} is out of range; allowed: a whole "
                 f"token count >= 1 or a fraction in (0, 1]"
             )
+        from vllm_kvshrink.storage import parse_storage
+
+        try:
+            storage = parse_storage(self.storage, where("storage"))
+        except ValueError as e:
+            raise KVShrinkConfigError(str(e)) from None
+        object.__setattr__(self, "storage", storage)
+        if self.tiered:
+            from vllm_kvshrink.methods import parse_method
+
+            if not isinstance(b, float):
+                raise KVShrinkConfigError(
+                    f"{where('budget')}={b!r} is a token count, but "
+                    f"{where('storage')}={','.join(storage)!r} holds tokens in "
+                    f"several forms; allowed: a fraction in (0, 1] of the "
+                    f"request's bf16 bytes (e.g. 0.25)")
+            if self.enabled and (parse_method(self.method)[1]
+                                 or self.method == "minicache"):
+                raise KVShrinkConfigError(
+                    f"{where('method')}={self.method!r} rewrites K/V (merging) and "
+                    f"cannot be combined with {where('storage')}="
+                    f"{','.join(storage)!r}; allowed with tiered storage: an "
+                    f"importance method (e.g. snapkv, tova, h2o, ema, temporal)")
         for name, low in (
             ("sink_tokens", 0),
             ("recent_tokens", 1),
@@ -164,6 +190,7 @@ class KVShrinkConfig:
             obs_window=envs.get("OBS_WINDOW"),
             pool_kernel=envs.get("POOL_KERNEL"),
             min_prompt_tokens=envs.get("MIN_PROMPT_TOKENS"),
+            storage=envs.get("STORAGE"),
             record_dir=envs.get("RECORD_DIR"),
             strict=envs.get("STRICT"),
             inject_fault=envs.get("INJECT_FAULT"),
@@ -172,7 +199,7 @@ class KVShrinkConfig:
 
     #: Settings a single request may override.
     OVERRIDABLE = ("method", "budget", "sink_tokens", "recent_tokens", "slack_tokens",
-                   "method_args")
+                   "method_args", "storage")
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "KVShrinkConfig":
         if not overrides:
@@ -220,6 +247,13 @@ class KVShrinkConfig:
                 f"vLLM's paged cache gives every layer its own blocks, so nothing "
                 f"would be freed; allowed in the engine: any other method"
             )
+        if self.tiered:
+            ws = self.source.get("storage", envs.PREFIX + "STORAGE")
+            raise KVShrinkConfigError(
+                f"{ws}={','.join(self.storage)!r}: tiered storage runs in the "
+                f"research path only in this version (vllm_kvshrink.hf.research); "
+                f"the engine does not yet hold packed blocks; allowed in the "
+                f"engine: 'bf16'")
         wa = self.source.get("method_args", envs.PREFIX + "METHOD_ARGS")
         for key, value in self.args.items():
             p = PARAMS[key]
@@ -235,6 +269,11 @@ class KVShrinkConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def tiered(self) -> bool:
+        """Whether tokens may be held in forms other than bf16."""
+        return tuple(self.storage) != ("bf16",)
 
     def target_tokens(self, num_tokens: int) -> int:
         """Cache tokens a request of ``num_tokens`` logical tokens may keep."""

@@ -124,6 +124,17 @@ _VARS: list[EnvVar] = [
         _budget,
     ),
     EnvVar(
+        PREFIX + "STORAGE",
+        "bf16",
+        "Storage forms the tier policy may hold tokens in, comma-separated, e.g. "
+        "'bf16,int4' or 'bf16,int8,int4,int2' (see `python -m vllm_kvshrink "
+        "--list`). 'bf16' alone (the default) is eviction only; with more forms, "
+        "BUDGET is a fraction of the request's bf16 bytes and each token is held "
+        "in a form chosen by its importance, or evicted. Research path only in "
+        "this version: the engine refuses anything but 'bf16'.",
+        _str,
+    ),
+    EnvVar(
         PREFIX + "SINK_TOKENS",
         "4",
         "First tokens of every request that are never evicted (attention sinks).",

@@ -32,6 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvshrink import plan as plan_mod
+from vllm_kvshrink import schedule
 from vllm_kvshrink.config import KVShrinkConfig, request_overrides
 from vllm_kvshrink.envs import KVShrinkConfigError
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
@@ -196,11 +197,9 @@ class KVShrinkScheduler(Scheduler):
             cfg = st.cfg
             logical = request.num_computed_tokens
             physical = logical - st.offset
-            if physical <= 0 or max(logical, request.num_prompt_tokens) < cfg.min_prompt_tokens:
-                continue
-            target = cfg.target_tokens(logical)
-            keep = min(physical, cdiv(target, bs) * bs)
-            if physical <= keep + cfg.slack_tokens:
+            keep = schedule.tokens_to_keep(cfg, physical, logical,
+                                           request.num_prompt_tokens, bs)
+            if keep is None:
                 continue
             blocks = self._kvs_single.req_to_blocks[request.request_id]
             num_keep_blocks = cdiv(keep, bs)

@@ -31,6 +31,7 @@ from vllm_kvshrink.eval.presets import (
     STORAGE_BASELINES,
     EvalError,
     check_task,
+    parse_row,
     unbudgeted,
 )
 
@@ -143,9 +144,17 @@ class ResearchEvaluator:
         methods = list(methods if methods is not None else p["methods"])
         known = available_methods()
         for m in methods:
-            if m not in known and m not in STORAGE_BASELINES:
+            method, storage, _ = parse_row(m)
+            if method not in known:
                 raise EvalError(f"methods: {m!r} is not a known method; allowed: "
-                                f"{', '.join(known + list(STORAGE_BASELINES))}")
+                                f"{', '.join(known + list(STORAGE_BASELINES))}, "
+                                f"'<method>/<forms>' or 'uniform:<form>'")
+            if storage is not None:
+                try:
+                    KVShrinkConfig(method=method, storage=storage, budget=0.5,
+                                   source={"storage": f"methods[{m!r}]"})
+                except ValueError as e:
+                    raise EvalError(str(e)) from None
         self.methods = ["none"] + [m for m in dict.fromkeys(methods) if m != "none"]
         budgets = list(budgets if budgets is not None else p["budgets"])
         if not budgets:
@@ -214,25 +223,25 @@ class ResearchEvaluator:
         out = []
         for task in self.tasks:
             out.append((task, "none", None))
-            out += [(task, m, None) for m in self.methods[1:] if m in STORAGE_BASELINES]
+            out += [(task, m, None) for m in self.methods[1:] if unbudgeted(m)]
             # A task may name its own budgets (e.g. only the headline budget
             # at the longest context, where every run is expensive).
             for budget in task.get("budgets", self.budgets):
                 for m in self.methods[1:]:
-                    if m in STORAGE_BASELINES:
+                    if unbudgeted(m):
                         continue
                     out.append((task, m, budget))
         return out
 
-    def _config(self, method: str, budget):
+    def _config(self, row: str, budget):
         from vllm_kvshrink.config import KVShrinkConfig
 
         s = self.settings
-        if method in STORAGE_BASELINES:
-            method = "none"
+        method, storage, _ = parse_row(row)
         return KVShrinkConfig(method=method, budget=budget if budget is not None else 1.0,
                               slack_tokens=s["slack_tokens"],
                               recent_tokens=s["recent_tokens"],
+                              storage=storage or "bf16",
                               method_args=_method_args(method))
 
     # ------------------------------------------------------------ examples
@@ -250,10 +259,14 @@ class ResearchEvaluator:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
     def _austen_examples(self, task: dict, rng) -> list[Example]:
-        from vllm_kvshrink.assets import load_austen
+        from vllm_kvshrink.assets import load_austen, load_essays
 
         self._load()
-        books = load_austen()
+        if task.get("corpus", "austen") == "essays":
+            # One long text of the essays, in their stored order.
+            books = {"essays": "\n\n".join(load_essays())}
+        else:
+            books = load_austen()
         titles = list(books)
         need = task["context"] + task["continuation"]
         out = []
@@ -307,33 +320,44 @@ class ResearchEvaluator:
         return out
 
     # ------------------------------------------------------------ one run
-    def _run_one(self, method: str, budget, prompt: list[int], target: list[int],
-                 keep_attn: bool) -> dict:
+    def _runner(self, wrapped, method: str, budget, shared: bool):
         from vllm_kvshrink.hf.research import ResearchRunner
 
+        s = self.settings
+        store = parse_row(method)[2]
+        return ResearchRunner(wrapped, self._config(method, budget),
+                              block_size=s["block_size"],
+                              chunk=None if shared else s["prefill_chunk"],
+                              store_form=store,
+                              store_from="prefill_end" if shared else "write")
+
+    def _prefill(self, prompt: list[int]):
+        """The prompt's full-cache state, shared by every row of an example."""
+        model, _ = self._load()
+        torch.manual_seed(self.seed)
+        wrapped = _TailLogits(model, len(prompt), False)
+        return self._runner(wrapped, "none", None, True).prefill(prompt)
+
+    def _run_one(self, method: str, budget, prompt: list[int], target: list[int],
+                 keep_attn: bool, prefill=None) -> dict:
         model, _ = self._load()
         torch.manual_seed(self.seed)
         s = self.settings
         wrapped = _TailLogits(model, len(prompt), keep_attn)
         try:
-            runner = ResearchRunner(wrapped, self._config(method, budget),
-                                    block_size=s["block_size"], chunk=s["prefill_chunk"],
-                                    kv_dtype=(getattr(torch, STORAGE_BASELINES[method])
-                                              if method in STORAGE_BASELINES else None))
+            runner = self._runner(wrapped, method, budget, prefill is not None)
             res = runner.run(prompt, forced=target, keep_logits=True,
-                             forced_chunk=s["forced_chunk"])
+                             forced_chunk=s["forced_chunk"], prefill=prefill)
         finally:
             wrapped.close()
         c = len(target)
         logits = res.logits[-c - 1:-1].float()  # row j predicts target[j]
         logp = torch.log_softmax(logits, dim=-1)
         attn = [torch.cat(a)[:c] for a in wrapped.attn] if keep_attn else None
+        # Bytes as vLLM would hold them (16-bit elements, forms at their
+        # exact bytes), against the 16-bit full cache.
         kv = np.asarray(res.kv_bytes, dtype=float)
         full = np.asarray(res.full_kv_bytes, dtype=float)
-        if method in STORAGE_BASELINES:
-            # A storage dtype's saving is against the 16-bit cache vLLM serves,
-            # whatever dtype this evaluation runs the model in.
-            kv = kv * model.dtype.itemsize / 2
         return {"logp": logp, "attn": attn,
                 "kv_mean_ratio": float(np.mean(kv / full)),
                 "kv_peak_ratio": float(kv.max() / full.max()),
@@ -391,6 +415,51 @@ class ResearchEvaluator:
         return {"task": task["name"], "kind": kind, "method": method, "budget": budget,
                 "examples": rows}
 
+    def _shared_cells(self, task: dict, rows: list[tuple[str, Any]], cells_dir: Path,
+                      label: str) -> tuple[list[dict], int, int]:
+        """A task whose rows all continue from one shared prefill: example by
+        example (one prompt pass each), every row scored, the example written
+        to ``cells/`` so an interrupted run resumes there; then one cell per
+        row, as for the other tasks."""
+        exs = self.examples(task)
+        # Example i is the same window whatever the example count, so the
+        # count stays out of the fingerprint: a run with fewer examples
+        # reuses the files of a longer one.
+        fp = self._fingerprint({**{k: v for k, v in task.items() if k != "examples"},
+                                "rows": [[m, b] for m, b in rows]})
+        per_row: dict[tuple[str, Any], list[dict]] = {r: [] for r in rows}
+        computed = reused = 0
+        for ex in exs:
+            path = cells_dir / f"{task['name']}__example{ex.index}__{fp}.json"
+            t0 = time.perf_counter()
+            if path.exists():
+                got = json.loads(path.read_text())
+                reused += 1
+            else:
+                pre = self._prefill(ex.prompt)
+                ref = self._run_one("none", None, ex.prompt, ex.target, True, pre)
+                got = {"rows": []}
+                for method, budget in rows:
+                    run = ref if method == "none" else self._run_one(
+                        method, budget, ex.prompt, ex.target, True, pre)
+                    got["rows"].append({
+                        "method": method, "budget": budget,
+                        "row": {"index": ex.index, **ex.info,
+                                "prompt_tokens": len(ex.prompt),
+                                "scored_tokens": len(ex.target),
+                                **self._score(run, ref, ex.target, task["kind"])}})
+                del pre, ref
+                _write_atomic(path, got)
+                computed += 1
+            for r in got["rows"]:
+                per_row[(r["method"], r["budget"])].append(r["row"])
+            self._log(f"{label}: example {ex.index + 1}/{len(exs)} "
+                      f"({time.perf_counter() - t0:.1f} s)")
+        cells = [{"task": task["name"], "kind": task["kind"], "method": m, "budget": b,
+                  "examples": per_row[(m, b)], "key": f"{task['name']}__{_safe(m)}__{b}__{fp}"}
+                 for m, b in rows]
+        return cells, computed, reused
+
     # ------------------------------------------------------------ the run
     def run(self) -> dict:
         """Run every unfinished cell, then write results.json, report.md, plots.
@@ -402,12 +471,22 @@ class ResearchEvaluator:
             torch.set_num_threads(self.threads)
         cells_dir = self.out / "cells"
         cells_dir.mkdir(parents=True, exist_ok=True)
-        plan = [t for t in self.cells() if t[0]["kind"] != "engine_copy"]
+        shared = [t for t in self.tasks if t.get("shared_prefill")]
+        plan = [t for t in self.cells() if t[0]["kind"] != "engine_copy"
+                and not t[0].get("shared_prefill")]
         engine_tasks = [t for t in self.tasks if t["kind"] == "engine_copy"]
         done: list[dict] = []
         computed = reused = 0
-        total = len(plan) + len(engine_tasks)
-        for n, (task, method, budget) in enumerate(plan, 1):
+        total = len(plan) + len(engine_tasks) + len(shared)
+        for j, task in enumerate(shared, 1):
+            rows = [(m, b) for t, m, b in self.cells() if t is task]
+            cells, c, r = self._shared_cells(task, rows, cells_dir,
+                                             f"[eval {j}/{total}] {task['name']} "
+                                             f"({len(rows)} rows)")
+            done.extend(cells)
+            computed += c
+            reused += r
+        for n, (task, method, budget) in enumerate(plan, len(shared) + 1):
             key = self.cell_key(task, method, budget)
             path = cells_dir / f"{key}.json"
             label = (f"[eval {n}/{total}] {task['name']} {method}"

@@ -31,23 +31,68 @@ class EvalError(ValueError):
     allowed)."""
 
 
-#: Baselines that are a storage dtype of the full cache, not a method: one
-#: cell per task (no budget).  ``fp8`` = stock vLLM ``kv_cache_dtype="fp8"``
-#: (e4m3, scale 1): emulated in the research path (K/V rounded to fp8 when
-#: stored), served for real in the engine task.
-STORAGE_BASELINES = {"fp8": "float8_e4m3fn"}
+#: Baselines that are one of vLLM's own KV formats for the whole cache, not
+#: a method: one cell per task (no budget), emulated in the research path
+#: (:mod:`vllm_kvshrink.storage.vllm_formats`); ``fp8`` is also served for
+#: real in the engine task.
+STORAGE_BASELINES = ("fp8", "int8_per_token_head", "int4_per_token_head",
+                     "turboquant_4bit_nc", "turboquant_k8v4")
+
+#: ``uniform:<form>``: every token but the sinks and the recent window held
+#: in one of our forms, nothing evicted (``uniform:int4`` is KIVI's scheme,
+#: its full-precision residual being the recent window).
+UNIFORM_PREFIX = "uniform:"
+
+
+def parse_row(spec: str) -> tuple[str, str | None, str | None]:
+    """An evaluation row -> ``(method, storage, store_form)``:
+
+    * ``snapkv`` -- a method, eviction only;
+    * ``snapkv/bf16,int4_tok_rot`` -- a method as the tier policy's scorer
+      over those forms, the budget in bf16 bytes;
+    * ``uniform:int4`` -- one form for everything (see :data:`UNIFORM_PREFIX`);
+    * ``int4_per_token_head`` etc. -- vLLM's formats (:data:`STORAGE_BASELINES`).
+    """
+    if spec in STORAGE_BASELINES:
+        return "none", None, spec
+    if spec.startswith(UNIFORM_PREFIX):
+        return "streaming", spec[len(UNIFORM_PREFIX):], None
+    method, slash, storage = spec.partition("/")
+    return method, (storage if slash else None), None
 
 
 def unbudgeted(method: str) -> bool:
-    """Full-cache rows: the reference and the storage-dtype baselines."""
-    return method == "none" or method in STORAGE_BASELINES
+    """Rows without a budget: the reference, vLLM's formats, uniform forms."""
+    return (method == "none" or method in STORAGE_BASELINES
+            or method.startswith(UNIFORM_PREFIX))
 
 
 #: Methods every table compares against (where they are part of the run).
-BASELINES = ("none", "fp8", "streaming", "h2o", "snapkv", "tova", "knorm", "minicache")
+BASELINES = ("none", "fp8", "int4_per_token_head", "streaming", "h2o", "snapkv", "tova",
+             "knorm", "expected_attention", "minicache")
+
+#: The scorers tiered storage is tried with, and the forms it may use
+#: (sinks and the recent window always bf16).
+TIER_SCORERS = ["snapkv", "tova", "h2o", "ema", "temporal", "expected_attention"]
+TIER_FORMS = "bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot"
+TIERS_METHODS = (
+    ["none", "fp8", "int8_per_token_head", "int4_per_token_head", "turboquant_4bit_nc",
+     "uniform:int4", "uniform:int2", "uniform:int4_tok_rot",
+     "streaming", "h2o", "snapkv", "tova", "ema", "temporal", "expected_attention",
+     "snapkv/int4_tok_rot", "minicache"]
+    + [f"{m}/{TIER_FORMS}" for m in TIER_SCORERS])
 
 QUICK_METHODS = ["none", "fp8", "streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
                  "semantic", "minicache"]
+
+#: Long-text windows at 4k context, every method applied once after the
+#: prompt's single forward pass (shared by every row of an example).
+TIER_TASKS = [
+    {"name": "austen_4k", "kind": "ppl", "context": 4096, "continuation": 128,
+     "examples": 24, "corpus": "austen", "shared_prefill": True},
+    {"name": "essays_4k", "kind": "ppl", "context": 4096, "continuation": 128,
+     "examples": 24, "corpus": "essays", "shared_prefill": True},
+]
 
 PRESETS: dict[str, dict] = {
     # CI: two compressed methods, one budget, tiny examples.
@@ -79,6 +124,16 @@ PRESETS: dict[str, dict] = {
         "prefill_chunk": 256, "forced_chunk": 32, "slack_tokens": 32,
         "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
     },
+    # The tiered-storage report in docs/eval/tiers/: vLLM's formats, uniform
+    # forms, eviction, eviction + int4 and tiers with each scorer, 24 windows
+    # of each corpus at 4k context, budgets 25% and 12.5% of the bf16 bytes.
+    "tiers": {
+        "methods": TIERS_METHODS,
+        "budgets": [0.25, 0.125],
+        "tasks": TIER_TASKS,
+        "prefill_chunk": 512, "forced_chunk": 64, "slack_tokens": 64,
+        "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
+    },
     # The report in docs/eval/: every method at 4k context and 25% budget (the
     # headline comparison), budget curves at 1k, copy-back in the research path
     # and in the engine.  About 40 minutes on two idle CPU cores.
@@ -99,6 +154,9 @@ PRESETS: dict[str, dict] = {
         "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
     },
 }
+
+#: Long texts a ``ppl`` task takes windows of.
+CORPORA = ("austen", "essays")
 
 KINDS = {
     "ppl": ("context", "continuation", "examples"),
@@ -124,6 +182,10 @@ def check_task(task: dict) -> dict:
     if kind not in KINDS:
         raise EvalError(f"task {task['name']!r}: kind={kind!r} is not known; allowed: "
                          f"{', '.join(KINDS)}")
+    corpus = task.get("corpus", "austen")
+    if kind == "ppl" and corpus not in CORPORA:
+        raise EvalError(f"task {task['name']!r}: corpus={corpus!r} is not known; "
+                         f"allowed: {', '.join(CORPORA)}")
     for field in KINDS[kind]:
         v = task.get(field)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

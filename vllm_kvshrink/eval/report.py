@@ -191,6 +191,14 @@ def render_markdown(results: dict) -> str:
                              f"{r['diff_ci'][1]:+.4f}] | {_p(r['p_value'])} | "
                              f"{r['rank_biserial']:+.2f} | {r['verdict']} |")
         lines.append("")
+        if task.get("shared_prefill"):
+            from vllm_kvshrink.eval.targets import frontier
+
+            lines += [f"Pareto frontier (bytes held, perplexity) of {name}: "
+                      + ", ".join(f"`{x}`" for x in frontier(results, name)), ""]
+    from vllm_kvshrink.eval.targets import render_targets
+
+    lines += render_targets(results)
     preds = [(c["task"], c["method"], c["budget"], r["predictor"]) for c in cells
              for r in c["examples"][-1:] if "predictor" in r]
     if preds:
@@ -222,6 +230,8 @@ def make_plots(results: dict, out: Path) -> list[str]:
         metric, hib = PRIMARY[kind]
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in results["meta"]["methods"]:
+            if task.get("shared_prefill") and "/" in m:
+                continue  # tiered rows: on the Pareto plot
             cs = sorted((c for c in cells if c["task"] == name and c["method"] == m
                          and c["budget"] is not None), key=lambda c: c["budget"])
             if unbudgeted(m):
@@ -252,6 +262,13 @@ def make_plots(results: dict, out: Path) -> list[str]:
         fig.savefig(out / fname, dpi=90)
         plt.close(fig)
         files.append(fname)
+    from vllm_kvshrink.eval.targets import pareto_plot
+
+    for task in results["tasks"]:
+        if task["kind"] == "ppl":
+            name = pareto_plot(results, task, out)
+            if name:
+                files.append(name)
     # Memory: measured KV bytes held relative to the full cache.
     rows = {}
     for c in cells:

@@ -20,6 +20,7 @@ reads the store, so it works for any model that routes attention through it
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,7 +29,6 @@ import torch
 
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.methods import Observation, build_method, compress_event
-from vllm_kvshrink.methods.minicache import MiniCache
 
 _IMPL = "kvshrink_research"
 _ACTIVE: list["ResearchCache"] = []
@@ -59,6 +59,14 @@ class ResearchCache:
     #: store K/V rounded to this dtype (e.g. float8_e4m3fn: vLLM's
     #: ``kv_cache_dtype="fp8"`` with scale 1), or None
     store_dtype: torch.dtype | None = None
+    #: per layer, the uniform storage form (one of vLLM's formats) every
+    #: token is held in once :attr:`store_active`; ``None``: the model dtype
+    store_forms: list | None = None
+    store_active: bool = False
+    #: tiered storage: the forms (:func:`~vllm_kvshrink.storage.policy.levels_for`)
+    #: and ``[L, Hkv, N]`` int8 level of each stored token, or None
+    levels: tuple = ()
+    level: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_layers
@@ -70,13 +78,21 @@ class ResearchCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[1]
 
     def kv_bytes(self) -> int:
-        """Bytes the compressed cache holds: visible tokens x K and V, with
-        MiniCache-shared tokens counted as two norms."""
+        """Bytes the compressed cache holds, as vLLM would serve it (16-bit
+        elements, whatever dtype this run computes in): visible tokens x K
+        and V, MiniCache-shared tokens counted as two norms; tiered tokens
+        and uniform storage forms at their forms' exact bytes."""
         if self.keys[0] is None:
             return 0
         hkv, n, d = self.keys[0].shape
+        if self.level is not None:
+            from vllm_kvshrink.storage.policy import held_bytes
+
+            return held_bytes(self.level, self.levels, d)
+        if self.store_forms is not None and self.store_active:
+            return hkv * sum(f.nbytes(n, d) for f in self.store_forms)
         elem = (torch.empty(0, dtype=self.store_dtype).element_size()
-                if self.store_dtype is not None else self.keys[0].element_size())
+                if self.store_dtype is not None else 2)
         total = 0
         for layer in range(self.num_layers):
             vis = torch.ones(hkv, n, dtype=torch.bool)
@@ -105,6 +121,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if cache.store_dtype is not None:
         k_new = k_new.to(cache.store_dtype).to(key.dtype)
         v_new = v_new.to(cache.store_dtype).to(value.dtype)
+    if cache.store_forms is not None and cache.store_active:
+        k_new, v_new = cache.store_forms[li].roundtrip(k_new, v_new)
     if cache.keys[li] is None:
         cache.keys[li], cache.values[li] = k_new, v_new
     else:
@@ -113,6 +131,15 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     k, v = cache.keys[li], cache.values[li]
     n = k.shape[1]
     old = n - t
+    # Keep this step's last queries for the observation window.
+    cache._step_q[li] = query[0, :, -cache.obs_window:].detach()
+    if old == 0 and cache.on_attention is None:
+        # A first pass over a fresh cache: plain causal attention, nothing
+        # hidden or biased, no probabilities wanted -- the fused kernel.
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query[0].float(), k.float().repeat_interleave(g, 0),
+            v.float().repeat_interleave(g, 0), is_causal=True, scale=scaling)
+        return out.to(query.dtype).transpose(0, 1)[None].contiguous(), None
     logits = torch.einsum("hgtd,hnd->hgtn", query[0].view(hkv, g, t, d).float(),
                           k.float()) * scaling
     causal = torch.arange(n)[None, :] <= (old + torch.arange(t))[:, None]  # [T, N]
@@ -130,8 +157,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if cache.on_attention is not None:
         cache.on_attention(li, probs)
     out = torch.einsum("hgtn,hnd->hgtd", probs, v.float()).to(query.dtype)
-    # Keep this step's last queries for the observation window.
-    cache._step_q[li] = query[0, :, -cache.obs_window:].detach()
     return out.reshape(hq, t, d).transpose(0, 1)[None].contiguous(), None
 
 
@@ -169,8 +194,14 @@ class ResearchRunner:
     """
 
     def __init__(self, model, config: KVShrinkConfig, block_size: int = 16,
-                 chunk: int | None = None, kv_dtype: torch.dtype | None = None) -> None:
+                 chunk: int | None = None, kv_dtype: torch.dtype | None = None,
+                 store_form: str | None = None, store_from: str = "write") -> None:
         _register()
+        if store_from not in ("write", "prefill_end"):
+            raise ValueError(f"store_from={store_from!r}; allowed: write, prefill_end")
+        if store_form is not None and config.tiered:
+            raise ValueError("store_form (a uniform format) and tiered storage "
+                             f"{config.storage} exclude each other")
         self.kv_dtype = kv_dtype
         self.model = model
         self.cfg = config
@@ -178,24 +209,74 @@ class ResearchRunner:
         self.chunk = chunk
         mc = model.config
         self.num_layers = mc.num_hidden_layers
+        self.store_forms = None
+        if store_form is not None:
+            from vllm_kvshrink.storage import get_form
+
+            form = get_form(store_form)
+            # vLLM keeps some layers in the model dtype under a format
+            # (TurboQuant: the first and last two of a dense model).
+            skip = getattr(form, "skip_layers", lambda n: [])(self.num_layers)
+            self.store_forms = [get_form("bf16") if i in skip else form
+                                for i in range(self.num_layers)]
+        self.store_from = store_from
         self.method = build_method(config) if config.enabled else None
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: list[int]) -> "Prefill":
+        """The whole prompt in one forward pass with the full cache: a state
+        every configuration of this model can continue from (see
+        :meth:`run`'s ``prefill``)."""
+        cache = ResearchCache(self.num_layers, self.cfg.obs_window)
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(_IMPL)
+        _ACTIVE.append(cache)
+        try:
+            pos = torch.arange(len(prompt_ids))
+            out = self.model(input_ids=torch.tensor([list(prompt_ids)]),
+                             position_ids=pos[None], use_cache=False)
+            self._append(cache, pos)
+        finally:
+            _ACTIVE.pop()
+            self.model.set_attn_implementation(previous)
+        return Prefill(list(prompt_ids), cache, out.logits[:, -1:].detach())
 
     @torch.no_grad()
     def run(self, prompt_ids: list[int], max_new_tokens: int = 0,
             forced: list[int] | None = None, keep_logits: bool = False,
-            on_attention=None, on_event=None, forced_chunk: int = 1) -> ResearchResult:
+            on_attention=None, on_event=None, forced_chunk: int = 1,
+            prefill: "Prefill | None" = None) -> ResearchResult:
         """Greedy generation (or teacher forcing with ``forced`` tokens, fed
         ``forced_chunk`` per forward pass; compression runs between passes).
 
-        Row ``i`` of the returned logits predicts ``token_ids[i + 1]``.
+        Row ``i`` of the returned logits predicts ``token_ids[i + 1]``
+        (with ``prefill``, the prompt's rows are its last one only).
+
+        ``prefill`` (from :meth:`prefill` on the same prompt): start from that
+        state instead of running the prompt -- the same as running it in one
+        chunk, since nothing is compressed before the prompt's pass ends.
 
         Returns the token ids, the compression events (same format as the
         engine's records), the logits of every fed position when
         ``keep_logits``, and the KV bytes held after every step.
         """
         cfg = self.cfg
-        cache = ResearchCache(self.num_layers, cfg.obs_window)
+        if prefill is not None:
+            if list(prefill.prompt) != list(prompt_ids):
+                raise ValueError("prefill was made for another prompt")
+            cache = prefill.clone()
+        else:
+            cache = ResearchCache(self.num_layers, cfg.obs_window)
         cache.store_dtype = self.kv_dtype
+        cache.store_forms = self.store_forms
+        cache.store_active = self.store_forms is not None and self.store_from == "write"
+        if cfg.tiered and cfg.enabled:
+            from vllm_kvshrink.storage.policy import levels_for
+
+            cache.levels = levels_for(cfg.storage)
+            cache.level = None
+            if cache.keys[0] is not None:  # a prefill: every token in bf16
+                cache.level = torch.zeros(cache.logical.shape, dtype=torch.int8)
         cache.on_attention = on_attention
         state: dict = {}
         tokens = list(prompt_ids)
@@ -211,21 +292,31 @@ class ResearchRunner:
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(_IMPL)
         _ACTIVE.append(cache)
+        resumed = prefill is not None
         try:
             while pending:
                 step = pending
                 if self.chunk and logical < len(prompt_ids):
                     step = pending[: self.chunk]
-                pending = pending[len(step):]
-                pos = torch.arange(logical, logical + len(step))
-                out = self.model(input_ids=torch.tensor([step]), position_ids=pos[None],
-                                 use_cache=False)
-                self._append(cache, pos)
-                logical += len(step)
+                if resumed:  # the prompt's pass: already run by prefill()
+                    step, resumed = pending, False
+                    pending = []
+                    logical = len(step)
+                    out = _Out(prefill.logits)
+                else:
+                    pending = pending[len(step):]
+                    pos = torch.arange(logical, logical + len(step))
+                    out = self.model(input_ids=torch.tensor([step]),
+                                     position_ids=pos[None], use_cache=False)
+                    self._append(cache, pos)
+                    logical += len(step)
                 if keep_logits:
                     logits_out.append(out.logits[0].float())
+                if (self.store_forms is not None and not cache.store_active
+                        and logical >= len(prompt_ids)):
+                    self._store_all(cache)
                 if self.method is not None:
-                    if isinstance(self.method, MiniCache):
+                    if getattr(self.method, "cross_layer", False):
                         if cache.length - last_merge >= max(1, cfg.slack_tokens):
                             self._minicache(cache)
                             last_merge = cache.length
@@ -265,8 +356,8 @@ class ResearchRunner:
     # ------------------------------------------------------------ internals
     def _full_bytes(self, cache: ResearchCache, logical: int) -> int:
         hkv, _, d = cache.keys[0].shape
-        # The full cache in the model's dtype: what stock vLLM holds.
-        return self.num_layers * hkv * logical * 2 * d * cache.keys[0].element_size()
+        # The full cache in 16 bits: what stock vLLM holds.
+        return self.num_layers * hkv * logical * 2 * d * 2
 
     def _append(self, cache: ResearchCache, pos: torch.Tensor) -> None:
         l, hkv = self.num_layers, cache.keys[0].shape[0]
@@ -281,29 +372,89 @@ class ResearchRunner:
                                                                  dtype=torch.bool)], 2))
         if cache.bias is not None:
             cache.bias = torch.cat([cache.bias, torch.zeros(l, hkv, t)], dim=2)
+        if cache.levels:  # tiered: new tokens arrive in bf16
+            cache.level = (torch.zeros(cache.logical.shape, dtype=torch.int8)
+                           if cache.level is None else
+                           torch.cat([cache.level, torch.zeros(l, hkv, t,
+                                                               dtype=torch.int8)], 2))
         m = min(t, cache.obs_window)
         qs = torch.stack([cache._step_q[i][:, -m:] for i in range(l)])  # [L, Hq, m, D]
         for j in range(m):
             cache.qring.append((int(pos[t - m + j]), qs[:, :, j]))
         del cache.qring[: max(0, len(cache.qring) - cache.obs_window)]
 
-    def _maybe_compress(self, cache: ResearchCache, state: dict, logical: int,
-                        prompt_len: int) -> dict | None:
-        cfg, bs = self.cfg, self.block_size
-        physical = cache.length
-        if max(logical, prompt_len) < cfg.min_prompt_tokens:
-            return None
-        target = cfg.target_tokens(logical)
-        keep = min(physical, -(-target // bs) * bs)
-        if physical <= keep + cfg.slack_tokens:
-            return None
+    def _store_all(self, cache: ResearchCache) -> None:
+        """Hold every cached token in the uniform form from now on (vLLM's
+        formats, applied once the prompt has been seen in full precision)."""
+        for layer in range(self.num_layers):
+            cache.keys[layer], cache.values[layer] = self.store_forms[layer].roundtrip(
+                cache.keys[layer], cache.values[layer])
+        cache.store_active = True
+
+    def _observation(self, cache: ResearchCache, logical: int) -> Observation:
         keys = torch.stack(cache.keys)  # [L, H, N, D]
         q = qpos = None
         if self.method.needs_queries:
             q = torch.stack([qq for _, qq in cache.qring], dim=2)  # [L, Hq, m, D]
             pos = torch.tensor([p for p, _ in cache.qring])
-            qpos = physical - (logical - pos)
-        obs = Observation(keys, q, qpos, list(cache.scales))
+            qpos = cache.length - (logical - pos)
+        return Observation(keys, q, qpos, list(cache.scales),
+                           rope_inv_freq=self._inv_freq())
+
+    def _inv_freq(self) -> torch.Tensor | None:
+        """The model's RoPE frequencies where it uses plain rotate-half RoPE
+        (read by ``expected_attention`` to average future rotations)."""
+        rot = getattr(getattr(self.model, "model", None), "rotary_emb", None)
+        inv = getattr(rot, "inv_freq", None)
+        if inv is None or getattr(rot, "rope_type", "default") != "default":
+            return None
+        return inv.detach().float()
+
+    def _maybe_tier(self, cache: ResearchCache, state: dict, logical: int,
+                    prompt_len: int) -> dict | None:
+        from vllm_kvshrink import schedule
+        from vllm_kvshrink.storage.policy import apply_tiers, tier_event
+
+        cfg = self.cfg
+        hkv, n, d = cache.keys[0].shape
+        token_bytes = self.num_layers * hkv * 4 * d
+        held = cache.kv_bytes()
+        loose = int((cache.level[0, 0, cfg.sink_tokens:max(cfg.sink_tokens,
+                                                             n - cfg.recent_tokens)]
+                     == 0).sum())
+        budget = schedule.bytes_due(cfg, held, logical, prompt_len, token_bytes, loose)
+        if budget is None:
+            return None
+        obs = self._observation(cache, logical)
+        values = torch.stack(cache.values)
+        plan = tier_event(self.method, obs, state, cache.levels, budget,
+                          cfg.sink_tokens, cfg.recent_tokens, values,
+                          cache.level, bf16_free="bf16" in cfg.storage)
+        keep = plan.keep()
+        keys, vals = apply_tiers(plan, obs.keys, values, keep)
+        for layer in range(self.num_layers):
+            cache.keys[layer], cache.values[layer] = keys[layer], vals[layer]
+        cache.logical = cache.logical.gather(2, keep)
+        cache.level = plan.level.gather(2, keep)
+        return {"logical_len": logical, "old_len": n, "keep": keep.shape[-1],
+                "method": cfg.method, "kept": cache.logical.tolist(),
+                "storage": list(cache.levels), "counts": plan.counts,
+                "level": cache.level.tolist(), "bytes": plan.nbytes,
+                "budget_bytes": budget, "_merged": 0}
+
+    def _maybe_compress(self, cache: ResearchCache, state: dict, logical: int,
+                        prompt_len: int) -> dict | None:
+        from vllm_kvshrink import schedule
+
+        if self.cfg.tiered:
+            return self._maybe_tier(cache, state, logical, prompt_len)
+        cfg, bs = self.cfg, self.block_size
+        physical = cache.length
+        keep = schedule.tokens_to_keep(cfg, physical, logical, prompt_len, bs)
+        if keep is None:
+            return None
+        obs = self._observation(cache, logical)
+        keys = obs.keys
         res = compress_event(self.method, obs, state, keep, cfg.sink_tokens,
                              cfg.recent_tokens, values=lambda: torch.stack(cache.values),
                              hidden=cache.hidden,
@@ -335,6 +486,28 @@ class ResearchRunner:
         protect[max(0, n - self.cfg.recent_tokens):] = True
         shared = self.method.apply(cache.keys, cache.values, protect)
         cache.shared = torch.stack(shared)
+
+
+@dataclass
+class Prefill:
+    """A prompt's state after one full-cache forward pass (:meth:`ResearchRunner.prefill`)."""
+
+    prompt: list[int]
+    cache: ResearchCache
+    logits: torch.Tensor  # [1, 1, vocab]: the prompt's last position
+
+    def clone(self) -> ResearchCache:
+        """A cache to continue from; this state stays as it is (every change
+        to a cache replaces its tensors rather than writing into them)."""
+        c = copy.copy(self.cache)
+        c.keys, c.values = list(c.keys), list(c.values)
+        c.qring, c._step_q, c.scales = list(c.qring), dict(c._step_q), list(c.scales)
+        return c
+
+
+class _Out:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
 
 
 def kept_agreement(a: list[list[list[int]]], b: list[list[list[int]]]) -> float:

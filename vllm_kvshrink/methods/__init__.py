@@ -64,6 +64,24 @@ PARAMS: dict[str, Param] = {
                                   "directions have a lower cosine stay unmerged",
                                   lambda v: -1 <= v <= 1, "-1 <= x <= 1",
                                   research_only=True),
+    "ea_cov": Param(bool, True, "expected_attention: add the query covariance term "
+                    "0.5 * scale^2 * k'Sigma k (kvpress use_covariance)"),
+    "ea_vnorm": Param(bool, True, "expected_attention: multiply by the value norm "
+                      "||v|| (kvpress use_vnorm)"),
+    "ea_epsilon": Param(float, 0.0, "expected_attention: added to the expected "
+                        "attention before the value-norm product (kvpress epsilon)",
+                        lambda v: v >= 0, "x >= 0"),
+    "ea_future": Param(int, 512, "expected_attention: future positions the RoPE "
+                       "rotation is averaged over (kvpress n_future_positions)",
+                       lambda v: v >= 1, "a whole number >= 1"),
+    "ea_sink": Param(int, 4, "expected_attention: first tokens left out of the query "
+                     "statistics and the softmax, always kept (kvpress n_sink)",
+                     lambda v: v >= 0, "a whole number >= 0"),
+    "ea_rope_theta": Param(float, 0.0, "expected_attention: RoPE base of the model "
+                           "(plain RoPE over the whole head), used when the caller gives "
+                           "no RoPE frequencies (0 = none: window statistics without "
+                           "future rotation)",
+                           lambda v: v == 0 or v > 1, "0 or x > 1"),
     "head_budget": Param(str, "uniform", "per-head (adaptive, AdaKV) or per-layer "
                          "(pyramid, PyramidKV) budgets; the engine serves uniform only",
                          lambda v: v in BUDGET_MODES, " | ".join(BUDGET_MODES),
@@ -86,6 +104,18 @@ def _temporal(cfg):
     return TemporalImportance(shared_predictor(a["predictor_path"], a["lr"]),
                               online=a["online"], train_rows=a["train_rows"],
                               save_path=a["predictor_save"])
+
+
+def _expected_attention(cfg):
+    from vllm_kvshrink.methods.expected_attention import ExpectedAttention
+
+    a = cfg.args
+    return ExpectedAttention(use_cov=a["ea_cov"], vnorm=a["ea_vnorm"],
+                             epsilon=a["ea_epsilon"], n_future=a["ea_future"],
+                             n_sink=a["ea_sink"], rope_theta=a["ea_rope_theta"])
+
+
+_EA_PARAMS = ("ea_cov", "ea_vnorm", "ea_epsilon", "ea_future", "ea_sink", "ea_rope_theta")
 
 
 def _factories() -> dict[str, MethodSpec]:
@@ -118,6 +148,10 @@ def _factories() -> dict[str, MethodSpec]:
                                "over each token's attention history, trained online",
                                ("predictor_path", "predictor_save", "online", "lr",
                                 "train_rows")),
+        "expected_attention": MethodSpec(
+            _expected_attention, "Expected Attention: attention expected from a Gaussian "
+            "of future queries (window mean + covariance, RoPE-averaged over future "
+            "positions) times ||v||, per KV head (arXiv:2510.00636)", _EA_PARAMS),
         "minicache": MethodSpec(lambda c: MiniCache(c.args["minicache_start"],
                                                     c.args["minicache_retain_cos"]),
                                 "MiniCache: merge adjacent deep layers' KV (research "

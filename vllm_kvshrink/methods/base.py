@@ -33,12 +33,23 @@ class Observation:
         query_pos: ``[W]`` physical index in the cache of the token each query
             belongs to (a query sees keys ``<=`` its index).
         scales: per-layer softmax scale.
+        values: ``[L, Hkv, N, D]`` cached values, or a zero-argument callable
+            returning them (read once, on the first :meth:`value_tensor`).
+            :func:`compress_event` fills it from its ``values`` argument, so a
+            method reads the values only if it asks for them.
+        rope_inv_freq: optional ``[R]`` (or per layer ``[L, R]``) RoPE angular
+            frequencies in radians per position, rotate-half (GPT-NeoX / HF
+            Llama) layout over the first ``2R`` dims of each head, as
+            ``model.model.rotary_emb.inv_freq``; ``None`` = unknown.  Only
+            methods that extrapolate queries to future positions read it.
     """
 
     keys: torch.Tensor
     queries: torch.Tensor | None = None
     query_pos: torch.Tensor | None = None
     scales: Sequence[float] | None = None
+    values: Any = None
+    rope_inv_freq: torch.Tensor | None = None
     _probs: torch.Tensor | None = field(default=None, repr=False)
     _attn: torch.Tensor | None = field(default=None, repr=False)
 
@@ -54,6 +65,14 @@ class Observation:
         d = self.keys.shape[-1]
         s = [d**-0.5] * self.num_layers if self.scales is None else list(self.scales)
         return torch.tensor(s, dtype=torch.float32)
+
+    def value_tensor(self) -> torch.Tensor:
+        """``[L, Hkv, N, D]`` cached values (read on first use)."""
+        if callable(self.values):
+            self.values = self.values()
+        if self.values is None:
+            raise ValueError("this method needs the cached values")
+        return self.values
 
     def probs(self) -> torch.Tensor:
         """``[L, Hkv, G, W, N]`` float32 softmax attention of each window query
@@ -99,6 +118,12 @@ class ScoringMethod:
     stateful: ClassVar[bool] = False
     #: Rewrites kept tokens' K/V (merging) instead of only choosing them.
     merges: ClassVar[bool] = False
+    #: Scores from positions alone (``score`` ignores the keys' values): the
+    #: engine skips reading the cache and uses one selection for all layers.
+    position_only: ClassVar[bool] = False
+    #: Merges K/V across layers on its own schedule (``apply``) instead of
+    #: choosing tokens at compression events: research path only.
+    cross_layer: ClassVar[bool] = False
 
     def score(
         self,
@@ -221,13 +246,16 @@ def compress_event(
     state.  The engine and the research path both call exactly this.
 
     ``values`` (``[L, Hkv, N, D]`` or a callable returning it) is read only by
-    merging methods.  Research path only: ``hidden`` ``[L, Hkv, N]`` marks
+    merging methods and by methods that call :meth:`Observation.value_tensor`
+    (at most once).  Research path only: ``hidden`` ``[L, Hkv, N]`` marks
     slots a per-head budget already hid (dropped first), and ``budget_mode``
     other than ``"uniform"`` gives (layer, head)s different counts
     (:mod:`~vllm_kvshrink.methods.budgets`): ``num_keep`` becomes the mean, the
     largest count is kept and :attr:`EventResult.visible` hides the rest.
     """
     l, h, n = obs.keys.shape[:3]
+    if obs.values is None:
+        obs.values = values
     scores = method.score_layers(obs, state)
     if scores.shape != (l, h, n) or not torch.isfinite(scores).any():
         raise RuntimeError(f"method {method.name!r} returned bad scores "
@@ -256,7 +284,7 @@ def compress_event(
         order = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
         result.visible = order < counts[..., None]
     if method.merges:
-        vals = values() if callable(values) else values
+        vals = None if obs.values is None else obs.value_tensor()
         result.keys, result.values, result.merged = method.merge(obs, vals, scores, keep,
                                                                  state)
     method.update(state, keep)

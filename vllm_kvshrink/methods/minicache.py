@@ -33,6 +33,8 @@ def slerp_merge(a: torch.Tensor, b: torch.Tensor, retain_cos: float):
 
 class MiniCache:
     name = "minicache"
+    #: merges across layers on its own schedule (see ScoringMethod.cross_layer)
+    cross_layer = True
     paper = "Liu et al. 2024, arXiv:2405.14366"
     servable = False
 

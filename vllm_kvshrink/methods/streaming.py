@@ -13,6 +13,7 @@ from vllm_kvshrink.methods.base import ScoringMethod
 
 class StreamingLLM(ScoringMethod):
     name = "streaming"
+    position_only = True
     paper = "Xiao et al. 2024, arXiv:2309.17453"
 
     def score(self, keys, queries=None, query_pos=None, scale=None):

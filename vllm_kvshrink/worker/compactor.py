@@ -72,6 +72,8 @@ class Compactor:
     #: Cumulative method statistics reported to the scheduler.
     method_stats: dict[str, float] = field(default_factory=lambda: {"merged_tokens": 0})
     _methods: dict = field(default_factory=dict)
+    #: ``[D/2]`` RoPE frequencies of the model (plain rotate-half RoPE), or None
+    rope_inv_freq: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
@@ -226,8 +228,8 @@ class Compactor:
             raise RuntimeError(
                 f"block table holds {len(old_blocks) * bs} slots, plan says {p} tokens"
             )
-        if method.name == "streaming":
-            # Position-only method: one selection serves every layer and head.
+        if method.position_only:
+            # One selection by position serves every layer and head.
             scores = method.score(torch.empty(heads, p, 0))
             keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
             return keep.expand(layers, heads, -1), None, None
@@ -248,7 +250,7 @@ class Compactor:
         # Stateful methods update their state in place: work on a copy so a
         # failure below leaves the request's state as it was.
         work = dict(state) if method.stateful else state
-        obs = Observation(keys, q, qpos, self.scales)
+        obs = Observation(keys, q, qpos, self.scales, rope_inv_freq=self.rope_inv_freq)
         res = compress_event(method, obs, work, comp.keep, comp.sink_tokens,
                              comp.recent_tokens, values=lambda: self._read_values(*slots))
         if r is not None and method.stateful:

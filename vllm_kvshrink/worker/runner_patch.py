@@ -60,6 +60,7 @@ def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
         )
 
     return Compactor(
+        rope_inv_freq=_rope_inv_freq(runner, impl.head_size),
         config=cfg,
         layer_names=names,
         caches=caches,
@@ -69,6 +70,23 @@ def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
         max_reqs=runner.scheduler_config.max_num_seqs,
         write_fn=write,
     )
+
+
+def _rope_inv_freq(runner, head_size: int) -> torch.Tensor | None:
+    """The model's RoPE frequencies when it uses plain rotate-half RoPE over
+    the whole head (what ``expected_attention`` can average over future
+    positions); ``None`` for scaled or partial variants."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    model = getattr(runner, "model", None)
+    if model is None:
+        return None
+    for mod in model.modules():
+        if type(mod) is RotaryEmbedding:
+            if not mod.is_neox_style or mod.rotary_dim != head_size:
+                return None
+            return mod._compute_inv_freq(mod.base).float().cpu()
+    return None
 
 
 def _compactor(runner) -> Compactor | None:

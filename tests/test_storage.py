@@ -1,0 +1,238 @@
+"""Storage forms and the tier policy: exact bytes, round-trip error within the
+stated bound, the budget always holds, sinks and recent tokens stay bf16,
+demotion only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvshrink import schedule
+from vllm_kvshrink.config import KVShrinkConfig
+from vllm_kvshrink.envs import KVShrinkConfigError
+from vllm_kvshrink.storage import form_names, get_form, parse_storage
+from vllm_kvshrink.storage.hadamard import hadamard, rotate
+from vllm_kvshrink.storage.policy import (
+    EVICTED,
+    apply_tiers,
+    held_bytes,
+    levels_for,
+    plan_tiers,
+)
+from vllm_kvshrink.storage.quantized import IntForm
+
+QUANT = [n for n in form_names() if n != "bf16"]
+
+
+def _kv(a=6, n=37, d=64, seed=0, outlier=True):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(a, n, d, generator=g)
+    v = torch.randn(a, n, d, generator=g)
+    if outlier:  # key outlier channels, as real keys have
+        k[:, :, 3] *= 12
+        k[:, :, 40] += 5
+    return k, v
+
+
+@pytest.mark.parametrize("name", QUANT)
+@pytest.mark.parametrize("n", [1, 7, 32, 37, 64])
+def test_roundtrip_within_bound(name, n):
+    f = get_form(name)
+    k, v = _kv(n=n)
+    kh, vh = f.roundtrip(k, v)
+    assert kh.shape == k.shape and kh.dtype == k.dtype
+    kr, vr = (rotate(k), rotate(v)) if f.rotate else (k, v)
+    khr, vhr = (rotate(kh), rotate(vh)) if f.rotate else (kh, vh)
+    kb = IntForm(f.bits, f.key_axis, key_group=f.key_group).error_bound(kr, f.key_axis)
+    vb = IntForm(f.value_bits, "token").error_bound(vr, "token")
+    tol = 1e-4 if f.rotate else 0.0  # the rotation's float32 arithmetic
+    assert bool(((khr - kr).abs() <= kb + tol).all()), name
+    assert bool(((vhr - vr).abs() <= vb + tol).all()), name
+
+
+def test_roundtrip_keeps_dtype_and_bf16_is_identity():
+    k, v = _kv()
+    kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    out = get_form("int4_tok_rot").roundtrip(kb, vb)
+    assert out[0].dtype == torch.bfloat16 and out[1].dtype == torch.bfloat16
+    same = get_form("bf16").roundtrip(k, v)
+    assert same[0] is k and same[1] is v
+
+
+def test_more_bits_less_error_and_rotation_helps_outliers():
+    k, v = _kv(n=256)
+
+    def err(name):
+        kh, _ = get_form(name).roundtrip(k, v)
+        return float((kh - k).norm() / k.norm())
+
+    assert err("int8_tok") < err("int4_tok") < err("int2_tok")
+    assert err("int4_tok_rot") < err("int4_tok")  # outlier channels spread
+
+
+def test_exact_bytes_by_hand():
+    d = 64
+    # per-token keys and values: codes + bf16 scale + bf16 zero, per token
+    assert get_form("int4_tok").nbytes(10, d) == 10 * 2 * (32 + 4)
+    assert get_form("int8_tok_rot").nbytes(3, d) == 3 * 2 * (64 + 4)
+    assert get_form("k4v2_tok").nbytes(5, d) == 5 * ((32 + 4) + (16 + 4))
+    # KIVI keys: every started group of 32 tokens pays 32 codes per channel
+    # and its scale and zero per channel
+    assert get_form("int4").nbytes(32, d) == 32 * 36 + d * (16 + 4)
+    assert get_form("int4").nbytes(33, d) == 33 * 36 + 2 * d * (16 + 4)
+    assert get_form("int2").nbytes(64, d) == 64 * 20 + 2 * d * (8 + 4)
+    assert get_form("bf16").nbytes(7, d) == 7 * 256
+    assert get_form("int4").bytes_per_token(d) == 76.0
+    for name in form_names():
+        assert get_form(name).nbytes(0, d) == 0
+
+
+@pytest.mark.parametrize("name", form_names())
+@pytest.mark.parametrize("d,bs", [(64, 32), (128, 16), (64, 128)])
+def test_tokens_per_page_is_the_most_that_fit(name, d, bs):
+    f = get_form(name)
+    n = f.tokens_per_page(d, bs)
+    page = bs * 2 * d * 2
+    assert f.nbytes(n, d) <= page < f.nbytes(n + 1, d)
+
+
+def test_hadamard_orthonormal_and_power_of_two():
+    h = hadamard(64)
+    torch.testing.assert_close(h @ h.T, torch.eye(64), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(96)
+
+
+def test_parse_storage_errors_name_setting_value_and_allowed():
+    assert parse_storage("int4_tok_rot, bf16") == ("bf16", "int4_tok_rot")
+    with pytest.raises(ValueError, match=r"VLLM_KVSHRINK_STORAGE='bf16,int3'.*int3.*allowed"):
+        parse_storage("bf16,int3")
+    with pytest.raises(ValueError, match="vLLM format"):
+        parse_storage("int4_per_token_head")
+    with pytest.raises(ValueError, match="twice"):
+        parse_storage("int4,int4")
+    with pytest.raises(ValueError, match="names no form"):
+        parse_storage("")
+
+
+def test_config_storage_validation():
+    assert not KVShrinkConfig(method="snapkv").tiered
+    cfg = KVShrinkConfig(method="snapkv", storage="bf16,int4", budget=0.25)
+    assert cfg.tiered and cfg.storage == ("bf16", "int4")
+    with pytest.raises(KVShrinkConfigError, match="VLLM_KVSHRINK_BUDGET=512 is a token count"):
+        KVShrinkConfig(method="snapkv", storage="bf16,int4", budget=512)
+    with pytest.raises(KVShrinkConfigError, match="merging"):
+        KVShrinkConfig(method="semantic", storage="int4", budget=0.25)
+    with pytest.raises(KVShrinkConfigError, match="research path only"):
+        cfg.check_servable()  # the engine does not hold packed blocks yet
+
+
+def test_request_override_storage_is_validated():
+    base = KVShrinkConfig(method="snapkv")
+    with pytest.raises(KVShrinkConfigError, match=r"extra_args\['kvshrink'\]\['storage'\]"):
+        base.with_overrides({"storage": "bf16,int9"})
+    ok = base.with_overrides({"storage": ["int4_tok_rot"]})
+    assert ok.storage == ("int4_tok_rot",)
+
+
+def test_env_storage(monkeypatch):
+    monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "bf16,int2_rot")
+    monkeypatch.setenv("VLLM_KVSHRINK_METHOD", "tova")
+    cfg = KVShrinkConfig.from_env()
+    assert cfg.storage == ("bf16", "int2_rot")
+    monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "fp4")
+    with pytest.raises(KVShrinkConfigError, match="VLLM_KVSHRINK_STORAGE='fp4'"):
+        KVShrinkConfig.from_env()
+
+
+# ---------------------------------------------------------------- policy
+def _scores(l=3, h=2, n=300, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(l, h, n, generator=g) ** 6
+
+
+STORAGES = [("int4_tok_rot",), ("bf16", "int4_tok_rot"), ("bf16", "int4"),
+            ("bf16", "int8_tok_rot", "int4_tok_rot", "int2_tok_rot"), ("int2",)]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("frac", [0.5, 0.25, 0.125])
+def test_policy_budget_holds_and_protects(storage, frac):
+    l, h, n, d = 3, 2, 300, 64
+    s = _scores(l, h, n)
+    lv = levels_for(storage)
+    budget = int(frac * l * h * n * 4 * d)
+    dist = [0.0] + [0.05 * i for i in range(1, len(lv))]
+    p = plan_tiers(s, lv, budget, d, 4, 32, dist, bf16_free="bf16" in storage)
+    assert p.nbytes == held_bytes(p.level, lv, d) <= budget
+    assert bool((p.level[:, :, :4] == 0).all()) and bool((p.level[:, :, -32:] == 0).all())
+    for i in range(len(lv)):  # the same count in every (layer, head)
+        c = (p.level == i).sum(-1)
+        assert bool((c == c.flatten()[0]).all()) and int(c[0, 0]) == p.counts[i]
+    if "bf16" not in storage:
+        assert p.counts[0] == 36
+    # within a (layer, head), a more precise level never holds a lower score
+    free = p.level[:, :, 4:-32].long()
+    sc = s[:, :, 4:-32]
+    rank = torch.where(free == EVICTED, len(lv), free)
+    for a in range(l):
+        for b in range(h):
+            order = torch.argsort(sc[a, b], descending=True)
+            assert bool((rank[a, b][order].diff() >= 0).all())
+
+
+def test_policy_demotes_only():
+    l, h, n, d = 2, 2, 200, 64
+    lv = levels_for(("bf16", "int8_tok", "int4_tok", "int2_tok"))
+    s = _scores(l, h, n, seed=3)
+    current = torch.zeros(l, h, n, dtype=torch.int8)
+    current[:, :, 10:100] = 2  # already int4: may stay, go to int2 or be evicted
+    dist = [0.0, 0.001, 0.01, 0.2]
+    p = plan_tiers(s, lv, int(0.6 * l * h * n * 4 * d), d, 4, 32, dist, current=current)
+    kept = p.level != EVICTED
+    assert bool((p.level[kept] >= current[kept]).all())
+    assert p.nbytes <= int(0.6 * l * h * n * 4 * d)
+
+
+def test_policy_refuses_a_budget_below_the_protected_tokens():
+    with pytest.raises(ValueError, match="exceed the byte budget"):
+        plan_tiers(_scores(), levels_for(("int4",)), 1000, 64, 4, 32, [0.0, 0.1])
+
+
+def test_apply_tiers_holds_each_level_as_its_form():
+    l, h, n, d = 2, 3, 120, 64
+    k = torch.randn(l, h, n, d)
+    v = torch.randn(l, h, n, d)
+    lv = levels_for(("bf16", "int4_tok_rot"))
+    p = plan_tiers(_scores(l, h, n), lv, int(0.3 * l * h * n * 4 * d), d, 4, 16,
+                   [0.0, 0.08])
+    keep = p.keep()
+    kk, vv = apply_tiers(p, k, v, keep)
+    lev = p.level.gather(2, keep)
+    f = get_form("int4_tok_rot")
+    for a in range(l):
+        for b in range(h):
+            src = keep[a, b]
+            q = lev[a, b] == 1
+            ek, ev_ = f.roundtrip(k[a, b, src[q]][None], v[a, b, src[q]][None])
+            torch.testing.assert_close(kk[a, b, q], ek[0])
+            torch.testing.assert_close(vv[a, b, q], ev_[0])
+            torch.testing.assert_close(kk[a, b, ~q], k[a, b, src[~q]])
+
+
+# ---------------------------------------------------------------- schedule
+def test_schedule_tokens_and_bytes():
+    cfg = KVShrinkConfig(method="snapkv", budget=0.25, slack_tokens=64)
+    # 1000 tokens: budget 250 -> 256 (blocks of 32); due only past 256 + 64
+    assert schedule.tokens_to_keep(cfg, 320, 1000, 1000, 32) is None
+    assert schedule.tokens_to_keep(cfg, 321, 1000, 1000, 32) == 256
+    t = KVShrinkConfig(method="snapkv", budget=0.25, slack_tokens=64, storage="int4")
+    tb = 100
+    assert schedule.budget_bytes(t, 1000, tb) == 25000
+    assert schedule.bytes_due(t, 25000 + 64 * tb, 1000, 1000, tb) is None
+    assert schedule.bytes_due(t, 25000 + 64 * tb + 1, 1000, 1000, tb) == 25000
+    # no bf16 in the storage: loose bf16 tokens past the slack are packed
+    # even under budget (KIVI's residual)
+    full = KVShrinkConfig(method="streaming", budget=1.0, slack_tokens=64, storage="int4")
+    assert schedule.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=64) is None
+    assert schedule.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=65) == 100000

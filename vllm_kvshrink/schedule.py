@@ -1,0 +1,59 @@
+"""When a request is compressed, and to what size: the one rule the engine's
+scheduler and the research path both follow.
+
+Eviction (storage ``bf16`` only): once a request holds more than its budget
+plus ``slack_tokens`` tokens, it keeps its budget rounded up to whole blocks.
+
+Tiered storage (storage names more than ``bf16``): the budget is a fraction
+of the request's bf16 bytes at its logical length; once the bytes it holds
+exceed that plus ``slack_tokens`` tokens' worth of bf16, the tier policy
+(:mod:`vllm_kvshrink.storage.policy`) re-assigns forms to fit the budget.
+
+Tensors never appear here: counts and bytes only.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _eligible(cfg, logical: int, prompt_len: int) -> bool:
+    return max(logical, prompt_len) >= cfg.min_prompt_tokens
+
+
+def tokens_to_keep(cfg, physical: int, logical: int, prompt_len: int,
+                   block_size: int) -> int | None:
+    """Tokens to keep if the request is due for compaction, else ``None``.
+
+    ``physical``: tokens it holds; ``logical``: tokens it has seen."""
+    if physical <= 0 or not _eligible(cfg, logical, prompt_len):
+        return None
+    keep = min(physical, -(-cfg.target_tokens(logical) // block_size) * block_size)
+    if physical <= keep + cfg.slack_tokens:
+        return None
+    return keep
+
+
+def budget_bytes(cfg, logical: int, token_bytes: int) -> int:
+    """Bytes a tiered request of ``logical`` tokens may hold; ``token_bytes``
+    is one token's bf16 K+V over every layer and KV head."""
+    frac = float(cfg.budget)
+    return math.floor(round(frac * logical * token_bytes, 6))
+
+
+def bytes_due(cfg, held: int, logical: int, prompt_len: int, token_bytes: int,
+              loose_bf16: int = 0) -> int | None:
+    """The byte budget to compress to if a tiered request holding ``held``
+    bytes is due, else ``None``.
+
+    ``loose_bf16``: tokens held in bf16 outside the sinks and the recent
+    window.  When the storage does not name ``bf16`` they are due for
+    packing once there are more than ``slack_tokens`` of them, whatever the
+    bytes (KIVI's full-precision residual: ``storage=int4`` at budget 1.0
+    holds everything else in int4)."""
+    if held <= 0 or not _eligible(cfg, logical, prompt_len):
+        return None
+    budget = budget_bytes(cfg, logical, token_bytes)
+    over = held > budget + cfg.slack_tokens * token_bytes
+    unpacked = "bf16" not in cfg.storage and loose_bf16 > cfg.slack_tokens
+    return budget if over or unpacked else None

@@ -1,0 +1,311 @@
+"""The tier policy: which form each cached token is held in.
+
+Given an importance method's scores per (layer, KV head, token), the forms a
+request may use and a budget in bytes, choose every token's form -- or evict
+it -- so that the bytes held fit the budget.  Sinks and the recent window
+stay in ``bf16``.
+
+The choice is a rate-distortion allocation.  Per (layer, head) the
+unprotected tokens are ranked by score and the scores normalised to sum to 1;
+``w[r]`` is the mean over (layer, head) of the ``r``-th largest weight.  A
+form ``f`` costs ``b_f`` bytes per token and loses ``d_f`` of a token's worth
+(its measured relative RMS K/V error on this request's cache; eviction
+loses everything, ``d = 1``, for 0 bytes).  For a multiplier ``lam`` each
+rank takes the form minimising ``w[r] * d_f + lam * b_f``; ``w`` is
+decreasing, so higher ranks take more precise forms and the solution is a
+split of the ranking into consecutive runs, one per form.  ``lam`` is found
+by bisection so that the exact bytes (:meth:`StorageForm.nbytes`) fit.
+
+Every (layer, head) holds the *same number* of tokens in each form -- vLLM
+gives a request one block table, so a packed block's token count is shared
+by every layer and head -- but *which* tokens differs per (layer, head).
+
+Demotion only: a token already held in a form can stay there, move to a
+form with fewer bytes, or be evicted, never go back up (its original bits
+are gone).  If some (layer, head) has fewer candidates for a form than the
+split asks for, the count is cut to what every (layer, head) can fill; the
+bytes left over stay unused (the budget still holds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import math
+
+import torch
+
+from vllm_kvshrink.storage import FULL, get_form
+
+EVICTED = -1
+
+
+@dataclass
+class TierPlan:
+    """The forms of one request's tokens after an event.
+
+    Attributes:
+        levels: form names, most bytes first; ``levels[0]`` is ``bf16``.
+        level: ``[L, H, N]`` int8 index into ``levels`` of each token's form,
+            :data:`EVICTED` for evicted tokens.
+        counts: tokens per (layer, head) in each level (the same for all).
+        nbytes: exact bytes held by the kept tokens, all (layer, head)s.
+    """
+
+    levels: tuple[str, ...]
+    level: torch.Tensor
+    counts: list[int]
+    nbytes: int
+
+    def keep(self) -> torch.Tensor:
+        """``[L, H, K]`` ascending indices of the tokens not evicted."""
+        kept = self.level >= 0
+        k = int(kept[0, 0].sum())
+        return kept.nonzero()[:, 2].view(*kept.shape[:2], k)
+
+
+def levels_for(storage: Sequence[str]) -> tuple[str, ...]:
+    """The levels a request with ``storage`` uses: ``bf16`` (always, for sinks
+    and the recent window) then the other forms by decreasing bytes."""
+    rest = sorted((s for s in storage if s != FULL),
+                  key=lambda n: -get_form(n).bytes_per_token(64))
+    return (FULL, *rest)
+
+
+def held_bytes(level: torch.Tensor, levels: Sequence[str], head_dim: int) -> int:
+    """Exact bytes of a ``[L, H, N]`` level map."""
+    total = 0
+    for i, name in enumerate(levels):
+        counts = (level == i).sum(-1).flatten().tolist()
+        f = get_form(name)
+        total += sum(f.nbytes(int(c), head_dim) for c in counts)
+    return total
+
+
+def measure_distortion(keys: torch.Tensor, values: torch.Tensor,
+                       levels: Sequence[str], sample: int = 256) -> list[float]:
+    """Relative error ``sqrt(|x - x'|^2 / |x|^2)`` of K and V (root of the
+    mean of the two squared) of each level, on the first ``sample`` tokens of every (layer,
+    head); ``keys``/``values`` ``[L, H, N, D]``."""
+    k = keys[:, :, :sample].reshape(-1, min(sample, keys.shape[2]), keys.shape[-1])
+    v = values[:, :, :sample].reshape(k.shape)
+    out = []
+    for name in levels:
+        kh, vh = get_form(name).roundtrip(k, v)
+        err = [float(((a.float() - b.float()) ** 2).sum() / (b.float() ** 2).sum().clamp_min(1e-30))
+               for a, b in ((kh, k), (vh, v))]
+        out.append(math.sqrt(sum(err) / 2))
+    return out
+
+
+def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
+                         sink_tokens: int, recent_tokens: int,
+                         max_layers: int = 6) -> list[float] | None:
+    """Each level's cost measured where it matters, on the attention output of
+    the observation window's queries: with every unprotected token held in
+    level ``f``, ``|o_f - o| / |o_evict - o|``, where ``o_evict`` attends the
+    sinks and the recent window only.  It counts what a K/V error does through
+    the softmax (noise in a key moves attention *to* the token as well as
+    away), which the relative K/V error misses.  Measured on ``max_layers``
+    layers spread over the depth (a level's cost is one number for the
+    request).  ``None`` without queries."""
+    if obs.queries is None or obs.queries.shape[2] == 0:
+        return None
+    pick = torch.linspace(0, obs.keys.shape[0] - 1, min(max_layers, obs.keys.shape[0]))
+    pick = pick.round().long().unique()
+    keys = obs.keys[pick]
+    values = values[pick]
+    l, h, n, d = keys.shape
+    protect = torch.zeros(n, dtype=torch.bool)
+    protect[:sink_tokens] = True
+    protect[max(0, n - recent_tokens):] = True
+    if bool(protect.all()):
+        return None
+    hq, w = obs.queries.shape[1:3]
+    q = obs.queries[pick].float().view(l, h, hq // h, w, d)
+    scale = obs.scale_tensor()[pick].view(l, 1, 1, 1, 1)
+    visible = torch.arange(n)[None, :] <= obs.query_pos[:, None]  # [W, N]
+
+    def out(k, v, mask=None):
+        logits = torch.einsum("lhgwd,lhnd->lhgwn", q, k.float()) * scale
+        vis = visible if mask is None else visible & mask[None, :]
+        p = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1)
+        return torch.einsum("lhgwn,lhnd->lhgwd", p, v.float())
+
+    ref = out(keys, values)
+    evict = max(float((out(keys, values, protect) - ref).norm()), 1e-30)
+    res = []
+    flat_k = keys.reshape(l * h, n, d)
+    flat_v = values.reshape(l * h, n, d)
+    for name in levels:
+        if name == FULL:
+            res.append(0.0)
+            continue
+        kq, vq = get_form(name).roundtrip(flat_k, flat_v)
+        kq = torch.where(protect[None, :, None], flat_k, kq).view(l, h, n, d)
+        vq = torch.where(protect[None, :, None], flat_v, vq).view(l, h, n, d)
+        res.append(min(1.0, float((out(kq, vq) - ref).norm()) / evict))
+    return res
+
+
+def _split(w: torch.Tensor, cost: list[float], dist: list[float], lam: float) -> list[int]:
+    """Tokens per level (most precise first) that minimise
+    ``w[r] * d + lam * b`` rank by rank; ``w`` ``[R]`` decreasing."""
+    d = torch.tensor(dist + [1.0])
+    b = torch.tensor(cost + [0.0])
+    obj = w[:, None] * d[None, :] + lam * b[None, :]
+    choice = obj.argmin(-1)
+    # w decreasing -> choice non-decreasing up to ties; enforce runs.
+    choice = torch.cummax(choice, 0).values
+    return [int((choice == i).sum()) for i in range(len(cost))]
+
+
+def plan_tiers(
+    scores: torch.Tensor,
+    levels: Sequence[str],
+    budget_bytes: int,
+    head_dim: int,
+    sink_tokens: int,
+    recent_tokens: int,
+    distortion: Sequence[float],
+    current: torch.Tensor | None = None,
+    bf16_free: bool = True,
+) -> TierPlan:
+    """Assign every token a level so the bytes held fit ``budget_bytes``.
+
+    Args:
+        scores: ``[L, H, N]`` importance (higher = more worth keeping).
+        levels: from :func:`levels_for`.
+        budget_bytes: bytes the request may hold, all (layer, head)s.
+        distortion: ``d_f`` per level (``levels[0]`` should be 0).
+        current: ``[L, H, N]`` the level each token is held in now
+            (:data:`EVICTED` never appears: evicted tokens are gone), or
+            ``None`` (all ``bf16``).
+        bf16_free: whether unprotected tokens may stay in ``bf16`` (the
+            storage names it); sinks and the recent window always do.
+
+    Returns:
+        :class:`TierPlan`.  Raises ``ValueError`` if the protected tokens alone
+        exceed the budget.
+    """
+    l, h, n = scores.shape
+    nl = len(levels)
+    forms = [get_form(x) for x in levels]
+    if current is None:
+        current = torch.zeros(l, h, n, dtype=torch.int8)
+    protect = torch.zeros(n, dtype=torch.bool)
+    protect[:sink_tokens] = True
+    protect[max(0, n - recent_tokens):] = True
+    n_prot = int(protect.sum())
+    if bool((current[:, :, protect] != 0).any()):
+        raise ValueError("a protected token (sink or recent) is not held in bf16")
+    prot_bytes = l * h * forms[0].nbytes(n_prot, head_dim)
+    if prot_bytes > budget_bytes:
+        raise ValueError(f"the sinks and recent window ({n_prot} tokens, {prot_bytes} "
+                         f"bytes) exceed the byte budget {budget_bytes}")
+    free = ~protect
+    m = n - n_prot
+    s = scores.float().nan_to_num(nan=0.0)[:, :, free]  # [L, H, M]
+    s = s - s.amin(-1, keepdim=True).clamp_max(0.0)
+    s = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
+    w = torch.sort(s, dim=-1, descending=True).values.mean((0, 1))  # [M]
+    cost = [f.bytes_per_token(head_dim) for f in forms]
+    dist = list(distortion)
+    if not bf16_free:  # bf16 stays for protected tokens only
+        dist[0] = 1e30
+    room = budget_bytes - prot_bytes
+
+    def exact(counts: list[int]) -> int:
+        c = list(counts)
+        c[0] += n_prot
+        return l * h * sum(f.nbytes(k, head_dim) for f, k in zip(forms, c))
+
+    lo, hi = 0.0, 1.0
+    while exact(_split(w, cost, dist, hi)) > budget_bytes and hi < 1e12:
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if exact(_split(w, cost, dist, mid)) > budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    counts = _split(w, cost, dist, hi)
+    while exact(counts) > budget_bytes:  # per-group rounding at the edge
+        i = max(j for j in range(nl) if counts[j])
+        counts[i] -= 1
+    del room, m
+
+    # Fill the levels, most precise first, per (layer, head), from the
+    # highest-scored tokens allowed there (held now in that level or above).
+    level = torch.full((l, h, n), EVICTED, dtype=torch.int8)
+    level[:, :, protect] = 0
+    ranked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(protect, float("-inf"))
+    taken = protect.expand(l, h, n).clone()
+    final = []
+    for i in range(nl):
+        eligible = (~taken) & (current <= i)
+        want = min(counts[i], int(eligible.sum(-1).min())) if counts[i] else 0
+        if want:
+            r = ranked.masked_fill(~eligible, float("-inf"))
+            idx = torch.topk(r, want, dim=-1).indices
+            level.scatter_(2, idx, i)
+            taken.scatter_(2, idx, True)
+        final.append(want)
+    final[0] += n_prot
+    return TierPlan(tuple(levels), level, final, held_bytes(level, levels, head_dim))
+
+
+def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: int,
+               sink_tokens: int, recent_tokens: int, values: torch.Tensor,
+               current: torch.Tensor | None, bf16_free: bool = True) -> TierPlan:
+    """One tiered compression event of one request: score with ``method``
+    (any importance method), measure each form's distortion on this cache,
+    plan the forms, carry the method's state to the kept tokens.  The
+    research path calls exactly this; ``values`` ``[L, H, N, D]``."""
+    if method.merges:
+        raise ValueError(f"method {method.name!r} merges K/V; tiered storage takes an "
+                         f"importance method")
+    l, h, n, d = obs.keys.shape
+    if obs.values is None:
+        obs.values = values
+    scores = method.score_layers(obs, state)
+    if scores.shape != (l, h, n) or not torch.isfinite(scores).any():
+        raise RuntimeError(f"method {method.name!r} returned bad scores "
+                           f"{tuple(scores.shape)}, expected {(l, h, n)}")
+    dist = attention_distortion(obs, values, levels, sink_tokens, recent_tokens)
+    if dist is None:  # query-free scorers: the K/V error itself
+        dist = measure_distortion(obs.keys, values, levels)
+    plan = plan_tiers(scores, levels, budget_bytes, d, sink_tokens, recent_tokens, dist,
+                      current=current, bf16_free=bf16_free)
+    method.update(state, plan.keep())
+    return plan
+
+
+def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens' K/V ``[L, H, K, D]`` as their forms hold them.
+
+    Every quantized level is packed again from what it holds now (a token
+    demoted from ``bf16`` from its original bits, one already quantized from
+    its dequantized value), so its parameters cover exactly the tokens in it
+    and the bytes are :func:`held_bytes`'s.  ``keys``/``values``
+    ``[L, H, N, D]`` before the event."""
+    if keep is None:
+        keep = plan.keep()
+    l, h, k = keep.shape
+    d = keys.shape[-1]
+    idx = keep[..., None].expand(l, h, k, d)
+    kk, vv = keys.gather(2, idx), values.gather(2, idx)
+    lev = plan.level.gather(2, keep)  # [L, H, K]
+    for i, name in enumerate(plan.levels):
+        if i == 0 or plan.counts[i] == 0:
+            continue
+        c = plan.counts[i]
+        pos = (lev == i).nonzero()[:, 2].view(l, h, c)  # ascending per row
+        pidx = pos[..., None].expand(l, h, c, d)
+        a, b = kk.gather(2, pidx), vv.gather(2, pidx)
+        ka, vb = get_form(name).roundtrip(a.reshape(l * h, c, d), b.reshape(l * h, c, d))
+        kk = kk.scatter(2, pidx, ka.view(l, h, c, d))
+        vv = vv.scatter(2, pidx, vb.view(l, h, c, d))
+    return kk, vv
