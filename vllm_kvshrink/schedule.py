@@ -36,9 +36,12 @@ def tokens_to_keep(cfg, physical: int, logical: int, prompt_len: int,
 
 def budget_bytes(cfg, logical: int, token_bytes: int) -> int:
     """Bytes a tiered request of ``logical`` tokens may hold; ``token_bytes``
-    is one token's bf16 K+V over every layer and KV head."""
+    is one token's bf16 K+V over every layer and KV head.  Never below the
+    sinks and the recent window in bf16 (as a token budget never goes below
+    them)."""
     frac = float(cfg.budget)
-    return math.floor(round(frac * logical * token_bytes, 6))
+    floor = min(logical, cfg.sink_tokens + cfg.recent_tokens) * token_bytes
+    return max(math.floor(round(frac * logical * token_bytes, 6)), floor)
 
 
 def bytes_due(cfg, held: int, logical: int, prompt_len: int, token_bytes: int,
