@@ -236,3 +236,26 @@ def test_schedule_tokens_and_bytes():
     full = KVShrinkConfig(method="streaming", budget=1.0, slack_tokens=64, storage="int4")
     assert schedule.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=64) is None
     assert schedule.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=65) == 100000
+
+
+def test_list_shows_forms_at_the_models_shape(capsys, model_path):
+    from vllm_kvshrink.__main__ import main
+
+    assert main(["--list", "--model", model_path]) == 0
+    out = capsys.readouterr().out
+    # SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64 -> 23,040 B/token in bf16
+    assert "23,040 bytes of bf16 K+V per token" in out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert "6,480 B/token" in lines["int4_tok_rot"]
+    assert "6,480 B/token" in lines["int4_per_token_head"]
+    assert "113 tokens per 32-token page" in lines["int4_tok_rot"]
+    assert "turboquant_4bit_nc" in out and "VLLM_KVSHRINK_STORAGE" in out
+
+
+def test_engine_refuses_tiered_storage_at_start(monkeypatch):
+    import vllm_kvshrink
+
+    monkeypatch.setattr(vllm_kvshrink, "_REGISTERED", False)
+    monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "bf16,int4")
+    with pytest.raises(KVShrinkConfigError, match="research path only"):
+        vllm_kvshrink.register()
