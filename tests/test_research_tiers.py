@@ -107,3 +107,16 @@ def test_vllm_format_applied_after_prefill(hf_model, text):
     torch.testing.assert_close(res.cache.values[5][:, :len(prompt)], ev_)
     hkv, d = pre.cache.keys[0].shape[0], pre.cache.keys[0].shape[2]
     assert res.kv_bytes[-1] == len(pre.cache.keys) * hkv * f.nbytes(len(prompt) + len(target), d)
+
+
+def test_prefill_survives_every_row(hf_model, text):
+    """A shared prefill is the same after any row ran from it (MiniCache
+    writes into the K/V it is given)."""
+    prompt, target = text
+    runner = ResearchRunner(hf_model, KVShrinkConfig(method="none"), block_size=16)
+    pre = runner.prefill(prompt)
+    before = [k.clone() for k in pre.cache.keys]
+    for cfg in ({"method": "minicache", "budget": 0.5},
+                {"method": "snapkv", "budget": 0.25, "storage": "int4_tok_rot"}):
+        _run(hf_model, prompt, target, prefill=pre, **cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, pre.cache.keys))

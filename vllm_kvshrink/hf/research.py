@@ -497,10 +497,11 @@ class Prefill:
     logits: torch.Tensor  # [1, 1, vocab]: the prompt's last position
 
     def clone(self) -> ResearchCache:
-        """A cache to continue from; this state stays as it is (every change
-        to a cache replaces its tensors rather than writing into them)."""
+        """A cache to continue from; this state stays as it is (K/V are
+        copied: MiniCache writes into them)."""
         c = copy.copy(self.cache)
-        c.keys, c.values = list(c.keys), list(c.values)
+        c.keys = [k.clone() for k in c.keys]
+        c.values = [v.clone() for v in c.values]
         c.qring, c._step_q, c.scales = list(c.qring), dict(c._step_q), list(c.scales)
         return c
 
