@@ -259,3 +259,38 @@ def test_engine_refuses_tiered_storage_at_start(monkeypatch):
     monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "bf16,int4")
     with pytest.raises(KVShrinkConfigError, match="research path only"):
         vllm_kvshrink.register()
+
+
+def test_attention_distortion_orders_forms_and_matches_a_direct_computation():
+    from vllm_kvshrink.methods.base import Observation
+    from vllm_kvshrink.storage.policy import attention_distortion
+
+    g = torch.Generator().manual_seed(5)
+    l, h, hq, n, d, w = 2, 2, 4, 96, 64, 8
+    keys = torch.randn(l, h, n, d, generator=g)
+    values = torch.randn(l, h, n, d, generator=g)
+    q = torch.randn(l, hq, w, d, generator=g) * 2
+    qpos = torch.arange(n - w, n)
+    obs = Observation(keys, q, qpos, [d**-0.5] * l)
+    lv = ["bf16", "int8_tok", "int4_tok", "int2_tok"]
+    dist = attention_distortion(obs, values, lv, 4, 16)
+    assert dist[0] == 0.0 and 0 < dist[1] < dist[2] < dist[3] <= 1.0
+    # int4 by hand: every unprotected token quantized, against evicting them
+    prot = torch.zeros(n, dtype=torch.bool)
+    prot[:4] = True
+    prot[-16:] = True
+
+    def attn(k, v, mask):
+        lg = torch.einsum("lhgwd,lhnd->lhgwn", q.view(l, h, 2, w, d), k) * d**-0.5
+        vis = (torch.arange(n)[None, :] <= qpos[:, None]) & mask[None, :]
+        return torch.einsum("lhgwn,lhnd->lhgwd",
+                            torch.softmax(lg.masked_fill(~vis, float("-inf")), -1), v)
+
+    every = torch.ones(n, dtype=torch.bool)
+    ref = attn(keys, values, every)
+    kq, vq = get_form("int4_tok").roundtrip(keys.reshape(-1, n, d), values.reshape(-1, n, d))
+    kq = torch.where(prot[None, :, None], keys.reshape(-1, n, d), kq).view_as(keys)
+    vq = torch.where(prot[None, :, None], values.reshape(-1, n, d), vq).view_as(values)
+    want = (attn(kq, vq, every) - ref).norm() / (attn(keys, values, prot) - ref).norm()
+    assert dist[2] == pytest.approx(float(want), rel=1e-5)
+    assert attention_distortion(Observation(keys), values, lv, 4, 16) is None

@@ -146,6 +146,27 @@ def render_markdown(results: dict) -> str:
              "(the full cache stored in e4m3): emulated in the research path, served for "
              "real in engine tasks; its memory is relative to the 16-bit cache vLLM "
              "serves.", ""]
+    if any(t.get("shared_prefill") for t in results["tasks"]):
+        lines += [
+            "**Protocol of the shared-prefill tasks** (`shared_prefill=True`): each "
+            "window's prompt runs once with the full cache in a single forward pass; "
+            "every row continues from that state, is compressed once after the prompt "
+            "(and again only if it outgrows its budget by the slack), and is scored on "
+            "the teacher-forced continuation. vLLM's formats (`fp8`, "
+            "`int8_per_token_head`, `int4_per_token_head`, `turboquant_*`: emulations "
+            "replicated from vLLM 0.32's source and checked against its kernels, "
+            "`vllm_kvshrink/storage/vllm_formats.py`) hold the whole cache from the "
+            "end of the prompt on, every later token as it is stored; TurboQuant keeps "
+            "the first and last two layers in bf16, as vLLM does. `uniform:<form>` "
+            "holds every token but the sinks and the recent window in one of our "
+            "forms, nothing evicted (`uniform:int4` is KIVI's scheme). "
+            "`<scorer>/<forms>` is the tier policy with that scorer over those forms "
+            "at a budget in bytes. Memory is the measured bytes held (codes, scales, "
+            "zero points) over the bf16 full cache, mean over steps. MiniCache runs "
+            "with its default retention (`minicache_retain_cos=0`: tokens whose two "
+            "layers' directions point apart stay unmerged), the setting of the "
+            "earlier reports, so that its row stays comparable; it takes no budget.",
+            ""]
     for task in results["tasks"]:
         name, kind = task["name"], task["kind"]
         metric, hib = PRIMARY[kind]
