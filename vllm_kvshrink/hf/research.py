@@ -56,9 +56,6 @@ class ResearchCache:
     #: optional observer of every layer's attention probabilities
     on_attention: Callable[[int, torch.Tensor], None] | None = None
     scales: list[float] = field(default_factory=list)
-    #: store K/V rounded to this dtype (e.g. float8_e4m3fn: vLLM's
-    #: ``kv_cache_dtype="fp8"`` with scale 1), or None
-    store_dtype: torch.dtype | None = None
     #: per layer, the uniform storage form (one of vLLM's formats) every
     #: token is held in once :attr:`store_active`; ``None``: the model dtype
     store_forms: list | None = None
@@ -91,8 +88,7 @@ class ResearchCache:
             return held_bytes(self.level, self.levels, d)
         if self.store_forms is not None and self.store_active:
             return hkv * sum(f.nbytes(n, d) for f in self.store_forms)
-        elem = (torch.empty(0, dtype=self.store_dtype).element_size()
-                if self.store_dtype is not None else 2)
+        elem = 2
         total = 0
         for layer in range(self.num_layers):
             vis = torch.ones(hkv, n, dtype=torch.bool)
@@ -118,9 +114,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scaling = d**-0.5 if scaling is None else scaling
     cache.scales[li] = float(scaling)
     k_new, v_new = key[0], value[0]
-    if cache.store_dtype is not None:
-        k_new = k_new.to(cache.store_dtype).to(key.dtype)
-        v_new = v_new.to(cache.store_dtype).to(value.dtype)
     if cache.store_forms is not None and cache.store_active:
         k_new, v_new = cache.store_forms[li].roundtrip(k_new, v_new)
     if cache.keys[li] is None:
@@ -189,12 +182,14 @@ class ResearchRunner:
         block_size: the engine's block size, which rounds the kept count.
         chunk: prompt tokens per forward pass (``None``: the whole prompt),
             mirroring the engine's ``max_num_batched_tokens``.
-        kv_dtype: store K/V rounded to this dtype (``torch.float8_e4m3fn``
-            emulates vLLM's ``kv_cache_dtype="fp8"``); bytes are counted in it.
+        store_form: one of vLLM's formats (e.g. ``"fp8"``, as its CPU backend
+            stores it) every token is held in, from its write on
+            (``store_from="write"``) or from the end of the prompt
+            (``"prefill_end"``); bytes are counted in it.
     """
 
     def __init__(self, model, config: KVShrinkConfig, block_size: int = 16,
-                 chunk: int | None = None, kv_dtype: torch.dtype | None = None,
+                 chunk: int | None = None,
                  store_form: str | None = None, store_from: str = "write") -> None:
         _register()
         if store_from not in ("write", "prefill_end"):
@@ -202,7 +197,6 @@ class ResearchRunner:
         if store_form is not None and config.tiered:
             raise ValueError("store_form (a uniform format) and tiered storage "
                              f"{config.storage} exclude each other")
-        self.kv_dtype = kv_dtype
         self.model = model
         self.cfg = config
         self.block_size = block_size
@@ -267,7 +261,6 @@ class ResearchRunner:
             cache = prefill.clone()
         else:
             cache = ResearchCache(self.num_layers, cfg.obs_window)
-        cache.store_dtype = self.kv_dtype
         cache.store_forms = self.store_forms
         cache.store_active = self.store_forms is not None and self.store_from == "write"
         if cfg.tiered and cfg.enabled:
@@ -354,10 +347,14 @@ class ResearchRunner:
                               kv_bytes, full_bytes, merged, stats, cache)
 
     # ------------------------------------------------------------ internals
-    def _full_bytes(self, cache: ResearchCache, logical: int) -> int:
+    def _token_bytes(self, cache: ResearchCache) -> int:
+        """One token's K+V over every layer and KV head in 16 bits: what
+        stock vLLM holds per token."""
         hkv, _, d = cache.keys[0].shape
-        # The full cache in 16 bits: what stock vLLM holds.
-        return self.num_layers * hkv * logical * 2 * d * 2
+        return self.num_layers * hkv * 2 * d * 2
+
+    def _full_bytes(self, cache: ResearchCache, logical: int) -> int:
+        return logical * self._token_bytes(cache)
 
     def _append(self, cache: ResearchCache, pos: torch.Tensor) -> None:
         l, hkv = self.num_layers, cache.keys[0].shape[0]
@@ -416,8 +413,8 @@ class ResearchRunner:
         from vllm_kvshrink.storage.policy import apply_tiers, tier_event
 
         cfg = self.cfg
-        hkv, n, d = cache.keys[0].shape
-        token_bytes = self.num_layers * hkv * 4 * d
+        n = cache.length
+        token_bytes = self._token_bytes(cache)
         held = cache.kv_bytes()
         loose = int((cache.level[0, 0, cfg.sink_tokens:max(cfg.sink_tokens,
                                                              n - cfg.recent_tokens)]

@@ -231,6 +231,21 @@ class EventResult:
     visible: torch.Tensor | None = None
 
 
+def score_event(method: ScoringMethod, obs: Observation, state: dict[str, Any],
+                values=None) -> torch.Tensor:
+    """``[L, Hkv, N]`` scores of one event, checked; ``values`` (a tensor or a
+    callable) becomes :attr:`Observation.values` unless it is set already.
+    Every event calls this: eviction (:func:`compress_event`) and tiers."""
+    l, h, n = obs.keys.shape[:3]
+    if obs.values is None:
+        obs.values = values
+    scores = method.score_layers(obs, state)
+    if scores.shape != (l, h, n) or not torch.isfinite(scores).any():
+        raise RuntimeError(f"method {method.name!r} returned bad scores "
+                           f"{tuple(scores.shape)}, expected {(l, h, n)}")
+    return scores
+
+
 def compress_event(
     method: ScoringMethod,
     obs: Observation,
@@ -254,12 +269,7 @@ def compress_event(
     largest count is kept and :attr:`EventResult.visible` hides the rest.
     """
     l, h, n = obs.keys.shape[:3]
-    if obs.values is None:
-        obs.values = values
-    scores = method.score_layers(obs, state)
-    if scores.shape != (l, h, n) or not torch.isfinite(scores).any():
-        raise RuntimeError(f"method {method.name!r} returned bad scores "
-                           f"{tuple(scores.shape)}, expected {(l, h, n)}")
+    scores = score_event(method, obs, state, values)
     ranked = scores
     if hidden is not None:
         ranked = scores.masked_fill(hidden, float("-inf"))

@@ -205,7 +205,6 @@ def plan_tiers(
         raise ValueError(f"the sinks and recent window ({n_prot} tokens, {prot_bytes} "
                          f"bytes) exceed the byte budget {budget_bytes}")
     free = ~protect
-    m = n - n_prot
     s = scores.float().nan_to_num(nan=0.0)[:, :, free]  # [L, H, M]
     s = s - s.amin(-1, keepdim=True).clamp_max(0.0)
     s = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -214,7 +213,6 @@ def plan_tiers(
     dist = list(distortion)
     if not bf16_free:  # bf16 stays for protected tokens only
         dist[0] = 1e30
-    room = budget_bytes - prot_bytes
 
     def exact(counts: list[int]) -> int:
         c = list(counts)
@@ -234,7 +232,6 @@ def plan_tiers(
     while exact(counts) > budget_bytes:  # per-group rounding at the edge
         i = max(j for j in range(nl) if counts[j])
         counts[i] -= 1
-    del room, m
 
     # Fill the levels, most precise first, per (layer, head), from the
     # highest-scored tokens allowed there (held now in that level or above).
@@ -266,13 +263,10 @@ def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: in
     if method.merges:
         raise ValueError(f"method {method.name!r} merges K/V; tiered storage takes an "
                          f"importance method")
-    l, h, n, d = obs.keys.shape
-    if obs.values is None:
-        obs.values = values
-    scores = method.score_layers(obs, state)
-    if scores.shape != (l, h, n) or not torch.isfinite(scores).any():
-        raise RuntimeError(f"method {method.name!r} returned bad scores "
-                           f"{tuple(scores.shape)}, expected {(l, h, n)}")
+    from vllm_kvshrink.methods.base import score_event
+
+    d = obs.keys.shape[-1]
+    scores = score_event(method, obs, state, values)
     dist = attention_distortion(obs, values, levels, sink_tokens, recent_tokens)
     if dist is None:  # query-free scorers: the K/V error itself
         dist = measure_distortion(obs.keys, values, levels)
