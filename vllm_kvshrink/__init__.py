@@ -26,8 +26,13 @@ def register() -> None:
 
     _declare_env_vars()
     cfg = KVShrinkConfig.from_env()
-    if cfg.tiered:  # refused by the engine: never silently ignored
-        cfg.check_servable()
+    if cfg.tiered and not cfg.enabled:  # never silently ignored
+        from vllm_kvshrink import envs
+
+        raise envs.KVShrinkConfigError(
+            f"{envs.PREFIX}STORAGE={','.join(cfg.storage)!r} needs an importance method "
+            f"to choose each token's form, but {envs.PREFIX}METHOD is 'none'; allowed: "
+            f"set {envs.PREFIX}METHOD (e.g. snapkv, temporal) or leave STORAGE at 'bf16'")
     if cfg.enabled:
         from vllm_kvshrink import compat, patches
 

@@ -248,12 +248,18 @@ class KVShrinkConfig:
                 f"would be freed; allowed in the engine: any other method"
             )
         if self.tiered:
+            from vllm_kvshrink.storage.paged import pageable
+
             ws = self.source.get("storage", envs.PREFIX + "STORAGE")
-            raise KVShrinkConfigError(
-                f"{ws}={','.join(self.storage)!r}: tiered storage runs in the "
-                f"research path only in this version (vllm_kvshrink.hf.research); "
-                f"the engine does not yet hold packed blocks; allowed in the "
-                f"engine: 'bf16'")
+            bad = [n for n in self.storage if not pageable(n)]
+            if bad:
+                raise KVShrinkConfigError(
+                    f"{ws}={','.join(self.storage)!r}: form {bad[0]!r} keeps keys per "
+                    f"channel in groups of tokens, which the engine's packed blocks "
+                    f"cannot hold (it runs in the research path, "
+                    f"vllm_kvshrink.hf.research); allowed in the engine: bf16 and the "
+                    f"token-axis forms (int8_tok, int4_tok, int2_tok, k4v2_tok, each "
+                    f"also with _rot)")
         wa = self.source.get("method_args", envs.PREFIX + "METHOD_ARGS")
         for key, value in self.args.items():
             p = PARAMS[key]

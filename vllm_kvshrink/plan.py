@@ -38,14 +38,55 @@ class Compaction:
 
 
 @dataclass
+class TierEvent:
+    """Re-assign the forms of tiered request ``req_id`` to fit ``budget_bytes``.
+
+    The request holds ``old_len`` tokens in its plain (model dtype) row
+    ``plain_blocks`` and the packed ``segments`` ``(block, form, n)``.  The
+    worker reads all of them, runs the tier policy, and writes the result into
+    ``dest_blocks`` (blocks the request owns alone, plus fresh ones): the plain
+    tokens first, then one run of blocks per packed form.  It reports the
+    request's new plain row and segments; the scheduler frees the rest.
+    """
+
+    req_id: str
+    old_len: int
+    logical_len: int
+    plain_blocks: list[int]
+    segments: list[tuple[int, str, int]]
+    dest_blocks: list[int]
+    budget_bytes: int
+    storage: tuple[str, ...]
+    method: str
+    sink_tokens: int
+    recent_tokens: int
+    pool_kernel: int = 7
+    method_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class TierResult:
+    """What a :class:`TierEvent` left: the plain row, the packed segments,
+    tokens per level (of one (layer, head)), and tokens demoted (moved to a
+    form with fewer bytes) and evicted, per (layer, head) on average."""
+
+    plain_blocks: list[int]
+    segments: list[tuple[int, str, int]]
+    counts: dict[str, int]
+    demoted: float
+    evicted: float
+
+
+@dataclass
 class StepPlan:
     compactions: list[Compaction] = field(default_factory=list)
+    tier_events: list[TierEvent] = field(default_factory=list)
     #: req_id -> offset during this step's forward pass, for every running
     #: request with a non-zero offset.  Requests not listed have offset 0.
     #: This step's compactions run after the forward pass and change the
     #: offsets only from the next step on.
     offsets: dict[str, int] = field(default_factory=dict)
-#: Attribute of ``ModelRunnerOutput`` with ``{req_id: True | "error"}``.
+#: Attribute of ``ModelRunnerOutput`` with ``{req_id: True | TierResult | "error"}``.
 RESULTS_ATTR = "kvshrink_results"
 #: Attribute of ``ModelRunnerOutput`` with the worker's method statistics
 #: (merged tokens, the temporal predictor's accuracy and training), cumulative.

@@ -60,3 +60,25 @@ def bytes_due(cfg, held: int, logical: int, prompt_len: int, token_bytes: int,
     over = held > budget + cfg.slack_tokens * token_bytes
     unpacked = "bf16" not in cfg.storage and loose_bf16 > cfg.slack_tokens
     return budget if over or unpacked else None
+
+
+def tier_block_bound(budget: int, forms: list[tuple[int, float]], rows: int) -> int:
+    """Most blocks a tiered request holding at most ``budget`` bytes occupies:
+    ``forms`` lists ``(tokens per block, bytes per token of one (layer, KV
+    head))`` of each level it may use, ``rows`` = layers x KV heads.  Every
+    level fills whole blocks but its last, so the bytes pay at the least dense
+    level's rate, plus one partly filled block per level."""
+    dense = min(cap * per for cap, per in forms)
+    return int(budget // (rows * dense)) + len(forms)
+
+
+def tier_peak_blocks(cfg, num_tokens: int, block_size: int, chunk_tokens: int,
+                     forms: list[tuple[int, float]], rows: int, token_bytes: int) -> int:
+    """Most blocks a tiered request of ``num_tokens`` holds at once: its byte
+    budget's blocks (:func:`tier_block_bound`), plus the plain tokens it may
+    gather before the next event (slack and one prefill chunk) in whole
+    blocks; never more than it would hold uncompressed."""
+    budget = budget_bytes(cfg, num_tokens, token_bytes)
+    grow = -(-(cfg.slack_tokens + chunk_tokens) // block_size) + 1
+    full = -(-num_tokens // block_size)
+    return min(full, tier_block_bound(budget, forms, rows) + grow)

@@ -29,9 +29,23 @@ def method_args(method: str) -> dict:
     return dict(FROZEN) if ("temporal" in method or "semantic" in method) else {}
 
 
+def level_agreement(a: dict, b: dict) -> float:
+    """Share of (layer, head, position, form) entries two tier events have in
+    common (1.0: the same tokens kept, each in the same form)."""
+    def entries(e):
+        return {(i, j, p, lv) for i, (kr, lr) in enumerate(zip(e["kept"], e["level"]))
+                for j, (ks, ls) in enumerate(zip(kr, lr)) for p, lv in zip(ks, ls)}
+    ea, eb = entries(a), entries(b)
+    return len(ea & eb) / max(1, len(ea))
+
+
 def compare(model_path: str, dtype: str, methods: list[str], prompts: list[list[int]],
-            max_tokens: int = 40, budget: int = 96, slack: int = 16,
-            block_size: int = 32, hf_model=None, progress: bool = False) -> list[dict]:
+            max_tokens: int = 40, budget: int | float = 96, slack: int = 16,
+            block_size: int = 32, hf_model=None, progress: bool = False,
+            storage: str = "bf16") -> list[dict]:
+    """One engine run, then the research path per method.  With a tiered
+    ``storage`` (and a fractional ``budget``) events also compare each kept
+    token's form (``level_min``)."""
     with tempfile.TemporaryDirectory() as rec:
         spec = {
             "llm": dict(model=model_path, dtype=dtype, max_model_len=2048,
@@ -51,6 +65,7 @@ def compare(model_path: str, dtype: str, methods: list[str], prompts: list[list[
             "check_invariants": True,
         }
         env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": str(budget),
+               "VLLM_KVSHRINK_STORAGE": storage,
                "VLLM_KVSHRINK_SLACK_TOKENS": str(slack),
                "VLLM_KVSHRINK_RECORD_DIR": rec, "VLLM_KVSHRINK_STRICT": "1"}
         t0 = time.time()
@@ -69,19 +84,23 @@ def compare(model_path: str, dtype: str, methods: list[str], prompts: list[list[
         prompt = prompts[i]
         t0 = time.time()
         cfg = KVShrinkConfig(method=m, budget=budget, slack_tokens=slack,
-                             method_args=method_args(m))
+                             method_args=method_args(m), storage=storage)
         res = ResearchRunner(hf_model, cfg, block_size=block_size).run(
             prompt, max_new_tokens=max_tokens)
         eng = events.get(str(i), [])
         tokens = prompt + result["outputs"][str(i)]["token_ids"]
-        agree = [kept_agreement(a["kept"], b["kept"]) for a, b in zip(eng, res.events)
+        pairs = [(a, b) for a, b in zip(eng, res.events)
                  if a["logical_len"] == b["logical_len"]]
+        agree = [kept_agreement(a["kept"], b["kept"]) for a, b in pairs]
+        levels = [level_agreement(a, b) for a, b in pairs if "level" in a and "level" in b]
         rows.append({
             "method": m, "dtype": dtype,
             "engine_events": len(eng), "research_events": len(res.events),
             "matched_events": len(agree),
             "agreement_min": min(agree) if agree else None,
             "agreement_mean": sum(agree) / len(agree) if agree else None,
+            "level_min": min(levels) if levels else None,
+            "counts_equal": all(a.get("counts") == b.get("counts") for a, b in pairs),
             "tokens_equal": res.token_ids == tokens,
             "first_token_diff": next((j for j, (a, b) in enumerate(zip(res.token_ids, tokens))
                                       if a != b), None),

@@ -42,6 +42,8 @@ def check_invariants(scheduler) -> None:
     for st in getattr(scheduler, "kvs_state", {}).values():
         for b in st.pending_cow:  # held for an in-flight copy-on-write
             extra[b.block_id] += 1
+        for b in list(st.packed) + list(st.pending_fresh):  # tiered storage
+            extra[b.block_id] += 1
     for block in pool.blocks:
         if block.is_null:
             continue

@@ -35,6 +35,7 @@ from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink import schedule
 from vllm_kvshrink.config import KVShrinkConfig, request_overrides
 from vllm_kvshrink.envs import KVShrinkConfigError
+from vllm_kvshrink.core.tiers import TierGeometry
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
 
 logger = logging.getLogger("vllm.kvshrink")
@@ -49,6 +50,12 @@ class _ReqState:
     pending: plan_mod.Compaction | None = None
     pending_cow: list = field(default_factory=list)  # new blocks (KVCacheBlock)
     pending_replaced: list = field(default_factory=list)  # shared blocks they replace
+    # tiered storage: packed blocks (KVCacheBlock, outside req_to_blocks, so
+    # vLLM's accounting of the plain row is untouched) and their contents
+    packed: list = field(default_factory=list)
+    segments: list = field(default_factory=list)  # (block_id, form, n)
+    pending_tier: plan_mod.TierEvent | None = None
+    pending_fresh: list = field(default_factory=list)  # blocks taken for it
 
 
 def check_supported(vllm_config, kv_cache_config) -> None:
@@ -93,6 +100,7 @@ class KVShrinkScheduler(Scheduler):
         check_supported(self.vllm_config, self.kv_cache_config)
         self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.kvs_state: dict[str, _ReqState] = {}
+        self.kvs_tiers = TierGeometry.of(self.kv_cache_config, self.kvs_block_size)
         self.kvs_counters = Counters()
         manager = self.kv_cache_manager
         self._kvs_single = manager.coordinator.single_type_managers[0]
@@ -156,6 +164,7 @@ class KVShrinkScheduler(Scheduler):
         st = self.kvs_state.pop(request.request_id, None)
         if st is not None:
             self._kvs_release_pending(st, success=False)
+            self._kvs_release_packed(st)
         return super()._free_request(request, *args, **kwargs)
 
     def _preempt_request(self, request, timestamp, *args, **kwargs):
@@ -165,6 +174,7 @@ class KVShrinkScheduler(Scheduler):
         super()._preempt_request(request, timestamp, *args, **kwargs)
         if st is not None:
             # Preemption frees every block and recomputes from scratch.
+            self._kvs_release_packed(st)
             st.offset = 0
             st.compressed = False
 
@@ -174,11 +184,15 @@ class KVShrinkScheduler(Scheduler):
         return st is not None and st.cfg.enabled and not st.disabled
 
     def _kvs_remaining_blocks(self, request, st: _ReqState) -> int:
-        peak = st.cfg.peak_tokens(min(request.num_tokens, self.max_model_len),
-                                  self.kvs_block_size,
-                                  self.scheduler_config.max_num_batched_tokens)
+        num_tokens = min(request.num_tokens, self.max_model_len)
+        chunk = self.scheduler_config.max_num_batched_tokens
+        if st.cfg.tiered:
+            peak_blocks = self.kvs_tiers.peak_blocks(st.cfg, num_tokens, chunk)
+        else:
+            peak = st.cfg.peak_tokens(num_tokens, self.kvs_block_size, chunk)
+            peak_blocks = cdiv(peak, self.kvs_block_size)
         have = len(self._kvs_single.req_to_blocks.get(request.request_id, ()))
-        return max(0, cdiv(peak, self.kvs_block_size) - have)
+        return max(0, peak_blocks - have - len(st.packed))
 
     def _request_remaining_blocks(self, request) -> int:
         st = self.kvs_state.get(request.request_id)
@@ -187,14 +201,20 @@ class KVShrinkScheduler(Scheduler):
         return super()._request_remaining_blocks(request)
 
     # ------------------------------------------------------------ planning
-    def _kvs_plan(self) -> list[plan_mod.Compaction]:
+    def _kvs_plan(self) -> tuple[list[plan_mod.Compaction], list[plan_mod.TierEvent]]:
         bs = self.kvs_block_size
-        plans = []
+        plans, tier_events = [], []
         for request in self.running:
             st = self.kvs_state.get(request.request_id)
-            if st is None or st.disabled or not st.cfg.enabled or st.pending:
+            if (st is None or st.disabled or not st.cfg.enabled or st.pending
+                    or st.pending_tier):
                 continue
             cfg = st.cfg
+            if cfg.tiered:
+                ev = self._kvs_plan_tier(request, st)
+                if ev is not None:
+                    tier_events.append(ev)
+                continue
             logical = request.num_computed_tokens
             physical = logical - st.offset
             keep = schedule.tokens_to_keep(cfg, physical, logical,
@@ -241,25 +261,70 @@ class KVShrinkScheduler(Scheduler):
             st.pending_cow = cow
             st.pending_replaced = replaced
             plans.append(comp)
-        return plans
+        return plans, tier_events
+
+    def _kvs_plan_tier(self, request, st: _ReqState) -> plan_mod.TierEvent | None:
+        """A tier event for ``request`` if its bytes are due (the rule of
+        :func:`vllm_kvshrink.schedule.bytes_due`, as in the research path)."""
+        geo, cfg, bs = self.kvs_tiers, st.cfg, self.kvs_block_size
+        logical = request.num_computed_tokens
+        plain = logical - st.offset
+        budget = geo.due(cfg, plain, st.segments, logical, request.num_prompt_tokens)
+        if budget is None:
+            return None
+        blocks = self._kvs_single.req_to_blocks[request.request_id]
+        if len(blocks) < cdiv(plain, bs):
+            return None  # bookkeeping not what we expect: leave it alone
+        # Destinations: blocks only this request holds (the worker reads every
+        # token before it writes any), then fresh ones up to the bound.
+        owned = [b for b in blocks if b.ref_cnt == 1] + list(st.packed)
+        need = geo.block_bound(cfg, budget) - len(owned)
+        fresh = []
+        if need > 0:
+            if self._kvs_pool.get_num_free_blocks() < need:
+                return None  # try again next step
+            fresh = self._kvs_pool.get_new_blocks(need)
+        if owned:  # rewritten: no longer what their prefix hash describes
+            self._kvs_pool.evict_blocks({b.block_id for b in owned})
+        ev = plan_mod.TierEvent(
+            req_id=request.request_id, old_len=plain, logical_len=logical,
+            plain_blocks=[b.block_id for b in blocks[:cdiv(plain, bs)]],
+            segments=list(st.segments),
+            dest_blocks=[b.block_id for b in owned + fresh],
+            budget_bytes=budget, storage=tuple(cfg.storage), method=cfg.method,
+            sink_tokens=cfg.sink_tokens, recent_tokens=cfg.recent_tokens,
+            pool_kernel=cfg.pool_kernel, method_args=dict(cfg.method_args))
+        st.pending_tier = ev
+        st.pending_fresh = fresh
+        return ev
 
     def schedule(self, *args: Any, **kwargs: Any):
         output = super().schedule(*args, **kwargs)
         # After vLLM's own scheduling: preempted requests are gone from
         # `running`, prefix-cache hits of this step are counted in ref_cnt,
         # and num_computed_tokens includes this step's tokens.
-        compactions = self._kvs_plan()
+        compactions, tier_events = self._kvs_plan()
         offsets = {
             r.request_id: self.kvs_state[r.request_id].offset
             for r in self.running
             if r.request_id in self.kvs_state and self.kvs_state[r.request_id].offset
         }
         setattr(output, plan_mod.ATTR,
-                plan_mod.StepPlan(compactions=compactions, offsets=offsets))
+                plan_mod.StepPlan(compactions=compactions, tier_events=tier_events,
+                                  offsets=offsets))
         return output
 
     # ------------------------------------------------------------- results
+    def _kvs_release_packed(self, st: _ReqState) -> None:
+        if st.packed:
+            self._kvs_pool.free_blocks(reversed(st.packed))
+        st.packed, st.segments = [], []
+
     def _kvs_release_pending(self, st: _ReqState, success: bool) -> None:
+        if st.pending_tier is not None and not success:
+            if st.pending_fresh:
+                self._kvs_pool.free_blocks(st.pending_fresh)
+            st.pending_tier, st.pending_fresh = None, []
         if st.pending is None:
             return
         req_id = st.pending.req_id
@@ -307,7 +372,48 @@ class KVShrinkScheduler(Scheduler):
                     logger.warning(
                         "vllm-kvshrink: compaction of request %s failed (%s); "
                         "it continues uncompressed", comp.req_id, reason)
+        if step is not None and step.tier_events:
+            results = getattr(model_runner_output, plan_mod.RESULTS_ATTR, None) or {}
+            for ev in step.tier_events:
+                st = self.kvs_state.get(ev.req_id)
+                if st is None or st.pending_tier is not ev:
+                    continue
+                res = results.get(ev.req_id)
+                if isinstance(res, plan_mod.TierResult):
+                    self._kvs_finish_tier(ev, st, res)
+                else:
+                    self._kvs_release_pending(st, success=False)
+                    st.disabled = True
+                    self.kvs_counters.fallbacks += 1
+                    reason = res if isinstance(res, str) else "no result from worker"
+                    logger.warning(
+                        "vllm-kvshrink: tier event of request %s failed (%s); it "
+                        "continues on the blocks it holds", ev.req_id, reason)
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _kvs_finish_tier(self, ev: plan_mod.TierEvent, st: _ReqState,
+                         res: plan_mod.TierResult) -> None:
+        blocks = self._kvs_single.req_to_blocks[ev.req_id]
+        before = len(blocks) + len(st.packed)
+        held = list(blocks) + list(st.packed) + list(st.pending_fresh)
+        by_id = {b.block_id: b for b in held}
+        plain = [by_id[i] for i in res.plain_blocks]
+        packed = [by_id[b] for b, _, _ in res.segments]
+        used = {id(b) for b in plain + packed}
+        spare = [b for b in held if id(b) not in used]
+        blocks[:] = plain
+        st.packed, st.segments = packed, list(res.segments)
+        st.pending_tier, st.pending_fresh = None, []
+        if spare:
+            self._kvs_pool.free_blocks(reversed(spare))
+        kept_plain = res.counts.get("bf16", 0)
+        st.offset += ev.old_len - kept_plain
+        st.compressed = True
+        c = self.kvs_counters
+        c.tier_events += 1
+        c.tokens_demoted += round(res.demoted)
+        c.tokens_evicted += round(res.evicted)
+        c.blocks_freed += max(0, before - len(plain) - len(packed))
 
     def _kvs_finish(self, comp: plan_mod.Compaction, st: _ReqState) -> None:
         self.kvs_counters.cow_blocks += len(st.pending_cow)
@@ -334,11 +440,17 @@ class KVShrinkScheduler(Scheduler):
         c = self.kvs_counters
         c.logical_tokens = 0
         c.physical_tokens = 0
+        held: dict[str, int] = {}
         for r in self.running:
             st = self.kvs_state.get(r.request_id)
             if st is not None and st.cfg.enabled:
+                plain = r.num_computed_tokens - st.offset
                 c.logical_tokens += r.num_computed_tokens
-                c.physical_tokens += r.num_computed_tokens - st.offset
+                c.physical_tokens += plain + sum(s[2] for s in st.segments)
+                for form, n in self.kvs_tiers.bytes_by_form(plain, st.segments).items():
+                    held[form] = held.get(form, 0) + n
+        c.bytes_held = held
+        c.logical_bytes = c.logical_tokens * self.kvs_tiers.token_bytes
         payload = dict(stats.kv_connector_stats or {})
         payload[STATS_KEY] = c.to_dict()
         stats.kv_connector_stats = payload

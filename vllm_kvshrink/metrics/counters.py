@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 #: Key under which the counters travel inside ``SchedulerStats.kv_connector_stats``.
 STATS_KEY = "kvshrink"
@@ -17,12 +17,17 @@ class Counters:
     cow_blocks: int = 0  # shared blocks copied before being rewritten
     tokens_merged: int = 0  # evicted tokens folded into kept ones (semantic)
     predictor_updates: int = 0  # online training steps of the temporal predictor
+    tier_events: int = 0  # tier-policy events that completed (tiered storage)
+    tokens_demoted: int = 0  # tokens moved to a form with fewer bytes by them
     # the temporal predictor's accuracy on the labels seen so far (-1: none yet)
     predictor_recall: float = -1.0  # recall@10% of next-window attention
     predictor_spearman: float = -1.0  # rank correlation with it
     # gauges, refreshed every step
     logical_tokens: int = 0  # tokens of running compressed-capable requests
     physical_tokens: int = 0  # of which are still in the cache
+    #: bytes held by running requests' KV per storage form (bf16 counted at 2
+    #: bytes per element, packed forms at their codes + parameters)
+    bytes_held: dict = field(default_factory=dict)
 
     @property
     def compression_ratio(self) -> float:
@@ -31,7 +36,19 @@ class Counters:
             return 1.0
         return self.logical_tokens / self.physical_tokens
 
+    #: bf16 bytes the running requests' logical tokens would hold
+    logical_bytes: int = 0
+
+    @property
+    def bytes_ratio(self) -> float:
+        """bf16 bytes of the logical tokens / bytes held (1.0 = no saving)."""
+        held = sum(self.bytes_held.values())
+        if held <= 0:
+            return 1.0
+        return self.logical_bytes / held
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["compression_ratio"] = self.compression_ratio
+        d["bytes_ratio"] = self.bytes_ratio
         return d

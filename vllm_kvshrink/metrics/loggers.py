@@ -18,6 +18,7 @@ logger = logging.getLogger("vllm.kvshrink")
 _ORIG: dict[str, object] = {}
 _PROM: dict[str, object] = {}
 _LAST: dict[tuple[int, str], float] = {}
+_FORMS_SEEN: set[str] = set()
 
 _COUNTERS = {
     "compactions": "Compaction events completed by vllm-kvshrink.",
@@ -26,9 +27,12 @@ _COUNTERS = {
     "fallbacks": "Compactions that failed; the request continued uncompressed.",
     "tokens_merged": "Evicted tokens merged into kept ones (semantic merger).",
     "predictor_updates": "Online training steps of the temporal importance predictor.",
+    "tier_events": "Tiered-storage events completed (forms re-assigned).",
+    "tokens_demoted": "Tokens moved to a storage form with fewer bytes.",
 }
 _GAUGES = {
     "compression_ratio": "Logical / cached tokens of running requests.",
+    "bytes_ratio": "bf16 bytes of running requests' logical tokens / KV bytes they hold.",
     "logical_tokens": "Logical tokens of running requests.",
     "physical_tokens": "Tokens of running requests still in the KV cache.",
     "predictor_recall": "Temporal predictor: recall@10% of the tokens that receive "
@@ -60,6 +64,10 @@ def _prom():
             _PROM[name] = Counter(f"vllm:kvshrink_{name}", doc, ["engine"])
         for name, doc in _GAUGES.items():
             _PROM[name] = Gauge(f"vllm:kvshrink_{name}", doc, ["engine"])
+        _PROM["bytes_held"] = Gauge(
+            "vllm:kvshrink_bytes_held",
+            "KV bytes held by running requests, per storage form (codes, scales and "
+            "zero points; bf16 at 2 bytes per element).", ["engine", "form"])
     return _PROM
 
 
@@ -73,14 +81,25 @@ def _logging_record(self, scheduler_stats=None, *args, **kwargs):
 def _logging_log(self, *args, **kwargs):
     result = _ORIG["logging_log"](self, *args, **kwargs)
     ours = getattr(self, "_kvs_last", None)
-    if ours is not None and ours.get("compactions", 0) != getattr(self, "_kvs_logged", None):
-        self._kvs_logged = ours.get("compactions", 0)
-        logger.info(
-            "KV shrink: %d compactions, %d tokens evicted, %d blocks freed, "
-            "ratio %.2fx, %d fallbacks",
-            ours["compactions"], ours["tokens_evicted"], ours["blocks_freed"],
-            ours["compression_ratio"], ours["fallbacks"],
-        )
+    events = (ours.get("compactions", 0), ours.get("tier_events", 0)) if ours else None
+    if ours is not None and events != getattr(self, "_kvs_logged", None):
+        self._kvs_logged = events
+        if ours.get("tier_events", 0):
+            held = ours.get("bytes_held") or {}
+            logger.info(
+                "KV shrink: %d tier events, %d tokens demoted, %d evicted, %d blocks "
+                "freed, held %s, bytes ratio %.2fx, %d fallbacks",
+                ours["tier_events"], ours["tokens_demoted"], ours["tokens_evicted"],
+                ours["blocks_freed"],
+                " ".join(f"{f}={b / 2**20:.1f}MiB" for f, b in held.items()) or "-",
+                ours.get("bytes_ratio", 1.0), ours["fallbacks"])
+        else:
+            logger.info(
+                "KV shrink: %d compactions, %d tokens evicted, %d blocks freed, "
+                "ratio %.2fx, %d fallbacks",
+                ours["compactions"], ours["tokens_evicted"], ours["blocks_freed"],
+                ours["compression_ratio"], ours["fallbacks"],
+            )
     return result
 
 
@@ -98,6 +117,10 @@ def _prom_record(self, scheduler_stats=None, iteration_stats=None, mm_cache_stat
             _LAST[(engine_idx, name)] = value
         for name in _GAUGES:
             prom[name].labels(engine).set(float(ours.get(name, 0)))
+        held = ours.get("bytes_held") or {}
+        for form in set(held) | _FORMS_SEEN:
+            prom["bytes_held"].labels(engine, form).set(float(held.get(form, 0)))
+        _FORMS_SEEN.update(held)
     return _ORIG["prom_record"](self, stats, iteration_stats, mm_cache_stats,
                                 engine_idx, *args, **kwargs)
 

@@ -44,6 +44,9 @@ class _Req:
     kept: int = 0
     #: The method's per-request state between events (cache order).
     method_state: dict = field(default_factory=dict)
+    #: Tiered storage: what the request holds in packed blocks
+    #: (:class:`vllm_kvshrink.worker.tiers.TierState`), None before its first event.
+    tier: object = None
 
 
 @dataclass
@@ -68,6 +71,11 @@ class Compactor:
     capture: CapturePlan | None = None
     results: dict[str, object] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # this step's Compaction plans
+    tier_pending: list = field(default_factory=list)  # this step's TierEvents
+    #: this step's requests with packed blocks (PackedBatch), for attention
+    packed_batch: object = None
+    #: kernel layout name of the plain cache ("cpu_k_transposed" / "cpu_row_major")
+    kernel_layout: str | None = None
     stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
     #: Cumulative method statistics reported to the scheduler.
     method_stats: dict[str, float] = field(default_factory=lambda: {"merged_tokens": 0})
@@ -120,6 +128,7 @@ class Compactor:
         if r is not None:
             r.captured, r.logical, r.kept = 0, None, 0
             r.method_state = {}
+            r.tier = None
 
     # ------------------------------------------------------------- capture
     def plan_capture(
@@ -288,6 +297,33 @@ class Compactor:
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         return list(comp.block_ids)
+
+    def apply_tier(self, ev: plan_mod.TierEvent) -> plan_mod.TierResult:
+        """Run one tier event (:func:`vllm_kvshrink.worker.tiers.apply_event`)."""
+        from vllm_kvshrink.worker.tiers import apply_event
+
+        t0 = time.perf_counter()
+        r = self._req(ev.req_id)
+        if r is None:
+            raise RuntimeError("no worker slot for this request")
+        res, r.tier, record = apply_event(self, ev, r)
+        if self.config.record_dir:
+            os.makedirs(self.config.record_dir, exist_ok=True)
+            path = os.path.join(self.config.record_dir, f"events-{os.getpid()}.jsonl")
+            with open(path, "a") as f:
+                f.write(json.dumps({"req_id": ev.req_id, "logical_len": ev.logical_len,
+                                    "old_len": ev.old_len, "method": ev.method,
+                                    **record}) + "\n")
+        self.stats["events"] += 1
+        self.stats["seconds"] += time.perf_counter() - t0
+        return res
+
+    def attention_layout(self) -> str:
+        if self.kernel_layout is None:
+            from vllm_kvshrink.kernels.layouts import layout_from_kind
+
+            self.kernel_layout = layout_from_kind(self._layout().kind)
+        return self.kernel_layout
 
     def report_stats(self) -> dict:
         """Cumulative statistics of the methods in this worker."""

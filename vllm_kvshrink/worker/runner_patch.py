@@ -111,6 +111,7 @@ def _update_states(self, scheduler_output):
     step = getattr(scheduler_output, plan_mod.ATTR, None)
     comp.offsets = dict(step.offsets) if step is not None else {}
     comp.pending = list(step.compactions) if step is not None else []
+    comp.tier_pending = list(step.tier_events) if step is not None else []
     return _ORIG["_update_states"](self, scheduler_output)
 
 
@@ -131,6 +132,23 @@ def _run_compactions(runner, comp: Compactor) -> None:
             continue
         _set_row(runner, c.req_id, new_row)
         results[c.req_id] = True
+    for ev in comp.tier_pending:
+        req_state = runner.requests.get(ev.req_id)
+        try:
+            if req_state is None:
+                raise RuntimeError("request unknown to the worker")
+            if list(req_state.block_ids[0][: len(ev.plain_blocks)]) != ev.plain_blocks:
+                raise RuntimeError("the worker's block row differs from the plan's")
+            res = comp.apply_tier(ev)
+        except Exception as e:  # noqa: BLE001 - any failure falls back
+            if comp.config.strict:
+                raise
+            logger.warning("vllm-kvshrink: tier event of %s failed: %r", ev.req_id, e)
+            results[ev.req_id] = f"{type(e).__name__}: {e}"
+            continue
+        _set_row(runner, ev.req_id, res.plain_blocks)
+        results[ev.req_id] = res
+    comp.tier_pending = []
     comp.pending = []
     comp.results.update(results)
 
@@ -168,6 +186,13 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         off = torch.from_numpy(row_off)
         self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
         self.optimistic_seq_lens_cpu[:num_reqs] -= off.to(self.optimistic_seq_lens_cpu.dtype)
+    comp.packed_batch = None
+    if any(r.tier is not None and r.tier.segments for r in comp.reqs.values()):
+        from vllm_kvshrink.worker.tiers import packed_batch
+
+        rows = [self.requests[r].block_ids[0] for r in req_ids]
+        comp.packed_batch = packed_batch(comp, req_ids, num_computed,
+                                         num_scheduled_tokens, rows)
     return result
 
 
@@ -200,8 +225,9 @@ def _execute_model(self, scheduler_output, *args, **kwargs):
     finally:
         if comp is not None:
             comp.capture = None
+            comp.packed_batch = None
     comp = getattr(self, "_kvs_compactor", None)
-    if comp is not None and comp.pending:
+    if comp is not None and (comp.pending or comp.tier_pending):
         # The forward pass has read and written the old layout; now it may move.
         with torch.inference_mode():
             _run_compactions(self, comp)

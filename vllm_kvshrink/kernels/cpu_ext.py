@@ -1,0 +1,201 @@
+"""The C++ CPU kernel of :func:`~vllm_kvshrink.kernels.packed_attention.
+packed_attention` (``csrc/cpu/packed_attention.cpp``), built with torch's
+extension machinery.
+
+``make install`` builds it once (``python -m vllm_kvshrink.kernels.cpu_ext
+build``) into a directory that depends on the torch version and the CPU (it is
+compiled with ``-march=native``), so later processes only load it.  Where the
+sources are missing (a non-editable install) or the compiler fails,
+:func:`load` returns ``False``, :func:`unavailable_reason` says why, and
+callers use the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from vllm_kvshrink.kernels.packed_attention import (
+    LAYOUT_CODES,
+    PackedBatch,
+    check,
+    finish,
+    out_starts,
+    rotated_query,
+)
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
+SOURCES = ("packed_attention.cpp",)
+NAME = "kvshrink_cpu"
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NATIVE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+_PORTABLE = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+_STATE: dict[str, object] = {}
+
+
+def _cpu_tag() -> str:
+    """Machine and a hash of the CPU's feature flags: a library built with
+    ``-march=native`` is reused only on a CPU like the one that built it."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:10]}"
+
+
+def build_dir() -> Path:
+    """Where the library is built: ``$TORCH_EXTENSIONS_DIR/kvshrink_cpu-<cpu>``
+    if set, else ``~/.cache/vllm_kvshrink/torch_extensions/<torch>/kvshrink_cpu-<cpu>``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = (Path(root) if root else Path.home() / ".cache" / "vllm_kvshrink" /
+            "torch_extensions" / torch.__version__.replace("+", "_"))
+    return base / f"{NAME}-{_cpu_tag()}"
+
+
+def build(verbose: bool = False) -> str:
+    """Compile (or find already compiled) and load the library, registering
+    ``torch.ops.kvshrink_cpu.packed_attention``.  Returns the library's path;
+    raises when the sources are missing or the compiler fails."""
+    missing = [s for s in SOURCES if not (CSRC / s).is_file()]
+    if missing:
+        raise RuntimeError(f"the sources of the kvshrink CPU kernel are missing from {CSRC} "
+                           f"({', '.join(missing)}); it needs an editable install")
+    from torch.utils import cpp_extension
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (_NATIVE, _PORTABLE):  # -march=native is not known everywhere
+        try:
+            cpp_extension.load(
+                name=NAME,
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(out),
+                is_python_module=False,
+                verbose=verbose,
+            )
+            return str(out / f"{NAME}.so")
+        except Exception as e:  # noqa: BLE001 - compiler errors come in many types
+            errors.append(f"{' '.join(flags)}: {str(e).strip().splitlines()[-1:] or e}")
+    raise RuntimeError("building the kvshrink CPU kernel failed: " + "; ".join(errors))
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (once per process, cached across processes) and load the kernel;
+    ``False`` when it cannot be built here (see :func:`unavailable_reason`)."""
+    if "loaded" in _STATE:
+        return bool(_STATE["loaded"])
+    try:
+        _STATE["path"] = build(verbose=verbose)
+        _STATE["loaded"] = True
+    except Exception as e:  # noqa: BLE001 - any failure means: use the reference
+        _STATE["reason"] = str(e)
+        _STATE["loaded"] = False
+    return bool(_STATE["loaded"])
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded here (building it if needed)."""
+    return load()
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` returned ``False`` (``None`` if it did not, or was not
+    called yet)."""
+    return _STATE.get("reason")  # type: ignore[return-value]
+
+
+def _check_cpu(q: torch.Tensor, cache: torch.Tensor, batch: PackedBatch) -> None:
+    if q.device.type != "cpu" or cache.device.type != "cpu":
+        raise ValueError(f"q and cache must be CPU tensors, got {q.device} and {cache.device}")
+    if cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {cache.dtype}; allowed: float32, bfloat16, float16")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head dim D={d}: the CPU kernel needs a power of two in [16, 256]")
+    if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
+        raise ValueError(f"cache must have each (block, head) region contiguous "
+                         f"(strides [..., {cache.shape[3]}, 1]), got {cache.stride()}")
+    r, nb, bs = batch.num_reqs, cache.shape[0], cache.shape[2]
+    if batch.plain_table.dim() != 2 or batch.plain_table.shape[0] != r:
+        raise ValueError(f"batch.plain_table must be [R={r}, max_blocks], got "
+                         f"{tuple(batch.plain_table.shape)}")
+    if batch.seg_start.shape != (r + 1,):
+        raise ValueError(f"batch.seg_start must be [R + 1 = {r + 1}], got "
+                         f"{tuple(batch.seg_start.shape)}")
+    s = batch.seg_block.numel()
+    if batch.seg_form.numel() != s or batch.seg_n.numel() != s:
+        raise ValueError("batch.seg_block, seg_form and seg_n must have one entry per segment")
+    if r and (int(batch.seg_start[0]) != 0 or int(batch.seg_start[-1]) != s
+              or bool((batch.seg_start[1:] < batch.seg_start[:-1]).any())):
+        raise ValueError(f"batch.seg_start must rise from 0 to the {s} segments")
+    if s and (int(batch.seg_form.min()) < 0 or int(batch.seg_form.max()) >= len(batch.forms)):
+        raise ValueError(f"batch.seg_form names a form outside batch.forms "
+                         f"({len(batch.forms)} forms)")
+    if r:
+        if bool((batch.q_len < 1).any()) or bool((batch.q_start < 0).any()):
+            raise ValueError("batch.q_len must be >= 1 and batch.q_start >= 0")
+        if int((batch.q_start + batch.q_len).max()) > q.shape[0]:
+            raise ValueError(f"batch.q_start + q_len reaches past the {q.shape[0]} rows of q")
+        need = (batch.plain_len + bs - 1) // bs
+        if int(need.max()) > batch.plain_table.shape[1]:
+            raise ValueError("batch.plain_table has fewer blocks than a plain_len needs")
+        used = torch.arange(batch.plain_table.shape[1])[None, :] < need[:, None]
+        blocks = batch.plain_table[used]
+        if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= nb):
+            raise ValueError(f"batch.plain_table names a block outside the cache's {nb}")
+
+
+def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch,
+                     scale: float) -> torch.Tensor:
+    """The C++ kernel: same arguments and result as :func:`~vllm_kvshrink.
+    kernels.packed_attention.reference`."""
+    check(q, cache, layout, batch)
+    _check_cpu(q, cache, batch)
+    if not load():
+        raise RuntimeError(f"the kvshrink CPU kernel is not available: {unavailable_reason()}")
+    i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    hq, d = q.shape[1:]
+    total = int(batch.q_len.sum()) if batch.num_reqs else 0
+    out = torch.empty(total, hq, d, dtype=torch.float32)
+    if total == 0:
+        return out
+    qf = q.float().contiguous()
+    rot = batch.any_rotated()
+    q_rot = rotated_query(qf, batch).contiguous() if rot else qf
+    out_rot = torch.empty_like(out) if rot else torch.empty(0, hq, d)
+    torch.ops.kvshrink_cpu.packed_attention(
+        out, out_rot, qf, q_rot, cache, LAYOUT_CODES[layout],
+        i64(batch.q_start), i64(batch.q_len), i64(batch.plain_len),
+        batch.plain_table.to(torch.int32).contiguous(), i64(batch.seg_start),
+        i64(batch.seg_block), i64(batch.seg_form), i64(batch.seg_n),
+        batch.form_table().contiguous(), i64(out_starts(batch)), float(scale))
+    return finish(out, out_rot, batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["build"]:
+        print("usage: python -m vllm_kvshrink.kernels.cpu_ext build [-v]", file=sys.stderr)
+        return 2
+    path = build(verbose="-v" in args[1:])
+    print(f"built the kvshrink CPU kernel: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
