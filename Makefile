@@ -19,6 +19,7 @@ $(STAMP): setup.py pyproject.toml
 	if ! command -v nvidia-smi >/dev/null; then \
 	  $(BIN)/python -m pip uninstall -y -q $(BROKEN_ON_CPU) || true; fi
 	$(BIN)/python -c "import vllm, transformers, vllm_kvshrink; print('installed vllm', vllm.__version__)"
+	$(BIN)/python -m vllm_kvshrink.kernels.cpu_ext build
 	touch $(STAMP)
 
 install: $(STAMP)

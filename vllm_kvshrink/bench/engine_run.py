@@ -54,6 +54,22 @@ def check_invariants(scheduler) -> None:
             )
 
 
+def _bytes_held(scheduler) -> dict:
+    """KV bytes the running compressed requests hold now, per storage form."""
+    geo = getattr(scheduler, "kvs_tiers", None)
+    if geo is None:
+        return {}
+    out: dict = {}
+    for r in scheduler.running:
+        st = scheduler.kvs_state.get(r.request_id)
+        if st is None or not st.cfg.enabled:
+            continue
+        plain = r.num_computed_tokens - st.offset
+        for form, n in geo.bytes_by_form(plain, st.segments).items():
+            out[form] = out.get(form, 0) + n
+    return out
+
+
 def _plugin_active() -> bool:
     try:
         import vllm_kvshrink
@@ -95,6 +111,7 @@ def run(spec: dict) -> dict:
     peak_usage = 0.0
     steps = 0
     aborted = []
+    peak_held: dict = {}
     total_blocks = None
     if sched is not None:
         total_blocks = sched.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -138,6 +155,9 @@ def run(spec: dict) -> dict:
                 preemptions[req_id] = max(preemptions.get(req_id, 0), req.num_preemptions)
             if check:
                 check_invariants(sched)
+            held = _bytes_held(sched)
+            if held and sum(held.values()) > sum(peak_held.values()):
+                peak_held = held
         if progress and steps % 50 == 0:
             print(f"  step {steps}: {len(outputs)}/{len(prompts)} done, "
                   f"running {len(sched.running) if sched else '?'}",
@@ -159,6 +179,7 @@ def run(spec: dict) -> dict:
         "decode_only_steps_s": decode_time,
         "decode_only_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
         "running_trace": running_trace,
+        "peak_bytes_held": peak_held,
         "usage_trace": usage_trace,
     }
     result["output_tokens_per_s"] = result["output_tokens"] / max(elapsed, 1e-9)

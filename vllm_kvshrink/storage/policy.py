@@ -237,7 +237,10 @@ def plan_tiers(
     # highest-scored tokens allowed there (held now in that level or above).
     level = torch.full((l, h, n), EVICTED, dtype=torch.int8)
     level[:, :, protect] = 0
-    ranked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(protect, float("-inf"))
+    # Finite scores, so an eligible token always ranks above an ineligible one
+    # (a NaN or -inf score would otherwise tie with the -inf of taken tokens).
+    ranked = scores.float().nan_to_num(nan=-3e38, neginf=-3e38, posinf=3e38)
+    ranked = ranked.masked_fill(protect, float("-inf"))
     taken = protect.expand(l, h, n).clone()
     final = []
     for i in range(nl):

@@ -58,6 +58,15 @@ def _geometry(comp):
     return comp.head_size, comp.block_size, c.element_size()
 
 
+def zero_blocks(comp, blocks: list[int]) -> None:
+    """Zero ``blocks`` in every layer (packed pages leaving the packed form)."""
+    if not blocks:
+        return
+    t = torch.tensor(sorted(set(blocks)), dtype=torch.int64)
+    for bv, _ in _byte_stacks(comp):
+        bv[:, t] = 0
+
+
 def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None):
     """Every token the request holds, cache order: ``(keys, values)``
     ``[L, H, N, D]`` (plain tokens in the cache dtype's values, packed ones
@@ -164,9 +173,14 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
             segments.append((b, name, min(pf.capacity, c - j * pf.capacity)))
         pos_packed.append(pos.gather(2, src))
         form_packed += [name] * c
-    # Everything read and planned: now write.
+    # Everything read and planned: now write.  Blocks that held packed pages
+    # and hold none now are zeroed first: their bytes read as the model dtype
+    # can be NaN, and vLLM's kernel multiplies masked slots by zero.
     layout = comp._layout()
     stacks = _byte_stacks(comp)
+    new_packed = {b for b, _, _ in segments}
+    old_packed = [b for b, _, _ in (r.tier.segments if r.tier is not None else [])]
+    zero_blocks(comp, [b for b in old_packed if b not in new_packed])
     for w in writes:
         if w[0] == "plain":
             _, k, v = w

@@ -1,0 +1,182 @@
+"""Tiered storage served by the engine: packed blocks in vLLM's pool.
+
+* Engine vs research path (fp32): at every tier event the same tokens are
+  kept, each in the same form, and the greedy tokens are identical (a
+  numerical tie between vLLM's and transformers' keys may flip one entry in a
+  thousand, as for eviction).
+* Engine vs an independent reference: greedy tokens equal a transformers
+  forward pass whose attention, after each event, reads every kept token
+  through its form's store-and-read-back and masks the evicted ones
+  (vllm_kvshrink/hf/replay_tiers.py) -- no paged layout, no packed kernel.
+* vLLM's guarantees hold with packed blocks: ownership at every step and every
+  block back after preemption and aborts, prefix cache, fallback, opt-out.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from vllm_kvshrink.bench.agreement import compare
+from vllm_kvshrink.bench.launch import run_engine
+from vllm_kvshrink.hf.replay import compare_greedy, load_events, replay_logits
+from vllm_kvshrink.hf.replay_tiers import replay_tier_logits
+
+pytestmark = pytest.mark.engine
+
+MIX = "bf16,int4_tok_rot,int2_tok_rot"
+
+
+def _spec(model_path, prompts, max_tokens=60, dtype="float32", block_size=32, **kw):
+    llm = dict(model=model_path, dtype=dtype, max_model_len=2048,
+               kv_cache_memory_bytes=256 << 20, block_size=block_size, max_num_seqs=8,
+               enforce_eager=True, seed=0)
+    llm.update(kw.pop("llm", {}))
+    return {"llm": llm, "prompts": [{"prompt_token_ids": p} for p in prompts],
+            "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
+            **kw}
+
+
+def _env(storage=MIX, budget="0.2", **extra):
+    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": budget,
+           "VLLM_KVSHRINK_STORAGE": storage, "VLLM_KVSHRINK_SLACK_TOKENS": "16",
+           "VLLM_KVSHRINK_STRICT": "1"}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    from vllm_kvshrink.assets import load_essays
+
+    essays = load_essays()
+    return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:500 + 60 * i]
+            for i in range(4)]
+
+
+def test_engine_and_research_path_hold_the_same_forms(model_path, hf_model, prompts):
+    methods = ["snapkv", "h2o", "tova", "expected_attention"]
+    rows = compare(model_path, "float32", methods, prompts, max_tokens=60, budget=0.2,
+                   storage=MIX, hf_model=hf_model)
+    for r in rows:
+        assert r["fallbacks"] == 0
+        assert r["engine_events"] >= 2, r
+        assert r["engine_events"] == r["research_events"] == r["matched_events"], r
+        assert r["counts_equal"], r
+        assert r["agreement_min"] >= 0.999, r
+        assert r["level_min"] >= 0.999, r
+        assert r["tokens_equal"] or r["level_min"] < 1.0, r
+
+
+@pytest.mark.parametrize(
+    "storage,budget,block_size,max_batched",
+    [
+        (MIX, "0.15", 32, None),               # three levels and eviction
+        ("int8_tok,int2_tok_rot", "0.12", 128, None),  # no bf16 beyond sinks/recent
+        ("bf16,k4v2_tok", "0.25", 32, 256),     # events between prefill chunks
+    ],
+)
+def test_engine_matches_dequantized_replay(model_path, hf_model, prompts, storage,
+                                           budget, block_size, max_batched):
+    with tempfile.TemporaryDirectory() as rec:
+        extra = {"max_num_batched_tokens": max_batched} if max_batched else {}
+        result = run_engine(_spec(model_path, prompts[:3], block_size=block_size,
+                                  check_invariants=True, llm=extra),
+                            _env(storage, budget, VLLM_KVSHRINK_RECORD_DIR=rec))
+        events = load_events(rec)
+    k = result["kvshrink"]
+    assert k["fallbacks"] == 0 and k["tier_events"] >= 3
+    packed_seen = False
+    quantization_matters = False
+    for i, p in enumerate(prompts[:3]):
+        tokens = p + result["outputs"][str(i)]["token_ids"]
+        evs = events.get(str(i), [])
+        assert len(evs) >= 2
+        packed_seen |= any(sum(e["counts"][1:]) > 0 for e in evs)
+        logits = replay_tier_logits(hf_model, tokens, evs)
+        verdict = compare_greedy(logits, tokens, len(p))
+        assert verdict["mismatch"] is None or verdict["tie"], (
+            f"request {i}: engine token at {verdict['mismatch']} differs from the "
+            f"dequantized replay ({len(evs)} events)")
+        # Teeth: the forms change the logits beyond noise (a mask-only replay
+        # is measurably different from the dequantized one).
+        masked = replay_logits(hf_model, tokens, evs)
+        gen = slice(len(p) - 1, len(tokens) - 1)
+        quantization_matters |= float((masked[gen] - logits[gen]).abs().max()) > 1e-2
+    assert packed_seen and quantization_matters
+    assert result["free_blocks_end"] == result["total_blocks"]
+    held = result["peak_bytes_held"]
+    assert set(held) - {"bf16"}, held  # packed forms were held, in bytes
+
+
+def test_packed_blocks_return_under_preemption_and_abort(model_path, essay_prompts):
+    """Tight pool, bf16 model: requests with packed blocks are preempted and
+    recomputed, two are aborted; ownership holds at every step (packed blocks
+    included) and every block comes back."""
+    prompts = [p[:400] for p in (essay_prompts * 2)[:10]]
+    spec = _spec(model_path, prompts, max_tokens=160, dtype="bfloat16",
+                 check_invariants=True, abort_after={2: 6, 7: 15},
+                 llm={"kv_cache_memory_bytes": 1100 * 23040, "max_model_len": 1024})
+    result = run_engine(spec, _env(MIX, "0.4", VLLM_KVSHRINK_SLACK_TOKENS="32"))
+    assert result["preemptions"] > 0, "pool not tight enough to test preemption"
+    assert result["kvshrink"]["tier_events"] > 0
+    assert sorted(result["aborted"]) == [2, 7]
+    assert len(result["outputs"]) == len(prompts) - 2
+    assert result["free_blocks_end"] == result["total_blocks"]
+    for i, out in result["outputs"].items():
+        assert len(out["token_ids"]) == 160, i
+
+
+def test_prefix_cache_fallback_and_opt_out(model_path, essay_prompts):
+    """Request 1 shares request 0's cached prompt and is packed; request 2
+    (uncompressed) hits the cache later and must equal stock; request 3 fails
+    inside its tier event (injected) and continues on its bf16 blocks, equal
+    to stock and counted.  fp32: in bf16 vLLM's CPU kernel splits work by the
+    whole batch's sequence lengths, so a neighbour's cache size changes the
+    rounding of a request's attention (a greedy flip is then noise, not a
+    leak)."""
+    p = essay_prompts[0]
+    prompts = [p, p, p, essay_prompts[1]]
+    extra = {0: {"method": "none"}, 2: {"method": "none"}}
+    stock = run_engine(_spec(model_path, prompts, max_tokens=48, arrival=1),
+                       {"VLLM_KVSHRINK_METHOD": "none"})
+    result = run_engine(
+        _spec(model_path, prompts, max_tokens=48, arrival=1,
+              per_request_extra=extra, check_invariants=True),
+        _env(MIX, "0.25", VLLM_KVSHRINK_INJECT_FAULT="3-", VLLM_KVSHRINK_STRICT="0"))
+    want = stock["outputs"]["0"]["token_ids"]
+    assert result["outputs"]["0"]["token_ids"] == want
+    assert result["outputs"]["2"]["token_ids"] == want
+    assert result["outputs"]["3"]["token_ids"] == stock["outputs"]["3"]["token_ids"]
+    k = result["kvshrink"]
+    assert k["tier_events"] >= 2 and k["fallbacks"] == 1
+    assert result["free_blocks_end"] == result["total_blocks"]
+
+
+def test_engine_refuses_forms_it_cannot_page(model_path):
+    with pytest.raises(RuntimeError) as err:
+        run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
+                   _env("bf16,int4", "0.25"))
+    msg = str(err.value)
+    assert "VLLM_KVSHRINK_STORAGE='bf16,int4'" in msg and "int4_tok" in msg
+    with pytest.raises(RuntimeError) as err:
+        run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
+                   {"VLLM_KVSHRINK_STORAGE": "bf16,int4_tok"})
+    assert "VLLM_KVSHRINK_METHOD is 'none'" in str(err.value)
+
+
+def test_replay_has_teeth():
+    """A wrong form in the record changes the replay's attention."""
+    from vllm_kvshrink.hf import replay_tiers
+
+    torch.manual_seed(0)
+    k = torch.randn(2, 12, 64)
+    v = torch.randn(2, 12, 64)
+    e = {"logical_len": 10, "kept": [[[0, 3, 5, 9]] * 2], "level": [[[0, 1, 2, 0]] * 2],
+         "storage": ["bf16", "int8_tok", "int2_tok"]}
+    k1, v1, vis = replay_tiers._held_after(k, v, e, 0)
+    assert torch.equal(k1[:, 0], k[:, 0]) and not torch.equal(k1[:, 5], k[:, 5])
+    assert float((k1[:, 3] - k[:, 3]).abs().max()) < float((k1[:, 5] - k[:, 5]).abs().max())
+    assert vis[:, [0, 3, 5, 9]].all() and int(vis.sum()) == 8

@@ -1,0 +1,290 @@
+"""The packed-attention kernels (C++: ``kernels.cpu_ext``; Triton, in the CPU
+interpreter: ``kernels.triton_packed``) against the dequantize-then-attend
+reference (``kernels.packed_attention.reference``).
+
+Every token-axis form the engine can page, written with ``storage.paged.pack``
+into blocks of a random cache; plain regions in both CPU layouts; odd token
+counts, GQA, chunked prefill, mixed forms in one batch and in one request.
+
+Tolerances: outputs are O(1) (softmax averages of O(1) values) and both
+sides dequantize to the same fp32 values (bf16 plain values are widened
+exactly), so only the order of fp32 sums differs: 1e-4 absolute (2e-4 for
+the Triton kernel, whose sums are ordered by ``tl.dot``).
+
+The Triton interpreter has to be switched on before triton is imported
+(see tests/test_kernels.py); when something imported it earlier, the Triton
+tests run in a subprocess instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton.language.standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from vllm_kvshrink.kernels import cpu_ext, triton_packed  # noqa: E402
+from vllm_kvshrink.kernels._launch import interpreting  # noqa: E402
+from vllm_kvshrink.kernels.packed_attention import (  # noqa: E402
+    PackedBatch,
+    packed_attention,
+    reference,
+)
+from vllm_kvshrink.storage.paged import pack, paged_form, region_view  # noqa: E402
+
+if _PREVIOUS is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS
+
+IN_PROCESS = isinstance(triton.language.standard.max, InterpretedFunction)
+FORMS = ("int8_tok", "int4_tok", "int2_tok", "k4v2_tok")
+ALL_FORMS = FORMS + tuple(f + "_rot" for f in FORMS)
+LAYOUTS = ("cpu_k_transposed", "cpu_row_major")
+ATOL_CPU = 1e-4
+ATOL_TRITON = 2e-4
+
+
+def make_case(reqs, *, d=64, bs=32, hkv=2, g=2, dtype=torch.float32, seed=0, gap=1):
+    """A cache and batch for ``reqs``: dicts ``q_len, plain_len, segs=[(form,
+    n), ...]`` (``n`` capped at the form's page capacity).  Blocks are scattered at random; the query rows of the requests
+    are separated by ``gap`` unused rows.  Returns ``(q, cache, batch)``."""
+    gen = torch.Generator().manual_seed(seed)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    names = sorted({f for r in reqs for f, _ in r["segs"]})
+    forms = [paged_form(n, d, bs, elem) for n in names]
+    need = sum(-(-r["plain_len"] // bs) + len(r["segs"]) for r in reqs)
+    nb = need + 3
+    cache = torch.randn(nb, hkv, bs, 2 * d, generator=gen).to(dtype)
+    order = torch.randperm(nb, generator=gen).tolist()
+    regions = region_view(cache)
+    rows, specs = gap, []
+    for r in reqs:
+        plain = [order.pop() for _ in range(-(-r["plain_len"] // bs))]
+        segs = []
+        for name, n in r["segs"]:
+            pf = forms[names.index(name)]
+            n = min(n, pf.capacity)  # small pages: a full one
+            blk = order.pop()
+            k = torch.randn(hkv, n, d, generator=gen) * 1.5 + 0.3
+            v = torch.randn(hkv, n, d, generator=gen)
+            regions[blk] = pack(pf, k, v)[:, 0]
+            segs.append((blk, names.index(name), n))
+        specs.append(dict(q_start=rows, q_len=r["q_len"], plain_len=r["plain_len"],
+                          plain_blocks=plain, segments=segs))
+        rows += r["q_len"] + gap
+    q = torch.randn(rows, hkv * g, d, generator=gen)
+    return q, cache, PackedBatch.build(specs, forms)
+
+
+def close(got, want, atol):
+    assert got.shape == want.shape and got.dtype == torch.float32
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    assert err <= atol, f"max abs error {err:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    if not cpu_ext.load():
+        pytest.fail(f"the C++ kernel did not build: {cpu_ext.unavailable_reason()}")
+    return cpu_ext
+
+
+def run_cpu(q, cache, layout, batch):
+    scale = q.shape[-1] ** -0.5
+    close(cpu_ext.packed_attention(q, cache, layout, batch, scale),
+          reference(q, cache, layout, batch, scale), ATOL_CPU)
+
+
+# ---------------------------------------------------------------- C++ kernel
+def test_builds_here():
+    assert cpu_ext.load(), cpu_ext.unavailable_reason()
+    assert cpu_ext.available() and cpu_ext.unavailable_reason() is None
+    assert hasattr(torch.ops.kvshrink_cpu, "packed_attention")
+
+
+@pytest.mark.parametrize("form", ALL_FORMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_every_form(cpu, form, layout):
+    q, cache, batch = make_case(
+        [dict(q_len=1, plain_len=45, segs=[(form, 77)]),
+         dict(q_len=1, plain_len=1, segs=[(form, 5), (form, 33)])],
+        d=64, bs=32, hkv=2, g=2, seed=ALL_FORMS.index(form))
+    run_cpu(q, cache, layout, batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bs,d", [(16, 64), (32, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_shapes_dtypes(cpu, dtype, bs, d, layout):
+    q, cache, batch = make_case(
+        [dict(q_len=1, plain_len=bs + 7, segs=[("int4_tok", 61), ("int2_tok_rot", 3)]),
+         dict(q_len=1, plain_len=3, segs=[("k4v2_tok", 100)])],
+        d=d, bs=bs, hkv=2, g=4, dtype=dtype, seed=bs + d)
+    run_cpu(q, cache, layout, batch)
+
+
+@pytest.mark.parametrize("hkv,g", [(1, 1), (4, 1), (2, 2), (2, 4), (1, 3), (2, 8), (1, 32)])
+def test_cpu_gqa(cpu, hkv, g):
+    q, cache, batch = make_case(
+        [dict(q_len=1, plain_len=19, segs=[("int4_tok_rot", 40), ("int8_tok", 9)]),
+         dict(q_len=3, plain_len=70, segs=[("int4_tok", 1)])],
+        d=64, bs=16, hkv=hkv, g=g, seed=7 * g + hkv)
+    for layout in LAYOUTS:
+        run_cpu(q, cache, layout, batch)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunked_prefill(cpu, layout, dtype):
+    # q_len spanning several query tiles and blocks, plus a decode request
+    q, cache, batch = make_case(
+        [dict(q_len=37, plain_len=37, segs=[("int4_tok", 50), ("int8_tok_rot", 31)]),
+         dict(q_len=130, plain_len=200, segs=[("k4v2_tok_rot", 77)]),
+         dict(q_len=1, plain_len=33, segs=[("int2_tok", 12)]),
+         dict(q_len=5, plain_len=5, segs=[])],
+        d=128, bs=32, hkv=2, g=4, dtype=dtype, seed=11)
+    run_cpu(q, cache, layout, batch)
+
+
+def test_cpu_many_mixed_requests(cpu):
+    gen = torch.Generator().manual_seed(3)
+    reqs = []
+    for i in range(9):
+        segs = [(ALL_FORMS[int(torch.randint(len(ALL_FORMS), (1,), generator=gen))],
+                 int(torch.randint(1, 90, (1,), generator=gen))) for _ in range(i % 4)]
+        ql = 1 if i % 3 else int(torch.randint(2, 20, (1,), generator=gen))
+        reqs.append(dict(q_len=ql, plain_len=ql + int(torch.randint(0, 70, (1,), generator=gen)),
+                         segs=segs))
+    q, cache, batch = make_case(reqs, d=64, bs=16, hkv=2, g=2, dtype=torch.bfloat16, seed=5)
+    for layout in LAYOUTS:
+        run_cpu(q, cache, layout, batch)
+
+
+def test_cpu_full_pages_and_dispatch(cpu):
+    pf = paged_form("int2_tok", 64, 32, 4)
+    q, cache, batch = make_case(
+        [dict(q_len=2, plain_len=64, segs=[("int2_tok", pf.capacity), ("int4_tok_rot", 9)])],
+        d=64, bs=32, hkv=1, g=2, seed=2)
+    run_cpu(q, cache, "cpu_row_major", batch)
+    scale = 0.125
+    close(packed_attention(q, cache, "cpu_row_major", batch, scale, impl="auto"),
+          reference(q, cache, "cpu_row_major", batch, scale), ATOL_CPU)
+
+
+def test_cpu_bf16_queries_and_strided_cache(cpu):
+    # a layer's slice of a bigger allocation: block stride > region
+    q, cache, batch = make_case([dict(q_len=2, plain_len=40, segs=[("int8_tok", 20)])],
+                                d=64, bs=16, hkv=2, g=2, seed=9)
+    big = torch.zeros(cache.shape[0], 3, *cache.shape[2:])
+    big[:, 1:] = cache
+    view = big[:, 1:]
+    assert not view.is_contiguous()
+    want = reference(q.bfloat16(), cache, "cpu_k_transposed", batch, 0.1)
+    close(cpu_ext.packed_attention(q.bfloat16(), view, "cpu_k_transposed", batch, 0.1),
+          want, ATOL_CPU)
+
+
+def test_cpu_empty_batch(cpu):
+    q, cache, _ = make_case([dict(q_len=1, plain_len=1, segs=[])])
+    empty = PackedBatch.build([], [])
+    assert cpu_ext.packed_attention(q, cache, "cpu_row_major", empty, 1.0).shape == (0, 4, 64)
+
+
+def test_cpu_argument_errors(cpu):
+    q, cache, batch = make_case([dict(q_len=1, plain_len=20, segs=[("int4_tok", 5)])])
+    with pytest.raises(ValueError, match="layout"):
+        cpu_ext.packed_attention(q, cache, "flash", batch, 1.0)
+    with pytest.raises(ValueError, match="cache dtype"):
+        qp, cp, bp = make_case([dict(q_len=1, plain_len=20, segs=[])])
+        cpu_ext.packed_attention(qp, cp.double(), "cpu_row_major", bp, 1.0)
+    with pytest.raises(ValueError, match="head dim"):
+        q8, c8, b8 = make_case([dict(q_len=1, plain_len=3, segs=[])], d=8)
+        cpu_ext.packed_attention(q8, c8, "cpu_row_major", b8, 1.0)
+    bad = PackedBatch(**{**batch.__dict__, "plain_table": batch.plain_table[:, :0]})
+    with pytest.raises(ValueError, match="plain_table"):
+        cpu_ext.packed_attention(q, cache, "cpu_row_major", bad, 1.0)
+    bad = PackedBatch(**{**batch.__dict__, "q_start": batch.q_start + 100})
+    with pytest.raises(ValueError, match="q_start"):
+        cpu_ext.packed_attention(q, cache, "cpu_row_major", bad, 1.0)
+    bad = PackedBatch(**{**batch.__dict__, "seg_form": batch.seg_form + 1})
+    with pytest.raises(ValueError, match="seg_form"):
+        cpu_ext.packed_attention(q, cache, "cpu_row_major", bad, 1.0)
+    bad_table = batch.plain_table.clone()
+    bad_table[0, 0] = cache.shape[0]
+    bad = PackedBatch(**{**batch.__dict__, "plain_table": bad_table})
+    with pytest.raises(ValueError, match="outside the cache"):
+        cpu_ext.packed_attention(q, cache, "cpu_row_major", bad, 1.0)
+
+
+def test_unavailable_reason_when_sources_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_ext, "CSRC", tmp_path)
+    with pytest.raises(RuntimeError, match="sources"):
+        cpu_ext.build()
+
+
+# ------------------------------------------------------- Triton (interpreter)
+@pytest.fixture
+def interpreter():
+    if not IN_PROCESS:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; "
+                    "test_triton_in_subprocess runs these tests instead")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    assert interpreting()
+    yield
+    mp.undo()
+
+
+def run_triton(q, cache, layout, batch):
+    scale = q.shape[-1] ** -0.5
+    close(triton_packed.packed_attention(q, cache, layout, batch, scale),
+          reference(q, cache, layout, batch, scale), ATOL_TRITON)
+
+
+@pytest.mark.parametrize("layout,dtype", [("cpu_k_transposed", torch.float32),
+                                          ("cpu_row_major", torch.bfloat16)])
+def test_triton_every_form(interpreter, layout, dtype):
+    # every form in one batch: one request per form pair, odd counts
+    reqs = [dict(q_len=1, plain_len=17 + 5 * i, segs=[(a, 21 + i), (b, 3)])
+            for i, (a, b) in enumerate(zip(FORMS, FORMS[1:] + FORMS[:1]))]
+    reqs += [dict(q_len=1, plain_len=9, segs=[(f + "_rot", 13), (f, 40)]) for f in FORMS]
+    q, cache, batch = make_case(reqs, d=64, bs=16, hkv=2, g=2, dtype=dtype, seed=21)
+    run_triton(q, cache, layout, batch)
+
+
+def test_triton_prefill_gqa(interpreter):
+    q, cache, batch = make_case(
+        [dict(q_len=19, plain_len=50, segs=[("int4_tok_rot", 33), ("int8_tok", 7)]),
+         dict(q_len=1, plain_len=1, segs=[("k4v2_tok", 70)])],
+        d=128, bs=32, hkv=1, g=4, dtype=torch.float16, seed=4)
+    run_triton(q, cache, "cpu_k_transposed", batch)
+    q, cache, batch = make_case([dict(q_len=3, plain_len=130, segs=[("int2_tok", 5)])],
+                                d=64, bs=128, hkv=2, g=1, seed=6)
+    run_triton(q, cache, "cpu_row_major", batch)
+
+
+def test_triton_dispatch_and_errors(interpreter):
+    q, cache, batch = make_case([dict(q_len=1, plain_len=5, segs=[("int4_tok", 5)])])
+    close(packed_attention(q, cache, "cpu_row_major", batch, 0.2, impl="triton"),
+          reference(q, cache, "cpu_row_major", batch, 0.2), ATOL_TRITON)
+    with pytest.raises(ValueError, match="precision"):
+        triton_packed.packed_attention(q, cache, "cpu_row_major", batch, 0.2, precision="x")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the Triton tests run in this process")
+def test_triton_in_subprocess():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
+         __file__], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
