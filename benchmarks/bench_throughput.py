@@ -2,14 +2,23 @@
 """Stock vLLM vs vllm-kvshrink on the same seeded workload, side by side.
 
 Each engine runs in its own process (the plugin is configured per process) on
-the same prompts -- windows of real essay text -- with the same KV pool, sized
-to hold about ``--pool-seqs`` full sequences.  Prints a table and the ratios,
-draws a PNG of running sequences and KV usage per engine step, and with
-``--json`` writes the figures (``throughput_ratio``, ``max_running_ratio``).
+the same prompts -- windows of real essay text -- with the same KV pool in
+bytes, sized to hold about ``--pool-seqs`` full bf16 sequences.  Prints a
+table and the ratios, draws a PNG of running sequences and KV usage per engine
+step, and with ``--json`` writes the figures (``throughput_ratio``,
+``max_running_ratio``: the last engine vs stock bf16).
+
+With ``--storage`` naming forms other than bf16 (tiered storage, as
+``VLLM_KVSHRINK_STORAGE``) four engines run, in this order: stock bf16, stock
+``kv_cache_dtype=fp8`` (vLLM's own 2x format, same pool bytes), eviction only
+at the same byte budget, and tiered storage; the JSON adds
+``throughput_ratio_fp8`` and ``max_running_ratio_fp8`` (tiered vs stock fp8).
 
     python benchmarks/bench_throughput.py                 # full (32 prompts)
     python benchmarks/bench_throughput.py --quick         # a few minutes
     python benchmarks/bench_throughput.py --pool-seqs 0   # ample memory
+    python benchmarks/bench_throughput.py --shape decode --budget 0.125 \
+        --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot   # decode-heavy, tiers
 """
 
 from __future__ import annotations
@@ -40,20 +49,39 @@ def main() -> int:
                     help="KV pool in full sequences (prompt+output of average length); "
                     "0 = ample (room for every sequence at once)")
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--storage", default="bf16",
+                    help="VLLM_KVSHRINK_STORAGE (forms other than bf16: tiered storage, "
+                    "also runs stock fp8 and eviction at the same bytes)")
+    ap.add_argument("--shape", choices=("prefill", "decode"), default="prefill",
+                    help="prefill: long essay prompts, short answers (the defaults); "
+                    "decode: short prompts, long generations (memory-bound decoding)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short version (a few minutes)")
     ap.add_argument("--json", dest="json_path", help="write the figures here")
     ap.add_argument("--plot", default=None, help="PNG path (default beside --json or results/)")
     args = ap.parse_args()
+    if args.shape == "decode":
+        args.min_len, args.max_len, args.output_len = 128, 384, 1536
     if args.quick:
-        args.num_prompts, args.min_len, args.max_len = 12, 600, 1200
-        args.output_len, args.pool_seqs = 64, min(args.pool_seqs, 3) if args.pool_seqs else 0
+        if args.shape == "decode":
+            args.num_prompts, args.output_len = 12, 640
+        else:
+            args.num_prompts, args.min_len, args.max_len = 12, 600, 1200
+            args.output_len = 64
+        args.pool_seqs = min(args.pool_seqs, 3) if args.pool_seqs else 0
+    from vllm_kvshrink.storage import parse_storage
+
+    try:
+        storage = parse_storage(args.storage, "--storage")
+    except ValueError as e:
+        ap.error(str(e))
+    tiered = storage != ("bf16",)
 
     from transformers import AutoTokenizer
 
     from vllm_kvshrink.assets import resolve_model
-    from vllm_kvshrink.bench.launch import run_side_by_side
+    from vllm_kvshrink.bench.launch import run_engine
     from vllm_kvshrink.bench.workload import (
         build_workload,
         greedy_spec,
@@ -79,17 +107,29 @@ def main() -> int:
           f"{pool_tokens} tokens = {pool_tokens / mean_seq:.1f} mean sequences "
           f"({pool_tokens * per_tok / 2**20:.0f} MiB {args.dtype}), block {args.block_size}",
           flush=True)
-    configs = [
-        ("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}),
-        (f"kvshrink {args.method}@{args.budget}", {
-            "VLLM_KVSHRINK_METHOD": args.method,
-            "VLLM_KVSHRINK_BUDGET": args.budget,
-            "VLLM_KVSHRINK_SLACK_TOKENS": args.slack,
-        }),
-    ]
-    runs = run_side_by_side(spec, configs)
+    ours_env = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
+                "VLLM_KVSHRINK_SLACK_TOKENS": args.slack}
+    configs = [("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}, {})]
+    if tiered:
+        configs += [
+            ("stock fp8", {"VLLM_KVSHRINK_METHOD": "none"}, {"kv_cache_dtype": "fp8"}),
+            (f"evict {args.method}@{args.budget}", ours_env, {}),
+            (f"tiers {args.method}@{args.budget}",
+             {**ours_env, "VLLM_KVSHRINK_STORAGE": ",".join(storage)}, {}),
+        ]
+    else:
+        configs.append((f"kvshrink {args.method}@{args.budget}", ours_env, {}))
+    runs = {}
+    for name, env, llm_over in configs:
+        print(f"running {name} ...", flush=True)
+        run_spec = {**spec, "llm": {**spec["llm"], **llm_over}}
+        runs[name] = run_engine(run_spec, env)
+        print(f"  finished in {runs[name]['elapsed_s']:.0f} s of steps (engine start "
+              f"{runs[name]['startup_s']:.0f} s)", flush=True)
 
-    (stock_name, stock), (ours_name, ours) = runs.items()
+    names = list(runs)
+    stock_name, stock = names[0], runs[names[0]]
+    ours_name, ours = names[-1], runs[names[-1]]
     rows = [
         ("output tokens/s", "output_tokens_per_s", "{:.1f}"),
         ("max running seqs", "max_running", "{:d}"),
@@ -102,16 +142,24 @@ def main() -> int:
         ("wall time (s)", "elapsed_s", "{:.1f}"),
     ]
     print()
-    print(f"| metric | {stock_name} | {ours_name} | ratio |")
-    print("|---|---|---|---|")
+    print("| metric | " + " | ".join(names) + f" | {ours_name} / {stock_name} |")
+    print("|---" * (len(names) + 2) + "|")
     for label, key, fmt in rows:
         a, b = stock[key], ours[key]
         ratio = (b / a) if a else float("nan")
-        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f}x |")
-    k = ours.get("kvshrink", {})
-    print(f"\nkvshrink: {k.get('compactions', 0)} compactions, {k.get('tokens_evicted', 0)} "
-          f"tokens evicted, {k.get('blocks_freed', 0)} blocks freed, "
-          f"{k.get('fallbacks', 0)} fallbacks; {k.get('compaction_s', 0):.1f} s spent compacting")
+        cells = " | ".join(fmt.format(runs[n][key]) for n in names)
+        print(f"| {label} | {cells} | {ratio:.2f}x |")
+    for n in names[1:]:
+        k = runs[n].get("kvshrink")
+        if not k:
+            continue
+        held = runs[n].get("peak_bytes_held") or {}
+        print(f"\n{n}: {k.get('compactions', 0)} compactions, {k.get('tier_events', 0)} "
+              f"tier events, {k.get('tokens_evicted', 0)} tokens evicted, "
+              f"{k.get('tokens_demoted', 0)} demoted, {k.get('blocks_freed', 0)} blocks "
+              f"freed, {k.get('fallbacks', 0)} fallbacks; {k.get('compaction_s', 0):.1f} s "
+              f"in events" + (f"; peak bytes held " + ", ".join(
+                  f"{f} {b / 2**20:.1f} MiB" for f, b in held.items()) if held else ""))
     same = sum(stock["outputs"][i]["token_ids"] == ours["outputs"][i]["token_ids"]
                for i in stock["outputs"])
     print(f"outputs identical to stock: {same}/{len(stock['outputs'])} "
@@ -119,6 +167,16 @@ def main() -> int:
     throughput_ratio = ours["output_tokens_per_s"] / stock["output_tokens_per_s"]
     max_running_ratio = ours["max_running"] / max(stock["max_running"], 1)
     print(f"\nthroughput_ratio={throughput_ratio:.2f}  max_running_ratio={max_running_ratio:.2f}")
+    extra = {}
+    if tiered:
+        fp8, evict = runs[names[1]], runs[names[2]]
+        extra = {
+            "throughput_ratio_fp8": ours["output_tokens_per_s"] / fp8["output_tokens_per_s"],
+            "max_running_ratio_fp8": ours["max_running"] / max(fp8["max_running"], 1),
+            "throughput_ratio_evict": ours["output_tokens_per_s"] / evict["output_tokens_per_s"],
+            "max_running_ratio_evict": ours["max_running"] / max(evict["max_running"], 1),
+        }
+        print("  ".join(f"{k}={v:.2f}" for k, v in extra.items()))
     machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}"
     figures = {
         "machine": machine,
@@ -127,8 +185,11 @@ def main() -> int:
         "pool_tokens": pool_tokens,
         "throughput_ratio": throughput_ratio,
         "max_running_ratio": max_running_ratio,
+        **extra,
         "stock": {k2: v for k2, v in stock.items() if k2 != "outputs"},
         "kvshrink": {k2: v for k2, v in ours.items() if k2 != "outputs"},
+        "runs": {n: {k2: v for k2, v in r.items() if k2 != "outputs"}
+                 for n, r in runs.items()},
     }
     out_dir = Path(args.json_path).parent if args.json_path else REPO / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,13 @@ class KVShrinkScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.kvs_config = KVShrinkConfig.from_env()
         check_supported(self.vllm_config, self.kv_cache_config)
+        cache_dtype = self.vllm_config.cache_config.cache_dtype
+        if self.kvs_config.tiered and cache_dtype not in ("auto", "bfloat16", "float16",
+                                                         "float32"):
+            raise KVShrinkConfigError(
+                f"VLLM_KVSHRINK_STORAGE={','.join(self.kvs_config.storage)!r} packs "
+                f"tokens into pages of the model dtype, but kv_cache_dtype="
+                f"{cache_dtype!r}; allowed with tiered storage: kv_cache_dtype='auto'")
         self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.kvs_state: dict[str, _ReqState] = {}
         self.kvs_tiers = TierGeometry.of(self.kv_cache_config, self.kvs_block_size)
