@@ -29,7 +29,9 @@ Correctness, once per case: the packed kernel's rows of the first (up to) two
 requests against ``kernels.packed_attention.reference``; once per shape, the
 stock kernel against plain PyTorch attention over the bf16 cache (checks that
 the stock call is driven right).  Requests alternate between two distinct
-data sets (so a wrong block table would show), copied block by block.
+data sets (so a wrong block table would show), copied block by block.  Each
+kernel cycles over copies of its cache (``--working-set-mib``), as a step
+does over its layers, so a small cache is not timed hot in the L3.
 
     python benchmarks/bench_packed_attention.py            # full
     python benchmarks/bench_packed_attention.py --quick    # < 1 minute
@@ -138,8 +140,9 @@ class Stock:
                                        slots.to(self.torch.int64), self.isa, k_scale=1.0,
                                        v_scale=1.0, kv_cache_dtype="auto")
 
-    def call(self, q, cache, block_table, seq_lens):
-        """A closure running one call (metadata built once, as per step)."""
+    def call(self, q, caches, block_table, seq_lens):
+        """A closure running one call (metadata built once, as per step),
+        each call on the next of ``caches`` (copies: successive layers)."""
         from vllm import _custom_ops as ops
 
         torch = self.torch
@@ -151,11 +154,14 @@ class Stock:
             head_dim=self.s["d"], seq_lens=seq, dtype=self.dtype, query_start_loc=qsl,
             causal=True, sliding_window_size=-1, isa=self.isa,
             enable_kv_split=self.split_kv, dynamic_causal=None, kv_cache_dtype="auto")
-        kc, vc = self.views(cache)
+        views = [self.views(c) for c in caches]
         out = torch.empty_like(q)
         scale = self.s["d"] ** -0.5
+        i = [0]
 
         def run():
+            kc, vc = views[i[0]]
+            i[0] = (i[0] + 1) % len(views)
             ops.cpu_attention_with_kv_cache(
                 query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
                 seq_lens=seq, scale=scale, causal=True, alibi_slopes=None,
@@ -285,6 +291,27 @@ def sub_batch(batch, r: int):
                        forms=batch.forms)
 
 
+def cycle(fns):
+    """A closure calling the next of ``fns`` each time."""
+    i = [0]
+
+    def run():
+        f = fns[i[0]]
+        i[0] = (i[0] + 1) % len(fns)
+        return f()
+
+    return run
+
+
+def copies(cache, working_set: float, most: int):
+    """``cache`` and clones of it, enough that together they exceed
+    ``working_set`` bytes (at most ``most``): calls cycle over them like a
+    step over its layers, so a small cache is not timed hot in the CPU
+    caches."""
+    k = int(max(1, min(most, -(-working_set // (cache.numel() * cache.element_size())))))
+    return [cache] + [cache.clone() for _ in range(k - 1)]
+
+
 def raw_op(q, cache, batch, scale):
     """The registered C++ op alone, with its arguments prepared once (the
     rotated query included): what is left of ``packed`` without Python."""
@@ -319,7 +346,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--ns", default="1024,4096,16384", help="tokens per request")
     ap.add_argument("--forms", default=",".join(FORMS),
-                    help=f"packed forms (token-axis) and/or {MIX!r}: {form_label(MIX)}")
+                    help=f"packed forms (token-axis) and/or {MIX!r}: "
+                         f"{form_label(MIX)}".replace("%", "%%"))
     ap.add_argument("--plain", type=int, default=64, help="newest tokens kept in bf16")
     ap.add_argument("--max-cache-mib", type=float, default=1024,
                     help="skip cases whose bf16 cache is larger (MiB, one layer)")
@@ -327,6 +355,10 @@ def main() -> int:
                     help="time spent timing each kernel per case (s)")
     ap.add_argument("--min-reps", type=int, default=7)
     ap.add_argument("--max-reps", type=int, default=2000)
+    ap.add_argument("--working-set-mib", type=float, default=96,
+                    help="cycle each kernel over copies of its cache (like layers, at most "
+                         "the model's layer count) until they exceed this, so small caches "
+                         "are not timed hot in the CPU caches (L3 here: see lscpu); 0: one copy")
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds over the kernels of a case")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -362,17 +394,31 @@ def main() -> int:
                        cpu)
     except OSError:
         pass
-    meta = dict(command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+    meta = dict(command=" ".join(["python", "benchmarks/bench_packed_attention.py"] +
+                                 sys.argv[1:]),
                 cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 torch=torch.__version__, vllm=vllm.__version__,
                 load_avg_start=os.getloadavg(), plain_tokens=args.plain,
-                target_s=args.target_s, min_reps=args.min_reps)
-    print(f"# packed attention vs vLLM CPU attention, one layer, one decode step")
+                target_s=args.target_s, min_reps=args.min_reps, rounds=args.rounds,
+                working_set_mib=args.working_set_mib)
+    print("# packed attention vs vLLM CPU attention, one layer, one decode step")
     print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads "
-          f"{torch.get_num_threads()} (set to the core count; OMP_NUM_THREADS="
+          f"{torch.get_num_threads()} (--threads; default: the core count, "
+          f"{os.cpu_count()}; OMP_NUM_THREADS="
           f"{meta['omp_num_threads']}); torch {torch.__version__}, vllm {vllm.__version__}; "
           f"load average at start {meta['load_avg_start'][0]:.2f}")
+    print(f"command: {meta['command']}")
+    busy = meta["load_avg_start"][0]
+    if busy > 0.5 and torch.get_num_threads() > 1:
+        print(f"WARNING: the machine is busy (load {busy:.2f}) and {torch.get_num_threads()} "
+              f"threads run each kernel: an OpenMP region then waits for a descheduled "
+              f"thread (a scheduler slice, ~4 ms here), so times go up in steps of ~4 ms; "
+              f"--threads 1 measures the kernels rather than the scheduler")
+    print(f"timing: median of >= {args.min_reps} calls (~{args.target_s} s per kernel per "
+          f"case, {args.rounds} interleaved rounds) after warm-up; each kernel cycles over "
+          f"copies of its cache (like layers, <= the layer count) until they exceed "
+          f"{args.working_set_mib:.0f} MiB, so nothing is timed hot in the L3")
     cases = []
     checks = []
     t_start = time.perf_counter()
@@ -383,11 +429,10 @@ def main() -> int:
         meta["split_kv"] = stock.split_kv
         print(f"\n## {shape['label']}: stock ISA {stock.isa!r} (cache layout "
               f"cpu_k_transposed for 'vec'), VLLM_CPU_ATTN_SPLIT_KV={stock.split_kv}")
-        for name in forms:
-            for part, _ in form_parts(name):
-                pf = paged_form(part, shape["d"], shape["bs"], 2)
-                print(f"   {part}: {pf.capacity} tokens/block (bf16: {shape['bs']}), "
-                      f"{pf.token_bytes} B/token/head (bf16: {4 * shape['d']})")
+        for part in dict.fromkeys(p for name in forms for p, _ in form_parts(name)):
+            pf = paged_form(part, shape["d"], shape["bs"], 2)
+            print(f"   {part}: {pf.capacity} tokens/block (bf16: {shape['bs']}), "
+                  f"{pf.token_bytes} B/token/head (bf16: {4 * shape['d']})")
         scale = shape["d"] ** -0.5
         stock_checked = False
         for n in ns:
@@ -401,7 +446,10 @@ def main() -> int:
                 gen = torch.Generator().manual_seed(b * 7 + n)
                 q = torch.randn(b, shape["hq"], shape["d"], generator=gen).bfloat16()
                 cache, table = stock_cache(stock, shape, data, b)
-                fns = {"stock": stock.call(q, cache, table, [n] * b)}
+                ws, most = args.working_set_mib * 2**20, shape["layers"]
+                scopies = copies(cache, ws, most)
+                ncopies = {"stock": len(scopies)}
+                fns = {"stock": stock.call(q, scopies, table, [n] * b)}
                 out_stock = fns["stock"]().float().clone()
                 if not stock_checked:
                     err = max((out_stock[r] - torch_attention(q[r], *data[r % 2], scale))
@@ -416,9 +464,11 @@ def main() -> int:
                 for form in forms:
                     pcache, batch, per_req = packed_cache(stock, shape, data, b, form,
                                                           args.plain)
-                    run_packed = (lambda pc=pcache, bt=batch: packed_attention(
-                        q, pc, layout, bt, scale, impl="cpu"))
-                    out_packed = run_packed()
+                    pcopies = copies(pcache, ws, most)
+                    ncopies[form] = len(pcopies)
+                    run_packed = cycle([lambda pc=pc, bt=batch: packed_attention(
+                        q, pc, layout, bt, scale, impl="cpu") for pc in pcopies])
+                    out_packed = packed_attention(q, pcache, layout, batch, scale, impl="cpu")
                     r2 = min(b, 2)
                     want = reference(q[:r2], pcache, layout, sub_batch(batch, r2), scale)
                     info[form] = dict(
@@ -426,13 +476,13 @@ def main() -> int:
                         vs_stock=(out_packed[:r2] - out_stock[:r2]).abs().max().item(),
                         bytes=b * per_req, segments=int(batch.seg_block.numel()))
                     fns[f"packed:{form}"] = run_packed
-                    fns[f"op:{form}"] = raw_op(q, pcache, batch, scale)
+                    fns[f"op:{form}"] = cycle([raw_op(q, pc, batch, scale) for pc in pcopies])
                     if "stock_plain" not in fns:  # the stock kernel over the plain region
-                        fns["stock_plain"] = stock.call(q, pcache, batch.plain_table,
+                        fns["stock_plain"] = stock.call(q, pcopies, batch.plain_table,
                                                         [args.plain] * b)
                 load = os.getloadavg()[0]
                 t = measure(fns, args.target_s, args.min_reps, args.max_reps, args.rounds)
-                del fns, cache
+                del fns, cache, scopies, pcopies
                 for form in forms:
                     t_stock, t_packed, t_op = t["stock"], t[f"packed:{form}"], t[f"op:{form}"]
                     t_plain, inf = t["stock_plain"], info[form]
@@ -447,7 +497,9 @@ def main() -> int:
                                segments=inf["segments"],
                                max_abs_diff_vs_reference=inf["err"],
                                max_abs_diff_vs_stock=inf["vs_stock"],
-                               layers=shape["layers"], load_avg_1m=load)
+                               layers=shape["layers"], load_avg_1m=load,
+                               cache_copies=dict(stock=ncopies["stock"],
+                                                 packed=ncopies[form]))
                     cases.append(row)
                     print(f"   B={b:>2} N={n:>5} {form:<13} stock {t_stock['median_us']:9.1f} us"
                           f"  packed {t_packed['median_us']:9.1f} us (op "
@@ -499,7 +551,7 @@ def main() -> int:
     print("\nCoverage: one layer's attention only.")
     for s in share:
         print(f"- {s}")
-    print(f"\nchecks: stock vs PyTorch: " + ", ".join(
+    print("\nchecks: stock vs PyTorch: " + ", ".join(
         f"{c['shape']} B={c['batch']} N={c['n']}: {c['stock_vs_torch']:.2e}" for c in checks))
     if cases:
         print(f"checks: packed vs reference, worst over cases: "

@@ -61,8 +61,11 @@ def main() -> int:
     ap.add_argument("--json", dest="json_path", help="write the figures here")
     ap.add_argument("--plot", default=None, help="PNG path (default beside --json or results/)")
     args = ap.parse_args()
-    if args.shape == "decode":
-        args.min_len, args.max_len, args.output_len = 128, 384, 1536
+    if args.shape == "decode":  # its own defaults for what was not given
+        given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        for name, value in (("min_len", 128), ("max_len", 384), ("output_len", 1536)):
+            if "--" + name.replace("_", "-") not in given:
+                setattr(args, name, value)
     if args.quick:
         if args.shape == "decode":
             args.num_prompts, args.output_len = 12, 640

@@ -49,7 +49,10 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.core.block_pool:BlockPool.free_blocks",
            ("self", "ordered_blocks"), "give freed blocks back to the pool"),
     Symbol("vllm.v1.core.block_pool:BlockPool.get_new_blocks",
-           ("self", "num_blocks"), "copy-on-write of shared blocks"),
+           ("self", "num_blocks"),
+           "copy-on-write of shared blocks; packed blocks of tiered requests"),
+    Symbol("vllm.v1.core.block_pool:BlockPool.get_num_free_blocks", ("self",),
+           "take packed blocks only when the pool has them"),
     Symbol("vllm.v1.core.block_pool:BlockPool.evict_blocks",
            ("self", "block_ids"), "drop prefix-cache hashes of rewritten blocks"),
     Symbol("vllm.v1.core.single_type_kv_cache_manager:"
@@ -74,7 +77,8 @@ SYMBOLS: tuple[Symbol, ...] = (
     # ---- attention (CPU)
     Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
            ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata",
-            "output"), "capture the observation window of queries"),
+            "output"), "capture the observation window of queries; attention of "
+           "requests with packed blocks (tiered storage) by the plugin's kernel"),
     Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend", None),
     Symbol("vllm.v1.attention.backends.registry:register_backend", None,
            "install the query-capturing attention backend"),

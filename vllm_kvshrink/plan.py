@@ -81,6 +81,12 @@ class TierResult:
 class StepPlan:
     compactions: list[Compaction] = field(default_factory=list)
     tier_events: list[TierEvent] = field(default_factory=list)
+    #: packed blocks given back to the pool since the last step (a request
+    #: with packed blocks finished or was preempted): the worker zeroes them
+    #: before this step's forward pass writes anything, since packed bytes
+    #: read as the model dtype can be NaN and vLLM's kernel multiplies the
+    #: unused slots of a block by zero.
+    zero_blocks: list[int] = field(default_factory=list)
     #: req_id -> offset during this step's forward pass, for every running
     #: request with a non-zero offset.  Requests not listed have offset 0.
     #: This step's compactions run after the forward pass and change the

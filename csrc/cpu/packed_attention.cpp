@@ -85,10 +85,32 @@ inline void dequant_row(const uint8_t* __restrict codes, float scale, float zero
   }
 }
 
+// 2-bit codes: a byte -> its four codes as four bytes (one table load per
+// byte), then a plain u8 -> float loop the compiler vectorises.
+struct Expand2 {
+  uint32_t t[256];
+  Expand2() {
+    for (unsigned x = 0; x < 256; ++x) {
+      uint32_t w = 0;
+      for (unsigned j = 0; j < 4; ++j) w |= ((x >> (2 * j)) & 3u) << (8 * j);
+      t[x] = w;
+    }
+  }
+};
+static const Expand2 EXPAND2;
+
+inline void dequant_row2(const uint8_t* __restrict codes, float scale, float zero,
+                         float* __restrict out, int d) {
+  uint8_t q[256];
+  for (int b = 0; b < d / 4; ++b) std::memcpy(q + 4 * b, &EXPAND2.t[codes[b]], 4);
+#pragma omp simd
+  for (int e = 0; e < d; ++e) out[e] = float(q[e]) * scale + zero;
+}
+
 inline void dequant(int bits, const uint8_t* codes, float scale, float zero, float* out,
                     int d) {
   switch (bits) {
-    case 2: dequant_row<2>(codes, scale, zero, out, d); break;
+    case 2: dequant_row2(codes, scale, zero, out, d); break;
     case 4: dequant_row<4>(codes, scale, zero, out, d); break;
     default: dequant_row<8>(codes, scale, zero, out, d); break;
   }
@@ -120,30 +142,22 @@ inline float hsum(vf v) {  // a tree: halves added, not 16 dependent adds
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// S[r][c] = Q[r] . K[c], K row-major (token c at K + c*ldk), c < nc; R is
-// 1 or 4 (named accumulators stay in registers).
+// S[r][c] = Q[r] . K[c], K row-major (token c at K + c*ldk), c < nc; R rows
+// (1..4: the accumulators stay in registers).
 template <int R>
 inline void scores_rows(const float* __restrict q, int d, int nc, const float* __restrict k,
                         int64_t ldk, float* __restrict s) {
-  static_assert(R == 1 || R == 4, "1 or 4 rows");
+  static_assert(R >= 1 && R <= 4, "1 to 4 rows");
   for (int c = 0; c < nc; ++c) {
     const float* kc = k + c * ldk;
-    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    vf a[R] = {};
     for (int e = 0; e < d; e += W) {
       const vf kv = vload(kc + e);
-      a0 += vload(q + e) * kv;
-      if (R == 4) {
-        a1 += vload(q + d + e) * kv;
-        a2 += vload(q + 2 * d + e) * kv;
-        a3 += vload(q + 3 * d + e) * kv;
-      }
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) a[i] += vload(q + i * d + e) * kv;
     }
-    s[c] = hsum(a0);
-    if (R == 4) {
-      s[C + c] = hsum(a1);
-      s[2 * C + c] = hsum(a2);
-      s[3 * C + c] = hsum(a3);
-    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) s[i * C + c] = hsum(a[i]);
   }
 }
 
@@ -229,13 +243,12 @@ struct State {
   void chunk(const float* q, int nc, const float* k, int64_t ldk, bool k_cols,
              const float* v, const int* valid, bool rot) {
     const int full = rows - rows % RB;
-    for (int r = 0; r < full; r += RB) {
-      if (k_cols) scores_cols<RB>(q + r * d, d, k, ldk, s.data() + r * C);
-      else scores_rows<RB>(q + r * d, d, nc, k, ldk, s.data() + r * C);
-    }
-    for (int r = full; r < rows; ++r) {
-      if (k_cols) scores_cols<1>(q + r * d, d, k, ldk, s.data() + r * C);
-      else scores_rows<1>(q + r * d, d, nc, k, ldk, s.data() + r * C);
+    for (int r = 0; r < full; r += RB) scores<RB>(q, r, nc, k, ldk, k_cols);
+    switch (rows - full) {  // the last rows in one register block too
+      case 3: scores<3>(q, full, nc, k, ldk, k_cols); break;
+      case 2: scores<2>(q, full, nc, k, ldk, k_cols); break;
+      case 1: scores<1>(q, full, nc, k, ldk, k_cols); break;
+      default: break;
     }
     for (int r = 0; r < rows; ++r) {
       float* sr = s.data() + r * C;
@@ -271,8 +284,20 @@ struct State {
     float* out = rot ? acc_rot.data() : acc.data();
     for (int r = 0; r < full; r += RB)
       accumulate_rows<RB>(s.data() + r * C, d, nc, v, out + size_t(r) * d);
-    for (int r = full; r < rows; ++r)
-      accumulate_rows<1>(s.data() + r * C, d, nc, v, out + size_t(r) * d);
+    float* o = out + size_t(full) * d;
+    const float* p = s.data() + full * C;
+    switch (rows - full) {
+      case 3: accumulate_rows<3>(p, d, nc, v, o); break;
+      case 2: accumulate_rows<2>(p, d, nc, v, o); break;
+      case 1: accumulate_rows<1>(p, d, nc, v, o); break;
+      default: break;
+    }
+  }
+
+  template <int R>
+  void scores(const float* q, int r, int nc, const float* k, int64_t ldk, bool k_cols) {
+    if (k_cols) scores_cols<R>(q + r * d, d, k, ldk, s.data() + r * C);
+    else scores_rows<R>(q + r * d, d, nc, k, ldk, s.data() + r * C);
   }
 };
 

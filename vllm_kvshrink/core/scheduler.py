@@ -108,6 +108,7 @@ class KVShrinkScheduler(Scheduler):
         self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.kvs_state: dict[str, _ReqState] = {}
         self.kvs_tiers = TierGeometry.of(self.kv_cache_config, self.kvs_block_size)
+        self._kvs_zero: list[int] = []  # packed blocks freed since the last step
         self.kvs_counters = Counters()
         manager = self.kv_cache_manager
         self._kvs_single = manager.coordinator.single_type_managers[0]
@@ -318,12 +319,14 @@ class KVShrinkScheduler(Scheduler):
         }
         setattr(output, plan_mod.ATTR,
                 plan_mod.StepPlan(compactions=compactions, tier_events=tier_events,
-                                  offsets=offsets))
+                                  offsets=offsets, zero_blocks=self._kvs_zero))
+        self._kvs_zero = []
         return output
 
     # ------------------------------------------------------------- results
     def _kvs_release_packed(self, st: _ReqState) -> None:
         if st.packed:
+            self._kvs_zero.extend(b.block_id for b in st.packed)
             self._kvs_pool.free_blocks(reversed(st.packed))
         st.packed, st.segments = [], []
 

@@ -164,26 +164,33 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: P
                      scale: float) -> torch.Tensor:
     """The C++ kernel: same arguments and result as :func:`~vllm_kvshrink.
     kernels.packed_attention.reference`."""
-    check(q, cache, layout, batch)
-    _check_cpu(q, cache, batch)
-    if not load():
-        raise RuntimeError(f"the kvshrink CPU kernel is not available: {unavailable_reason()}")
-    i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+    # A step's batch is the same for every layer: check it and lay out its
+    # index tensors once (per cache geometry), not once per layer.
+    key = (tuple(q.shape), tuple(cache.shape), cache.dtype, layout)
+    prep = batch.prepared.get(key)
+    if prep is None:
+        check(q, cache, layout, batch)
+        _check_cpu(q, cache, batch)
+        if not load():
+            raise RuntimeError(
+                f"the kvshrink CPU kernel is not available: {unavailable_reason()}")
+        i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+        prep = batch.prepared[key] = (
+            i64(batch.q_start), i64(batch.q_len), i64(batch.plain_len),
+            batch.plain_table.to(torch.int32).contiguous(), i64(batch.seg_start),
+            i64(batch.seg_block), i64(batch.seg_form), i64(batch.seg_n),
+            batch.form_table().contiguous(), i64(out_starts(batch)),
+            int(batch.q_len.sum()) if batch.num_reqs else 0, batch.any_rotated())
+    *args, total, rot = prep
     hq, d = q.shape[1:]
-    total = int(batch.q_len.sum()) if batch.num_reqs else 0
     out = torch.empty(total, hq, d, dtype=torch.float32)
     if total == 0:
         return out
     qf = q.float().contiguous()
-    rot = batch.any_rotated()
     q_rot = rotated_query(qf, batch).contiguous() if rot else qf
     out_rot = torch.empty_like(out) if rot else torch.empty(0, hq, d)
     torch.ops.kvshrink_cpu.packed_attention(
-        out, out_rot, qf, q_rot, cache, LAYOUT_CODES[layout],
-        i64(batch.q_start), i64(batch.q_len), i64(batch.plain_len),
-        batch.plain_table.to(torch.int32).contiguous(), i64(batch.seg_start),
-        i64(batch.seg_block), i64(batch.seg_form), i64(batch.seg_n),
-        batch.form_table().contiguous(), i64(out_starts(batch)), float(scale))
+        out, out_rot, qf, q_rot, cache, LAYOUT_CODES[layout], *args, float(scale))
     return finish(out, out_rot, batch)
 
 

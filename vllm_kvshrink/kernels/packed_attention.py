@@ -17,7 +17,7 @@ that came from rotated values separately (``o_rot``), rotated back here once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,9 @@ class PackedBatch:
     seg_form: torch.Tensor
     seg_n: torch.Tensor
     forms: list[PagedForm]
+    #: per cache geometry: what a kernel checked and laid out once per step
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
+    _rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_reqs(self) -> int:
@@ -68,9 +71,11 @@ class PackedBatch:
 
     def row_index(self) -> torch.Tensor:
         """``[sum(q_len)]`` int64: the batch rows of the output's rows."""
-        return torch.cat([torch.arange(int(s), int(s) + int(n))
-                          for s, n in zip(self.q_start, self.q_len)] or
-                         [torch.zeros(0, dtype=torch.int64)])
+        if self._rows is None:
+            self._rows = torch.cat([torch.arange(int(s), int(s) + int(n))
+                                    for s, n in zip(self.q_start, self.q_len)] or
+                                   [torch.zeros(0, dtype=torch.int64)])
+        return self._rows
 
     def any_rotated(self) -> bool:
         return any(f.rotate for f in self.forms)
@@ -201,12 +206,12 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str,
             impl = "cpu" if cpu_ext.load() else "reference"
     if impl == "reference":
         return reference(q, cache, layout, batch, scale)
-    check(q, cache, layout, batch)
-    if impl == "cpu":
+    if impl == "cpu":  # checks once per batch itself
         from vllm_kvshrink.kernels import cpu_ext
 
         return cpu_ext.packed_attention(q, cache, layout, batch, scale)
     if impl == "triton":
+        check(q, cache, layout, batch)
         from vllm_kvshrink.kernels import triton_packed
 
         return triton_packed.packed_attention(q, cache, layout, batch, scale)

@@ -117,18 +117,7 @@ class Compactor:
             self.reqs[req_id] = r
         return r
 
-    def release_packed(self, req_id: str) -> None:
-        """The request's packed blocks go back to the pool (it finished or
-        was preempted): zero them before anyone else writes there."""
-        r = self.reqs.get(req_id)
-        if r is not None and r.tier is not None:
-            from vllm_kvshrink.worker.tiers import zero_blocks
-
-            zero_blocks(self, [b for b, _, _ in r.tier.segments])
-            r.tier = None
-
     def drop(self, req_id: str) -> None:
-        self.release_packed(req_id)
         r = self.reqs.pop(req_id, None)
         if r is not None:
             self.free_slots.append(r.slot)
@@ -139,8 +128,8 @@ class Compactor:
         if r is not None:
             r.captured, r.logical, r.kept = 0, None, 0
             r.method_state = {}
-            # Its packed blocks were zeroed when it was preempted (they may
-            # belong to another request by now): forget them only.
+            # Its packed blocks went back to the pool (the scheduler has them
+            # zeroed, StepPlan.zero_blocks): forget them.
             r.tier = None
 
     # ------------------------------------------------------------- capture

@@ -104,10 +104,6 @@ def _update_states(self, scheduler_output):
         return _ORIG["_update_states"](self, scheduler_output)
     for req_id in scheduler_output.finished_req_ids:
         comp.drop(req_id)
-    # Before this step's forward pass writes into blocks the scheduler may
-    # have just handed from a preempted request to another one.
-    for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
-        comp.release_packed(req_id)
     for new in scheduler_output.scheduled_new_reqs:
         comp.reset(new.req_id)
     for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
@@ -116,6 +112,11 @@ def _update_states(self, scheduler_output):
     comp.offsets = dict(step.offsets) if step is not None else {}
     comp.pending = list(step.compactions) if step is not None else []
     comp.tier_pending = list(step.tier_events) if step is not None else []
+    if step is not None and step.zero_blocks:
+        # Before this step's forward pass writes into them (see StepPlan).
+        from vllm_kvshrink.worker.tiers import zero_blocks
+
+        zero_blocks(comp, step.zero_blocks)
     return _ORIG["_update_states"](self, scheduler_output)
 
 
