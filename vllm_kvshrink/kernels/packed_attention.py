@@ -25,6 +25,8 @@ from vllm_kvshrink.kernels.layouts import kv_views
 from vllm_kvshrink.storage.hadamard import hadamard
 from vllm_kvshrink.storage.paged import PagedForm, Segment, read_segments
 
+_WARNED: list = []
+
 #: cache layouts of the plain region (vLLM's CPU "vec" ISA transposes keys)
 LAYOUT_CODES = {"cpu_k_transposed": 0, "cpu_row_major": 1}
 
@@ -204,6 +206,15 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str,
             from vllm_kvshrink.kernels import cpu_ext
 
             impl = "cpu" if cpu_ext.load() else "reference"
+            if impl == "reference" and not _WARNED:
+                import logging
+
+                _WARNED.append(True)
+                logging.getLogger("vllm.kvshrink").warning(
+                    "vllm-kvshrink: the C++ packed-attention kernel is not available "
+                    "(%s); packed blocks are attended by the PyTorch reference, which is "
+                    "much slower (build it: python -m vllm_kvshrink.kernels.cpu_ext build)",
+                    cpu_ext.unavailable_reason())
     if impl == "reference":
         return reference(q, cache, layout, batch, scale)
     if impl == "cpu":  # checks once per batch itself
