@@ -156,3 +156,79 @@ def test_bad_per_request_setting_is_served_uncompressed(make_scheduler):
     s = make_scheduler(METHOD="snapkv", BUDGET=32)
     s.add_request(_request("a", 100, extra={"budget": -1}))
     assert not s.kvs_state["a"].cfg.enabled
+
+
+# ------------------------------------------------------------ tiered storage
+TIER_ENV = dict(METHOD="snapkv", BUDGET=0.25, STORAGE="bf16,int4_tok", SLACK_TOKENS=0,
+                RECENT_TOKENS=8, OBS_WINDOW=4, SINK_TOKENS=2)
+
+
+def test_tier_event_frees_exactly_the_blocks_the_layout_leaves(make_scheduler):
+    """A tier event names the request's row and the blocks it may write; the
+    worker's result (here written by hand) says which hold what; every other
+    block goes back to the pool, the packed ones stay owned outside the row."""
+    s = make_scheduler(**TIER_ENV)
+    s.add_request(_request("a", 100))
+    free0 = s._kvs_pool.get_num_free_blocks()
+    out = s.schedule()
+    (ev,) = getattr(out, plan_mod.ATTR).tier_events
+    row = _blocks(s, "a")
+    assert (ev.old_len, ev.logical_len, ev.plain_blocks) == (100, 100, row)
+    assert ev.dest_blocks[: len(row)] == row  # owned alone: all of them
+    assert ev.storage == ("bf16", "int4_tok")
+    # budget: 25 % of 100 tokens' bf16 bytes (1 layer x 1 head x 256 B)
+    assert ev.budget_bytes == 25 * 256
+    # 10 tokens bf16 (sinks + recent), 52 int4: 1 plain block, 1 packed block
+    res = plan_mod.TierResult(plain_blocks=[row[0]], segments=[(row[3], "int4_tok", 52)],
+                              counts={"bf16": 10, "int4_tok": 52}, demoted=52, evicted=38)
+    s.update_from_output(out, _output(out, {"a": res}))
+    st = s.kvs_state["a"]
+    assert _blocks(s, "a") == [row[0]]
+    assert [b.block_id for b in st.packed] == [row[3]] and st.segments == res.segments
+    assert st.offset == 90  # logical 100 - 10 plain tokens
+    assert s._kvs_pool.get_num_free_blocks() == free0 - 2
+    assert s.kvs_counters.tier_events == 1 and s.kvs_counters.tokens_demoted == 52
+    assert s.kvs_counters.blocks_freed == len(row) - 2
+    for b in [row[0], row[3]]:
+        assert s._kvs_pool.blocks[b].ref_cnt == 1
+    # The next step carries the offset; the packed block is not in the row.
+    out = s.schedule()
+    assert getattr(out, plan_mod.ATTR).offsets == {"a": 90}
+    s.update_from_output(out, _output(out))
+    from vllm.v1.request import RequestStatus
+
+    s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert s._kvs_pool.get_num_free_blocks() == free0
+    # The packed block is zeroed by the worker before it is written again.
+    out = s.schedule()
+    assert row[3] in getattr(out, plan_mod.ATTR).zero_blocks
+
+
+def test_failed_tier_event_gives_back_what_it_took(make_scheduler):
+    s = make_scheduler(**TIER_ENV)
+    s.add_request(_request("a", 100))
+    free0 = s._kvs_pool.get_num_free_blocks()
+    out = s.schedule()
+    (ev,) = getattr(out, plan_mod.ATTR).tier_events
+    before = _blocks(s, "a")
+    s.update_from_output(out, _output(out, {"a": "RuntimeError: boom"}))
+    st = s.kvs_state["a"]
+    assert _blocks(s, "a") == before and st.packed == [] and st.disabled
+    assert s.kvs_counters.fallbacks == 1
+    # only the row is held (fresh destination blocks, if any, went back)
+    assert s._kvs_pool.get_num_free_blocks() == free0 - len(before)
+    assert ev.req_id == "a"
+
+
+def test_tier_admission_counts_packed_blocks(make_scheduler):
+    s = make_scheduler(**TIER_ENV)
+    geo = s.kvs_tiers
+    cfg = s.kvs_config
+    # 4000 tokens at 25 %: 1000 tokens' bf16 bytes.  The least dense level is
+    # bf16 (16 tokens x 256 B per block; int4_tok: 113 x 72 B in a 16-token
+    # fp32 page), so at most 256000 // 4096 = 62 full blocks + one partly
+    # filled block per level; plus 64 tokens of a prefill chunk: 4 + 1 blocks.
+    assert geo.capacity("int4_tok") == 113
+    assert geo.block_bound(cfg, 256000) == 64
+    assert geo.peak_blocks(cfg, 4000, 64) == 69 < -(-4000 // BS)
+    assert geo.peak_blocks(cfg, 100, 512) == -(-100 // BS)  # never above uncompressed
