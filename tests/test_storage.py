@@ -252,12 +252,19 @@ def test_list_shows_forms_at_the_models_shape(capsys, model_path):
     assert "turboquant_4bit_nc" in out and "VLLM_KVSHRINK_STORAGE" in out
 
 
-def test_engine_refuses_tiered_storage_at_start(monkeypatch):
+def test_engine_refuses_what_it_cannot_serve_at_start(monkeypatch):
+    """Per-channel forms cannot be paged; a tiered storage needs a method."""
     import vllm_kvshrink
 
     monkeypatch.setattr(vllm_kvshrink, "_REGISTERED", False)
     monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "bf16,int4")
-    with pytest.raises(KVShrinkConfigError, match="research path only"):
+    monkeypatch.setenv("VLLM_KVSHRINK_METHOD", "snapkv")
+    monkeypatch.setenv("VLLM_KVSHRINK_BUDGET", "0.25")
+    with pytest.raises(KVShrinkConfigError, match="form 'int4' keeps keys per channel"):
+        vllm_kvshrink.register()
+    monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "bf16,int4_tok")
+    monkeypatch.setenv("VLLM_KVSHRINK_METHOD", "none")
+    with pytest.raises(KVShrinkConfigError, match="needs an importance method"):
         vllm_kvshrink.register()
 
 
