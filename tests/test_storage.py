@@ -123,8 +123,10 @@ def test_config_storage_validation():
         KVShrinkConfig(method="snapkv", storage="bf16,int4", budget=512)
     with pytest.raises(KVShrinkConfigError, match="merging"):
         KVShrinkConfig(method="semantic", storage="int4", budget=0.25)
-    with pytest.raises(KVShrinkConfigError, match="research path only"):
-        cfg.check_servable()  # the engine does not hold packed blocks yet
+    with pytest.raises(KVShrinkConfigError, match="keeps keys per channel"):
+        cfg.check_servable()  # per-channel keys cannot be paged
+    KVShrinkConfig(method="snapkv", storage="bf16,int4_tok_rot,int2_tok",
+                   budget=0.25).check_servable()  # token-axis forms are served
 
 
 def test_request_override_storage_is_validated():
