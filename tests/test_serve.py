@@ -91,14 +91,26 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
             "max_tokens": 48, "temperature": 0, "ignore_eos": True,
             "vllm_xargs": {"kvshrink_method": "temporal+semantic"}})
         assert out3["usage"]["completion_tokens"] == 48
+        # And one asks for tiered storage: packed blocks in the worker process.
+        out4 = _post(base + "/v1/completions", {
+            "model": model_path, "prompt": tokenizer.decode(essay_prompts[3]),
+            "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+            "vllm_xargs": {"kvshrink_storage": "bf16,int4_tok_rot,int2_tok_rot",
+                           "kvshrink_budget": 0.25}})
+        assert out4["usage"]["completion_tokens"] == 48
         deadline = time.time() + 30
         while True:
             metrics = _get(base + "/metrics")
             if (_metric(metrics, "vllm:kvshrink_tokens_merged_total") > 0
                     and _metric(metrics, "vllm:kvshrink_predictor_updates_total") > 0
+                    and _metric(metrics, "vllm:kvshrink_tier_events_total") > 0
+                    and 'form="int4_tok_rot"' in metrics
                     ) or time.time() > deadline:
                 break
             time.sleep(1)
+        assert _metric(metrics, "vllm:kvshrink_tier_events_total") >= 1
+        assert _metric(metrics, "vllm:kvshrink_tokens_demoted_total") > 0
+        assert 'vllm:kvshrink_bytes_held{engine="0",form="int4_tok_rot"}' in metrics
         assert _metric(metrics, "vllm:kvshrink_tokens_merged_total") > 0
         assert _metric(metrics, "vllm:kvshrink_predictor_updates_total") > 0
         assert 0 <= _metric(metrics, "vllm:kvshrink_predictor_recall") <= 1
