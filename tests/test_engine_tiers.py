@@ -180,3 +180,23 @@ def test_replay_has_teeth():
     assert torch.equal(k1[:, 0], k[:, 0]) and not torch.equal(k1[:, 5], k[:, 5])
     assert float((k1[:, 3] - k[:, 3]).abs().max()) < float((k1[:, 5] - k[:, 5]).abs().max())
     assert vis[:, [0, 3, 5, 9]].all() and int(vis.sum()) == 8
+
+
+def test_front_end_counts_blocks_by_form(model_path, tokenizer):
+    """A prompt longer than the pool is served with tiered storage when its
+    peak in blocks (packed forms included) fits, and refused by name when it
+    does not."""
+    from vllm_kvshrink.assets import load_essays
+
+    ids = tokenizer("\n\n".join(load_essays()[20:23]), add_special_tokens=False)["input_ids"]
+    ids = ids[:1500]
+    spec = _spec(model_path, [ids], max_tokens=16, dtype="bfloat16", check_invariants=True,
+                 llm={"kv_cache_memory_bytes": 640 * 23040, "max_num_batched_tokens": 256})
+    result = run_engine(spec, _env(MIX, "0.1", VLLM_KVSHRINK_SLACK_TOKENS="32"))
+    assert result["total_blocks"] * 32 < len(ids)  # the prompt alone overflows the pool
+    assert len(result["outputs"]["0"]["token_ids"]) == 16
+    assert result["kvshrink"]["tier_events"] >= 3 and result["kvshrink"]["fallbacks"] == 0
+    assert result["free_blocks_end"] == result["total_blocks"]
+    spec["per_request_extra"] = {0: {"budget": 1.0}}
+    with pytest.raises(RuntimeError, match="KV blocks even with tiered storage"):
+        run_engine(spec, _env(MIX, "0.1"))

@@ -106,6 +106,22 @@ def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
             f"on for it (drop the per-request method) or shorten it"
         )
     chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    if req_cfg.tiered:  # blocks by form, as the scheduler counts them
+        from vllm_kvshrink.core.tiers import TierGeometry
+
+        mc, pc = vllm_config.model_config, vllm_config.parallel_config
+        geo = TierGeometry(mc.get_num_layers(pc), mc.get_num_kv_heads(pc),
+                           mc.get_head_size(), bs, mc.dtype.itemsize)
+        need = geo.peak_blocks(req_cfg, total, chunk)
+        if need > cache.num_gpu_blocks - 1:
+            raise KVShrinkConfigError(
+                f"request of {total} tokens needs up to {need} KV blocks even with "
+                f"tiered storage (budget {req_cfg.budget!r} of its bf16 bytes in "
+                f"{','.join(req_cfg.storage)}, + slack {req_cfg.slack_tokens} + one "
+                f"prefill chunk of {chunk}), more than the KV pool "
+                f"({cache.num_gpu_blocks - 1} blocks); allowed: a smaller budget, "
+                f"smaller max_num_batched_tokens, or a larger pool")
+        return
     peak = req_cfg.peak_tokens(total, bs, chunk)
     if peak > pool:
         raise KVShrinkConfigError(
