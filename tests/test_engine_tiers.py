@@ -71,17 +71,19 @@ def test_engine_and_research_path_hold_the_same_forms(model_path, hf_model, prom
 
 
 @pytest.mark.parametrize(
-    "storage,budget,block_size,max_batched",
+    "storage,budget,block_size,max_batched,eager",
     [
-        (MIX, "0.15", 32, None),               # three levels and eviction
-        ("int8_tok,int2_tok_rot", "0.12", 128, None),  # no bf16 beyond sinks/recent
-        ("bf16,k4v2_tok", "0.25", 32, 256),     # events between prefill chunks
+        (MIX, "0.15", 32, None, True),               # three levels and eviction
+        ("int8_tok,int2_tok_rot", "0.12", 128, None, True),  # no bf16 beyond sinks/recent
+        ("bf16,k4v2_tok", "0.25", 32, 256, True),     # events between prefill chunks
+        (MIX, "0.15", 32, None, False),              # compiled mode (vLLM's default)
     ],
 )
 def test_engine_matches_dequantized_replay(model_path, hf_model, prompts, storage,
-                                           budget, block_size, max_batched):
+                                           budget, block_size, max_batched, eager):
     with tempfile.TemporaryDirectory() as rec:
         extra = {"max_num_batched_tokens": max_batched} if max_batched else {}
+        extra["enforce_eager"] = eager
         result = run_engine(_spec(model_path, prompts[:3], block_size=block_size,
                                   check_invariants=True, llm=extra),
                             _env(storage, budget, VLLM_KVSHRINK_RECORD_DIR=rec))
