@@ -167,6 +167,14 @@ def test_engine_refuses_forms_it_cannot_page(model_path):
         run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
                    {"VLLM_KVSHRINK_STORAGE": "bf16,int4_tok"})
     assert "VLLM_KVSHRINK_METHOD is 'none'" in str(err.value)
+    fp8 = _spec(model_path, [[1, 2, 3]], dtype="bfloat16", llm={"kv_cache_dtype": "fp8"})
+    with pytest.raises(RuntimeError) as err:
+        run_engine(fp8, _env("bf16,int4_tok", "0.25"))
+    assert "kv_cache_dtype='fp8'" in str(err.value)
+    fp8["per_request_extra"] = {0: {"storage": "bf16,int4_tok", "budget": 0.25}}
+    with pytest.raises(RuntimeError) as err:  # per request: refused at the front end
+        run_engine(fp8, _env("bf16", "64"))
+    assert "kv_cache_dtype='fp8'" in str(err.value) and "storage" in str(err.value)
 
 
 def test_replay_has_teeth():

@@ -64,7 +64,11 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
         extra = getattr(params, "extra_args", None)
         if extra:
             try:
-                cfg.with_overrides(request_overrides(extra)).check_servable()
+                from vllm_kvshrink.core.tiers import check_cache_dtype
+
+                req_cfg = cfg.with_overrides(request_overrides(extra))
+                req_cfg.check_servable()
+                check_cache_dtype(req_cfg, self.vllm_config.cache_config.cache_dtype)
             except KVShrinkConfigError as e:
                 # A client error: the OpenAI server answers 400 with this text.
                 raise VLLMValidationError(str(e), parameter="extra_args") from e

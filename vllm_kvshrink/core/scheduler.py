@@ -35,7 +35,7 @@ from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink import schedule
 from vllm_kvshrink.config import KVShrinkConfig, request_overrides
 from vllm_kvshrink.envs import KVShrinkConfigError
-from vllm_kvshrink.core.tiers import TierGeometry
+from vllm_kvshrink.core.tiers import TierGeometry, check_cache_dtype
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
 
 logger = logging.getLogger("vllm.kvshrink")
@@ -98,13 +98,8 @@ class KVShrinkScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.kvs_config = KVShrinkConfig.from_env()
         check_supported(self.vllm_config, self.kv_cache_config)
-        cache_dtype = self.vllm_config.cache_config.cache_dtype
-        if self.kvs_config.tiered and cache_dtype not in ("auto", "bfloat16", "float16",
-                                                         "float32"):
-            raise KVShrinkConfigError(
-                f"VLLM_KVSHRINK_STORAGE={','.join(self.kvs_config.storage)!r} packs "
-                f"tokens into pages of the model dtype, but kv_cache_dtype="
-                f"{cache_dtype!r}; allowed with tiered storage: kv_cache_dtype='auto'")
+        self.kvs_cache_dtype = self.vllm_config.cache_config.cache_dtype
+        check_cache_dtype(self.kvs_config, self.kvs_cache_dtype)
         self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.kvs_state: dict[str, _ReqState] = {}
         self.kvs_tiers = TierGeometry.of(self.kv_cache_config, self.kvs_block_size)
@@ -160,6 +155,7 @@ class KVShrinkScheduler(Scheduler):
             overrides = request_overrides(sp.extra_args if sp is not None else None)
             cfg = self.kvs_config.with_overrides(overrides)
             cfg.check_servable()
+            check_cache_dtype(cfg, self.kvs_cache_dtype)
         except KVShrinkConfigError as e:
             # The front-end validates first; this is a second line of defence.
             logger.error("request %s: %s; serving it uncompressed",

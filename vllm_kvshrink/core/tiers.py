@@ -19,6 +19,24 @@ from vllm_kvshrink.storage import FULL, get_form
 from vllm_kvshrink.storage.paged import paged_form
 
 
+#: ``kv_cache_dtype`` values whose pages are in a float model dtype, which
+#: packed blocks reinterpret as bytes
+PAGEABLE_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def check_cache_dtype(cfg, cache_dtype: str) -> None:
+    """Tiered storage packs tokens into pages of the model dtype: refuse it
+    with one of vLLM's quantized caches, naming both settings."""
+    if cfg.tiered and cfg.enabled and cache_dtype not in PAGEABLE_CACHE_DTYPES:
+        from vllm_kvshrink import envs
+
+        where = cfg.source.get("storage", envs.PREFIX + "STORAGE")
+        raise envs.KVShrinkConfigError(
+            f"{where}={','.join(cfg.storage)!r} packs tokens into pages of the model "
+            f"dtype, but kv_cache_dtype={cache_dtype!r}; allowed with tiered storage: "
+            f"kv_cache_dtype='auto' (or storage 'bf16' with {cache_dtype!r})")
+
+
 @dataclass(frozen=True)
 class TierGeometry:
     num_layers: int
