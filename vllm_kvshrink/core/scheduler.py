@@ -371,13 +371,8 @@ class KVShrinkScheduler(Scheduler):
                 if ok is True:
                     self._kvs_finish(comp, st)
                 else:
-                    self._kvs_release_pending(st, success=False)
-                    st.disabled = True
-                    self.kvs_counters.fallbacks += 1
-                    reason = ok if isinstance(ok, str) else "no result from worker"
-                    logger.warning(
-                        "vllm-kvshrink: compaction of request %s failed (%s); "
-                        "it continues uncompressed", comp.req_id, reason)
+                    self._kvs_fail(st, comp.req_id, ok, "compaction",
+                                   "it continues uncompressed")
         if step is not None and step.tier_events:
             results = getattr(model_runner_output, plan_mod.RESULTS_ATTR, None) or {}
             for ev in step.tier_events:
@@ -388,14 +383,19 @@ class KVShrinkScheduler(Scheduler):
                 if isinstance(res, plan_mod.TierResult):
                     self._kvs_finish_tier(ev, st, res)
                 else:
-                    self._kvs_release_pending(st, success=False)
-                    st.disabled = True
-                    self.kvs_counters.fallbacks += 1
-                    reason = res if isinstance(res, str) else "no result from worker"
-                    logger.warning(
-                        "vllm-kvshrink: tier event of request %s failed (%s); it "
-                        "continues on the blocks it holds", ev.req_id, reason)
+                    self._kvs_fail(st, ev.req_id, res, "tier event",
+                                   "it continues on the blocks it holds")
         return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _kvs_fail(self, st: _ReqState, req_id: str, result, what: str, then: str) -> None:
+        """The worker reported a failure (or nothing): give back what the plan
+        took, never compress the request again, count it."""
+        self._kvs_release_pending(st, success=False)
+        st.disabled = True
+        self.kvs_counters.fallbacks += 1
+        reason = result if isinstance(result, str) else "no result from worker"
+        logger.warning("vllm-kvshrink: %s of request %s failed (%s); %s",
+                       what, req_id, reason, then)
 
     def _kvs_finish_tier(self, ev: plan_mod.TierEvent, st: _ReqState,
                          res: plan_mod.TierResult) -> None:
