@@ -2,9 +2,12 @@
 
 ``make demo`` runs this.  Both engines get the same prompts (windows of real
 essay text), the same greedy sampling and the same deliberately small KV pool;
-each runs in its own process with its own plugin settings.  Prints what vLLM
-reports about the KV cache and scheduling for each, and one continuation from
-each so the text can be compared.
+each runs in its own process with its own plugin settings: stock, eviction at
+the budget, and tiered storage at the same budget in bytes (tokens evicted
+*and* the rest held in fewer bits; ``--storage bf16`` leaves it out).  Prints
+what vLLM reports about the KV cache and scheduling for each, the KV bytes the
+compressed engines held at their peak, and one continuation from each so the
+text can be compared.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                     "from PyPI)")
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budget", default="0.25")
+    ap.add_argument("--storage", default="bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot",
+                    help="VLLM_KVSHRINK_STORAGE of the third engine ('bf16': no third)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=48)
     args = ap.parse_args(argv)
@@ -42,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     spec = greedy_spec(model, prompts, args.output_len, pool_tokens, block)
     print(f"{len(prompts)} essay prompts of 500-900 tokens, {args.output_len} output tokens "
           f"each; KV pool of {pool_tokens} tokens (~2.5 sequences)\n", flush=True)
-    runs = run_side_by_side(spec, [
-        ("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}),
-        (f"kvshrink {args.method} budget={args.budget}",
-         {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
-          "VLLM_KVSHRINK_SLACK_TOKENS": "32"}),
-    ])
+    ours = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
+            "VLLM_KVSHRINK_SLACK_TOKENS": "32"}
+    configs = [("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}),
+               (f"kvshrink {args.method} budget={args.budget}", ours)]
+    if args.storage.strip() != "bf16":
+        configs.append((f"tiered {args.method} budget={args.budget}",
+                        {**ours, "VLLM_KVSHRINK_STORAGE": args.storage}))
+    runs = run_side_by_side(spec, configs)
+    for r in runs.values():
+        held = r.get("peak_bytes_held") or {}
+        r["peak_held_mib"] = (f"{sum(held.values()) / 2**20:.1f} MiB" if held else "-")
 
     names = list(runs)
     print(f"\n{'':<24}" + "".join(f"{n:>30}" for n in names))
@@ -59,12 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         ("engine steps", "steps", "{}"),
         ("output tokens/s", "output_tokens_per_s", "{:.1f}"),
         ("free blocks at the end", "free_blocks_end", "{}"),
+        ("peak KV bytes held", "peak_held_mib", "{}"),
     ):
         print(f"{label:<24}" + "".join(f"{fmt.format(runs[n][key]):>30}" for n in names))
-    k = runs[names[1]].get("kvshrink", {})
-    print(f"\nkvshrink counters: {k.get('compactions')} compactions, "
-          f"{k.get('tokens_evicted')} tokens evicted, {k.get('blocks_freed')} blocks freed, "
-          f"{k.get('fallbacks')} fallbacks")
+    for n in names[1:]:
+        k = runs[n].get("kvshrink", {})
+        held = runs[n].get("peak_bytes_held") or {}
+        print(f"\n{n}: {k.get('compactions')} compactions, {k.get('tier_events')} tier "
+              f"events, {k.get('tokens_evicted')} tokens evicted, {k.get('tokens_demoted')} "
+              f"demoted, {k.get('blocks_freed')} blocks freed, {k.get('fallbacks')} fallbacks"
+              + ("; peak bytes by form: " + ", ".join(f"{f} {b / 2**20:.1f} MiB"
+                                                       for f, b in held.items())
+                 if held else ""))
     for n in names:
         text = runs[n]["outputs"]["0"]["text"].replace("\n", " ")
         print(f"\n[{n}] prompt 0 continues: {text[:300]!r}")
