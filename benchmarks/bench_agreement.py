@@ -2,10 +2,13 @@
 """Kept-token agreement between the engine and the research path, fp32 and bf16.
 
     python benchmarks/bench_agreement.py [--json docs/agreement.json]
+    python benchmarks/bench_agreement.py --storage bf16,int4_tok_rot,int2_tok_rot \
+        --budget 0.2 --json docs/agreement_tiers.json      # tiered storage
 
 For each served method: the share of kept (layer, KV head, position) entries
-the two paths have in common per compression event (min and mean), and
-whether the greedy tokens are identical.
+the two paths have in common per compression event (min and mean), with
+tiered storage also the share kept *in the same form*, and whether the greedy
+tokens are identical.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--tokens", type=int, default=600)
     ap.add_argument("--json", default="")
+    ap.add_argument("--storage", default="bf16", help="VLLM_KVSHRINK_STORAGE")
+    ap.add_argument("--budget", default="96",
+                    help="tokens, or a fraction (with a tiered --storage: of the bf16 bytes)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--max-tokens", type=int, default=40)
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -36,16 +44,22 @@ def main() -> int:
     mp = default_model_path()
     tok = AutoTokenizer.from_pretrained(mp)
     essays = load_essays()
+    methods = args.methods.split(",")
+    budget = float(args.budget) if "." in args.budget else int(args.budget)
     prompts = [tok(essays[3 + i], add_special_tokens=False)["input_ids"][: args.tokens]
-               for i in range(len(METHODS))]
+               for i in range(len(methods))]
     rows = []
     for dtype in args.dtypes.split(","):
-        rows += compare(mp, dtype, METHODS, prompts, progress=True)
-    print("\n| method | dtype | events | kept agreement min | mean | greedy tokens equal |")
-    print("|---|---|---|---|---|---|")
+        rows += compare(mp, dtype, methods, prompts, progress=True, budget=budget,
+                        storage=args.storage, max_tokens=args.max_tokens)
+    print(f"\nstorage {args.storage}, budget {args.budget}, {args.max_tokens} new tokens")
+    print("\n| method | dtype | events | kept agreement min | mean | same form min "
+          "| greedy tokens equal |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        form = f"{r['level_min']:.4f}" if r.get("level_min") is not None else "-"
         print(f"| {r['method']} | {r['dtype']} | {r['engine_events']} | "
-              f"{r['agreement_min']:.4f} | {r['agreement_mean']:.4f} | "
+              f"{r['agreement_min']:.4f} | {r['agreement_mean']:.4f} | {form} | "
               f"{'yes' if r['tokens_equal'] else 'no (from token ' + str(r['first_token_diff']) + ')'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

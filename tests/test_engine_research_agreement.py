@@ -49,6 +49,9 @@ def test_agreement_metric_has_teeth():
     a = [[[0, 1, 2, 5]], [[0, 1, 3, 5]]]
     assert kept_agreement(a, a) == 1.0
     assert kept_agreement(a, [[[0, 1, 2, 4]], [[0, 2, 3, 4]]]) == pytest.approx(5 / 8)
+    # different kept counts (tiered events): overlap over the larger count
+    assert kept_agreement(a, [[[0, 1, 2]], [[0, 1, 3]]]) == pytest.approx(6 / 8)
+    assert kept_agreement(a, [[[0, 1, 2, 5]]]) == 0.0  # other layers: no match
 
 
 def test_online_learning_in_the_engine_is_counted(model_path, prompts):

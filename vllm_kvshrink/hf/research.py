@@ -509,11 +509,14 @@ class _Out:
 
 
 def kept_agreement(a: list[list[list[int]]], b: list[list[list[int]]]) -> float:
-    """Share of kept (layer, head, position) entries two events have in common."""
+    """Share of kept (layer, head, position) entries two events have in common,
+    over the larger of the two kept counts (events that kept different
+    numbers of tokens, as tiered ones may, compare by overlap too)."""
     ta, tb = torch.tensor(a), torch.tensor(b)
-    if ta.shape != tb.shape:
+    if ta.shape[:2] != tb.shape[:2]:
         return 0.0
-    l, h, k = ta.shape
+    l, h = ta.shape[:2]
+    k = max(ta.shape[2], tb.shape[2])
     hits = 0
     for i in range(l):
         for j in range(h):
