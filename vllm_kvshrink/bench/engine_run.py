@@ -54,22 +54,6 @@ def check_invariants(scheduler) -> None:
             )
 
 
-def _bytes_held(scheduler) -> dict:
-    """KV bytes the running compressed requests hold now, per storage form."""
-    geo = getattr(scheduler, "kvs_tiers", None)
-    if geo is None:
-        return {}
-    out: dict = {}
-    for r in scheduler.running:
-        st = scheduler.kvs_state.get(r.request_id)
-        if st is None or not st.cfg.enabled:
-            continue
-        plain = r.num_computed_tokens - st.offset
-        for form, n in geo.bytes_by_form(plain, st.segments).items():
-            out[form] = out.get(form, 0) + n
-    return out
-
-
 def _plugin_active() -> bool:
     try:
         import vllm_kvshrink
@@ -155,7 +139,7 @@ def run(spec: dict) -> dict:
                 preemptions[req_id] = max(preemptions.get(req_id, 0), req.num_preemptions)
             if check:
                 check_invariants(sched)
-            held = _bytes_held(sched)
+            held = sched.kvs_bytes_held() if hasattr(sched, "kvs_bytes_held") else {}
             if held and sum(held.values()) > sum(peak_held.values()):
                 peak_held = held
         if progress and steps % 50 == 0:

@@ -439,6 +439,17 @@ class KVShrinkScheduler(Scheduler):
         c.blocks_freed += len(tail)
 
     # --------------------------------------------------------------- stats
+    def kvs_bytes_held(self) -> dict[str, int]:
+        """KV bytes the running compressed requests hold now, per form."""
+        held: dict[str, int] = {}
+        for r in self.running:
+            st = self.kvs_state.get(r.request_id)
+            if st is not None and st.cfg.enabled:
+                plain = r.num_computed_tokens - st.offset
+                for form, n in self.kvs_tiers.bytes_by_form(plain, st.segments).items():
+                    held[form] = held.get(form, 0) + n
+        return held
+
     def make_stats(self, *args: Any, **kwargs: Any):
         stats = super().make_stats(*args, **kwargs)
         if stats is None:
@@ -446,16 +457,13 @@ class KVShrinkScheduler(Scheduler):
         c = self.kvs_counters
         c.logical_tokens = 0
         c.physical_tokens = 0
-        held: dict[str, int] = {}
         for r in self.running:
             st = self.kvs_state.get(r.request_id)
             if st is not None and st.cfg.enabled:
-                plain = r.num_computed_tokens - st.offset
                 c.logical_tokens += r.num_computed_tokens
-                c.physical_tokens += plain + sum(s[2] for s in st.segments)
-                for form, n in self.kvs_tiers.bytes_by_form(plain, st.segments).items():
-                    held[form] = held.get(form, 0) + n
-        c.bytes_held = held
+                c.physical_tokens += (r.num_computed_tokens - st.offset
+                                      + sum(s[2] for s in st.segments))
+        c.bytes_held = self.kvs_bytes_held()
         c.logical_bytes = c.logical_tokens * self.kvs_tiers.token_bytes
         payload = dict(stats.kv_connector_stats or {})
         payload[STATS_KEY] = c.to_dict()

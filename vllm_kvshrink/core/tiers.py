@@ -68,12 +68,7 @@ class TierGeometry:
         return paged_form(form, self.head_dim, self.block_size, self.elem_bytes).capacity
 
     def held_bytes(self, plain: int, segments) -> int:
-        counts: dict[str, int] = {}
-        for _, form, n in segments:
-            counts[form] = counts.get(form, 0) + n
-        total = get_form(FULL).nbytes(plain, self.head_dim)
-        total += sum(get_form(f).nbytes(n, self.head_dim) for f, n in counts.items())
-        return self.rows * total
+        return sum(self.bytes_by_form(plain, segments).values())
 
     def bytes_by_form(self, plain: int, segments) -> dict[str, int]:
         out = {FULL: self.rows * get_form(FULL).nbytes(plain, self.head_dim)}
