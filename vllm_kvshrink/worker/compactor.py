@@ -226,12 +226,28 @@ class Compactor:
             m = self._methods[key] = build_method(cfg_like)
         return m
 
+    def check_fault(self, req_id: str) -> None:
+        fault = self.config.inject_fault
+        if fault and req_id.startswith(fault):
+            raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
+
+    def queries_for(self, req_id: str, n: int, logical_len: int):
+        """The observation window of a request holding ``n`` tokens in cache
+        order: ``(queries [L, Hq, m, D], their index in the cache [m])``.
+        Queries belong to the newest tokens, which are never evicted: their
+        index is their distance from the end."""
+        q, pos = self.window(req_id)
+        if q.shape[2] == 0:
+            raise RuntimeError("no queries captured for this request")
+        qpos = torch.from_numpy(n - (logical_len - pos))
+        if (qpos < 0).any() or (qpos >= n).any():
+            raise RuntimeError("captured queries fall outside the cache")
+        return q, qpos
+
     def select(self, comp: plan_mod.Compaction, old_blocks: list[int]):
         """Score (and merge): ``(keep [L, H, K] ascending, merged keys, merged
         values or None)``.  Reads only; the method's state is updated."""
-        fault = self.config.inject_fault
-        if fault and comp.req_id.startswith(fault):
-            raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
+        self.check_fault(comp.req_id)
         method = self._method(comp)
         p, bs = comp.old_len, self.block_size
         layers, heads = len(self.caches), self.num_kv_heads
@@ -248,14 +264,7 @@ class Compactor:
         keys = self._read_keys(*slots)  # [L, H, P, D]
         q = qpos = None
         if method.needs_queries:
-            q, pos = self.window(comp.req_id)
-            if q.shape[2] == 0:
-                raise RuntimeError("no queries captured for this request")
-            # Queries belong to the newest tokens, which are never evicted:
-            # their physical index is their distance from the end.
-            qpos = torch.from_numpy(p - (comp.logical_len - pos))
-            if (qpos < 0).any() or (qpos >= p).any():
-                raise RuntimeError("captured queries fall outside the cache")
+            q, qpos = self.queries_for(comp.req_id, p, comp.logical_len)
         r = self._req(comp.req_id)
         state = r.method_state if r is not None else {}
         # Stateful methods update their state in place: work on a copy so a

@@ -123,36 +123,33 @@ def _update_states(self, scheduler_output):
 def _run_compactions(runner, comp: Compactor) -> None:
     """After the forward pass: move kept tokens, cut rows; report per request."""
     results: dict[str, object] = {}
+
+    def attempt(req_id: str, what: str, fn) -> None:
+        """Run one plan; a failure moves nothing, is logged and reported."""
+        req_state = runner.requests.get(req_id)
+        try:
+            if req_state is None:
+                raise RuntimeError("request unknown to the worker")
+            new_row, result = fn(list(req_state.block_ids[0]))
+        except Exception as e:  # noqa: BLE001 - any failure falls back
+            if comp.config.strict:
+                raise
+            logger.warning("vllm-kvshrink: %s of %s failed: %r", what, req_id, e)
+            results[req_id] = f"{type(e).__name__}: {e}"
+            return
+        _set_row(runner, req_id, new_row)
+        results[req_id] = result
+
+    def tier(ev, row):
+        if row[: len(ev.plain_blocks)] != ev.plain_blocks:
+            raise RuntimeError("the worker's block row differs from the plan's")
+        res = comp.apply_tier(ev)
+        return res.plain_blocks, res
+
     for c in comp.pending:
-        req_state = runner.requests.get(c.req_id)
-        try:
-            if req_state is None:
-                raise RuntimeError("request unknown to the worker")
-            new_row = comp.apply(c, list(req_state.block_ids[0]))
-        except Exception as e:  # noqa: BLE001 - any failure falls back
-            if comp.config.strict:
-                raise
-            logger.warning("vllm-kvshrink: compaction of %s failed: %r", c.req_id, e)
-            results[c.req_id] = f"{type(e).__name__}: {e}"
-            continue
-        _set_row(runner, c.req_id, new_row)
-        results[c.req_id] = True
+        attempt(c.req_id, "compaction", lambda row, c=c: (comp.apply(c, row), True))
     for ev in comp.tier_pending:
-        req_state = runner.requests.get(ev.req_id)
-        try:
-            if req_state is None:
-                raise RuntimeError("request unknown to the worker")
-            if list(req_state.block_ids[0][: len(ev.plain_blocks)]) != ev.plain_blocks:
-                raise RuntimeError("the worker's block row differs from the plan's")
-            res = comp.apply_tier(ev)
-        except Exception as e:  # noqa: BLE001 - any failure falls back
-            if comp.config.strict:
-                raise
-            logger.warning("vllm-kvshrink: tier event of %s failed: %r", ev.req_id, e)
-            results[ev.req_id] = f"{type(e).__name__}: {e}"
-            continue
-        _set_row(runner, ev.req_id, res.plain_blocks)
-        results[ev.req_id] = res
+        attempt(ev.req_id, "tier event", lambda row, ev=ev: tier(ev, row))
     comp.tier_pending = []
     comp.pending = []
     comp.results.update(results)
@@ -195,9 +192,9 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
     if any(r.tier is not None and r.tier.segments for r in comp.reqs.values()):
         from vllm_kvshrink.worker.tiers import packed_batch
 
-        rows = [self.requests[r].block_ids[0] for r in req_ids]
-        comp.packed_batch = packed_batch(comp, req_ids, num_computed,
-                                         num_scheduled_tokens, rows)
+        comp.packed_batch = packed_batch(
+            comp, req_ids, num_computed, num_scheduled_tokens,
+            lambda req_id: self.requests[req_id].block_ids[0])
     return result
 
 

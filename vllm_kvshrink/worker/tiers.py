@@ -36,8 +36,6 @@ class TierState:
     segments: list
     #: ``[L, H, M]`` logical position of each packed token, storage order
     pos_packed: torch.Tensor
-    #: form name of each packed token (storage order, the same for every row)
-    form_packed: list
     #: ``[L, H, c0]`` logical positions of the plain row's first ``c0`` tokens;
     #: later plain tokens are at ``logical_at_event + (index - c0)``
     pos_plain: torch.Tensor
@@ -110,9 +108,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
     """Run one tier event (see the module docstring); returns the result for
     the scheduler, the request's new :class:`TierState` and the event's
     record (kept logical positions and their levels, cache order)."""
-    fault = comp.config.inject_fault
-    if fault and ev.req_id.startswith(fault):
-        raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
+    comp.check_fault(ev.req_id)
     levels = levels_for(ev.storage)
     d, bs, eb = _geometry(comp)
     layers, heads = len(comp.caches), comp.num_kv_heads
@@ -121,16 +117,11 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
                            f"says {ev.old_len} tokens")
     keys, values, current, pos = read_held(comp, ev, r.tier)
     n = keys.shape[2]
-    q, qpos = None, None
     method = comp._method(ev)
     cdt = comp.caches[0].dtype if comp.caches[0].is_floating_point() else torch.float32
+    q = qpos = None
     if method.needs_queries:
-        q, wpos = comp.window(ev.req_id)
-        if q.shape[2] == 0:
-            raise RuntimeError("no queries captured for this request")
-        qpos = torch.from_numpy(n - (ev.logical_len - wpos))
-        if (qpos < 0).any() or (qpos >= n).any():
-            raise RuntimeError("captured queries fall outside the cache")
+        q, qpos = comp.queries_for(ev.req_id, n, ev.logical_len)
     work = dict(r.method_state) if method.stateful else r.method_state
     obs = Observation(keys.to(cdt), q, qpos, comp.scales, rope_inv_freq=comp.rope_inv_freq)
     plan = tier_event(method, obs, work, levels, ev.budget_bytes, ev.sink_tokens,
@@ -150,12 +141,11 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
                            f"{len(ev.dest_blocks)} were given")
     dest = list(ev.dest_blocks)
     plain_ids, dest = dest[:need], dest[need:]
-    writes, segments, pos_packed, form_packed = [], [], [], []
+    writes, segments, pos_packed = [], [], []
+    pos0 = kpos[..., :0]  # plain tokens' positions (none if no level-0 token)
     for i, name in enumerate(levels):
         c = plan.counts[i]
         if not c:
-            if i == 0:
-                pos0 = kpos[..., :0]
             continue
         sel = (lev == i).nonzero()[:, 2].view(layers, heads, c)  # ascending
         src = keep.gather(2, sel)
@@ -172,7 +162,6 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
         for j, b in enumerate(ids):
             segments.append((b, name, min(pf.capacity, c - j * pf.capacity)))
         pos_packed.append(pos.gather(2, src))
-        form_packed += [name] * c
     # Everything read and planned: now write.  Blocks that held packed pages
     # and hold none now are zeroed first: their bytes read as the model dtype
     # can be NaN, and vLLM's kernel multiplies masked slots by zero.
@@ -201,7 +190,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
         segments=segments,
         pos_packed=(torch.cat(pos_packed, -1) if pos_packed
                     else torch.zeros(layers, heads, 0, dtype=torch.int64)),
-        form_packed=form_packed, pos_plain=pos0, logical_at_event=ev.logical_len)
+        pos_plain=pos0, logical_at_event=ev.logical_len)
     res = plan_mod.TierResult(
         plain_blocks=plain_ids, segments=segments,
         counts={name: plan.counts[i] for i, name in enumerate(levels)},
@@ -212,9 +201,9 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
     return res, new_state, record
 
 
-def packed_batch(comp, req_ids, num_computed, num_scheduled, rows) -> PackedBatch | None:
+def packed_batch(comp, req_ids, num_computed, num_scheduled, row_of) -> PackedBatch | None:
     """The step's requests that hold packed blocks, for the attention kernel;
-    ``rows[i]``: the plain block-table row of ``req_ids[i]``."""
+    ``row_of(req_id)``: its plain block-table row (asked for those only)."""
     d, bs, eb = _geometry(comp)
     reqs, forms, index = [], [], {}
     start = 0
@@ -231,7 +220,7 @@ def packed_batch(comp, req_ids, num_computed, num_scheduled, rows) -> PackedBatc
                 segs.append((block, index[form], cnt))
             plain = int(num_computed[i]) + n - comp.offsets.get(req_id, 0)
             reqs.append(dict(q_start=start, q_len=n, plain_len=plain,
-                             plain_blocks=list(rows[i])[: -(-plain // bs)],
+                             plain_blocks=list(row_of(req_id))[: -(-plain // bs)],
                              segments=segs))
         start += n
     if not reqs:
