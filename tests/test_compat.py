@@ -119,3 +119,80 @@ def test_not_callable_with_params_is_reported(monkeypatch):
     problems = compat.check()
     assert len(problems) == 1 and path in problems[0]
     assert "signature" in problems[0]
+
+
+def test_every_overridden_scheduler_method_is_listed():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_kvshrink.core.scheduler import KVShrinkScheduler
+
+    listed = {s.path for s in compat.SYMBOLS}
+    overridden = [n for n, v in vars(KVShrinkScheduler).items()
+                  if callable(v) and hasattr(Scheduler, n) and n != "__init__"]
+    assert overridden, "the scheduler overrides nothing?"
+    for name in overridden:
+        assert f"vllm.v1.core.sched.scheduler:Scheduler.{name}" in listed, name
+
+
+def test_patch_refuses_a_symbol_that_is_not_listed():
+    class Owner:
+        def f(self):
+            return 1
+
+    with pytest.raises(RuntimeError, match="not listed in vllm_kvshrink.compat.SYMBOLS"):
+        compat.patch(Owner, "f", lambda self: 2)
+    assert Owner().f() == 1
+
+
+def test_every_patch_site_goes_through_compat_patch():
+    """No module of the plugin assigns to a vLLM class or module attribute
+    except through compat.patch (the assignment pattern below)."""
+    import re
+    from pathlib import Path
+
+    import vllm_kvshrink
+
+    root = Path(vllm_kvshrink.__file__).parent
+    pattern = re.compile(r"^\s*(\w+)\.(\w+)\s*=\s*[A-Za-z_]", re.M)
+    offenders = []
+    vllm_names = {"SchedulerConfig", "InputProcessor", "kv_cache_utils", "GPUModelRunner",
+                  "MultiGroupBlockTable", "loggers", "Scheduler", "BlockPool",
+                  "KVCacheManager", "CPUAttentionBackendImpl"}
+    for path in root.rglob("*.py"):
+        for m in pattern.finditer(path.read_text()):
+            if m.group(1) in vllm_names and not m.group(2).startswith("_kvs"):
+                offenders.append(f"{path.name}: {m.group(0).strip()}")
+    assert offenders == []
+
+
+def test_check_attributes_names_what_is_missing():
+    from types import SimpleNamespace
+
+    obj = SimpleNamespace(blocks=[], get_new_blocks=1, free_blocks=1,
+                          get_num_free_blocks=1)
+    with pytest.raises(KVShrinkConfigError) as ei:
+        compat.check_attributes("block_pool", obj)
+    assert "evict_blocks" in str(ei.value) and "VLLM_KVSHRINK_METHOD=none" in str(ei.value)
+    obj.evict_blocks = 1
+    compat.check_attributes("block_pool", obj)
+
+
+def test_listed_patches_are_the_installed_ones():
+    """After install (in a fresh process), every patched symbol resolves to the
+    plugin's function and every one is listed."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import vllm_kvshrink as k; k.register(); from vllm_kvshrink import compat; "
+            "print('\\n'.join(f'{p} {compat.resolve(p).__module__}' for p in compat.PATCHED))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    env["VLLM_KVSHRINK_METHOD"] = "snapkv"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    assert len(rows) >= 12, out.stdout
+    listed = {s.path for s in compat.SYMBOLS}
+    for path, module in rows:
+        assert path in listed and module.startswith("vllm_kvshrink"), (path, module)

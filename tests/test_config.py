@@ -169,8 +169,9 @@ def test_empty_value_means_default(monkeypatch):
         ("0.5", 0.5, float),
         (" 0.125 ", 0.125, float),
         ("1.0", 1.0, float),
-        ("1", 1, int),
+        ("36", 36, int),
         ("512", 512, int),
+        ("1e3", 1000, int),
         ("2.5e-1", 0.25, float),
     ],
 )
@@ -272,12 +273,23 @@ def test_target_tokens_floor_and_cap():
     assert cfg.target_tokens(20) == 20
     assert cfg.target_tokens(36) == 36
     assert cfg.target_tokens(1000) == 100
-    cfg = KVShrinkConfig(budget=10, sink_tokens=4, recent_tokens=32)
-    assert cfg.target_tokens(1000) == 36
+    cfg = KVShrinkConfig(budget=40, sink_tokens=4, recent_tokens=32)
+    assert cfg.target_tokens(1000) == 40
     assert cfg.target_tokens(30) == 30
     for n in range(0, 400):
         t = cfg.target_tokens(n)
-        assert t <= n and t == min(n, 36)
+        assert t <= n and t == min(n, 40)
+
+
+@pytest.mark.parametrize("budget", ["1", "35"])
+def test_token_count_below_the_kept_floor_is_refused(monkeypatch, budget):
+    # "1" is one token, not the whole cache: refused, and the message says
+    # how to write a fraction.
+    msg = _error(monkeypatch, BUDGET=budget, METHOD="snapkv")
+    assert f"VLLM_KVSHRINK_BUDGET={budget}" in msg
+    assert "36 tokens always kept" in msg and "1.0 keeps everything" in msg
+    monkeypatch.setenv(P + "BUDGET", "1.0")
+    assert KVShrinkConfig.from_env().target_tokens(500) == 500
 
 
 def test_target_tokens_matches_exact_arithmetic_on_integer_products():
@@ -378,6 +390,9 @@ def cli_runs():
         "check_bad": _start(["--check"], VLLM_KVSHRINK_BUDGET="7.5"),
         "check_good": _start(["--check"], VLLM_KVSHRINK_METHOD="snapkv",
                              VLLM_KVSHRINK_BUDGET="0.5"),
+        # install-time variables the README documents must not stop start-up
+        "check_install_vars": _start(["--check"], VLLM_KVSHRINK_TARGET="cpu",
+                                     VLLM_KVSHRINK_DEBIAN_MIRROR="http://deb.debian.org/debian/"),
     }
     out = {}
     for name, p in procs.items():
@@ -407,3 +422,10 @@ def test_cli_check_good(cli_runs):
     assert rc == 0, err
     assert out.startswith("ok:")
     assert "method='snapkv'" in out and "budget=0.5" in out
+
+
+def test_cli_check_accepts_install_time_variables(cli_runs):
+    rc, out, err = cli_runs["check_install_vars"]
+    assert rc == 0, err
+    assert "unknown setting" not in err
+    assert out.startswith("ok:")

@@ -348,7 +348,10 @@ def _http_download(url: str, dest: Path) -> None:
 
 def _download_deb(dest_dir: Path) -> Path:
     dest = dest_dir / AUSTEN_DEB
-    mirrors = [os.environ[DEBIAN_MIRROR_ENV_VAR]] if os.environ.get(DEBIAN_MIRROR_ENV_VAR) else []
+    from vllm_kvshrink import envs
+
+    mirror = envs.get(DEBIAN_MIRROR_ENV_VAR)
+    mirrors = [mirror] if mirror else []
     mirrors += list(DEBIAN_MIRRORS)
     errors = []
     for mirror in mirrors:

@@ -5,6 +5,12 @@ tokens); this module keeps the list in one place.  ``check()`` resolves every
 symbol and compares the parameters of every patched callable, and
 ``tests/test_compat.py`` runs it, so an upgrade that moves a seam fails loudly
 instead of silently corrupting requests.
+
+The list cannot drift from the code: every patch goes through :func:`patch`,
+which refuses a symbol that is not listed here; the scheduler's overridden
+methods are checked against the list by ``tests/test_compat.py``; and the
+private attributes the plugin reads on vLLM's objects (:data:`ATTRIBUTES`) are
+checked on the live objects at start-up by :func:`check_attributes`.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ SYMBOLS: tuple[Symbol, ...] = (
            ("self", "request"), "drop per-request state when a request ends"),
     Symbol("vllm.v1.core.sched.scheduler:Scheduler.make_stats",
            ("self",), "export compression counters with the engine stats"),
+    Symbol("vllm.v1.core.sched.scheduler:Scheduler.add_request",
+           ("self", "request"), "per-request settings; streaming-input continuations"),
+    Symbol("vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+           ("self", "scheduler_output", "model_runner_output"),
+           "read each compaction's result back from the worker"),
     Symbol("vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
            ("self", "request", "num_new_tokens", "num_new_computed_tokens",
             "new_computed_blocks", "num_lookahead_tokens",
@@ -69,6 +80,11 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
            ("self", "scheduler_output", "num_scheduled_tokens"),
            "physical seq_lens and slot mapping, logical positions"),
+    Symbol("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+           ("self", "scheduler_output"),
+           "run the step's compactions after the forward pass"),
+    Symbol("vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+           ("self",), "attach compaction results to the step's output"),
     Symbol("vllm.v1.worker.block_table:MultiGroupBlockTable.compute_slot_mapping",
            ("self", "num_reqs", "query_start_loc", "positions"),
            "slot mapping from physical positions"),
@@ -105,7 +121,85 @@ SYMBOLS: tuple[Symbol, ...] = (
            ("self", "scheduler_stats"), "export counters on /metrics"),
     Symbol("vllm.v1.metrics.loggers:LoggingStatLogger.log", ("self",),
            "log counters with the engine stats"),
+    Symbol("vllm.v1.metrics.loggers:LoggingStatLogger.record",
+           ("self", "scheduler_stats"), "keep the counters for the log line"),
 )
+
+#: Attributes of vLLM's live objects the plugin reads or writes that are not
+#: part of a signature (many are private).  ``kind`` -> dotted attribute paths;
+#: :func:`check_attributes` resolves them on the real objects at start-up.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "scheduler": (
+        "kv_cache_manager.coordinator.single_type_managers",
+        "kv_cache_manager.block_pool",
+        "kv_cache_manager.allocate_slots",
+        "kv_cache_config.kv_cache_groups",
+        "scheduler_config.max_num_batched_tokens",
+        "max_model_len",
+        "requests",
+        "running",
+        "vllm_config.cache_config.cache_dtype",
+    ),
+    "single_type_manager": ("req_to_blocks",),
+    "block_pool": ("blocks", "get_new_blocks", "free_blocks", "get_num_free_blocks",
+                   "evict_blocks"),
+    "block": ("block_id", "ref_cnt"),
+    "model_runner": (
+        "kv_cache_config.kv_cache_groups",
+        "compilation_config.static_forward_context",
+        "scheduler_config.max_num_seqs",
+        "model_config.dtype",
+        "requests",
+        "input_batch.req_ids",
+        "input_batch.num_reqs",
+        "input_batch.req_id_to_index",
+        "input_batch.num_computed_tokens_cpu",
+        "input_batch.block_table.block_tables",
+        "seq_lens",
+        "optimistic_seq_lens_cpu",
+    ),
+}
+
+#: ``"module:Qualified.name"`` -> the original of every symbol :func:`patch`
+#: replaced in this process.
+PATCHED: dict[str, object] = {}
+
+
+def _path_of(owner, name: str) -> str:
+    if isinstance(owner, type):
+        return f"{owner.__module__}:{owner.__qualname__}.{name}"
+    return f"{owner.__name__}:{name}"  # a module
+
+
+def patch(owner, name: str, replacement) -> object:
+    """Replace ``owner.name`` (a class or module attribute) by ``replacement``
+    and return the original.  Only symbols listed in :data:`SYMBOLS` may be
+    patched, so the list is the patch sites' own."""
+    path = _path_of(owner, name)
+    if path not in {s.path for s in SYMBOLS}:
+        raise RuntimeError(f"vllm-kvshrink patches {path}, which is not listed in "
+                           f"vllm_kvshrink.compat.SYMBOLS")
+    original = PATCHED.setdefault(path, getattr(owner, name))
+    setattr(owner, name, replacement)
+    return original
+
+
+def check_attributes(kind: str, obj) -> None:
+    """Raise, naming what is missing, when ``obj`` lacks an attribute listed
+    under ``kind`` in :data:`ATTRIBUTES`."""
+    missing = []
+    for dotted in ATTRIBUTES[kind]:
+        cur = obj
+        for part in dotted.split("."):
+            if not hasattr(cur, part):
+                missing.append(dotted)
+                break
+            cur = getattr(cur, part)
+    if missing:
+        raise KVShrinkConfigError(
+            f"vLLM {vllm_version()}'s {type(obj).__name__} lacks "
+            f"{', '.join(missing)}, which vllm-kvshrink relies on (supported: vllm "
+            f"{SUPPORTED}; set VLLM_KVSHRINK_METHOD=none to run stock vLLM)")
 
 
 def vllm_version() -> str:

@@ -158,6 +158,16 @@ class KVShrinkConfig:
                     f"{where(name)}={value!r} is out of range; allowed: a whole "
                     f"number >= {low}"
                 )
+        floor = self.sink_tokens + self.recent_tokens
+        if isinstance(b, int) and b < floor:
+            # "1" is a token count; a budget below the tokens that are always
+            # kept would silently become that floor.
+            raise KVShrinkConfigError(
+                f"{where('budget')}={b!r} is a token count below the "
+                f"{floor} tokens always kept ({where('sink_tokens')}="
+                f"{self.sink_tokens} + {where('recent_tokens')}={self.recent_tokens})"
+                f"; allowed: a whole token count >= {floor}, or a fraction in "
+                f"(0, 1] written with a point (1.0 keeps everything, 0.25 a quarter)")
         if self.obs_window > self.recent_tokens:
             raise KVShrinkConfigError(
                 f"{where('obs_window')}={self.obs_window} is larger than "

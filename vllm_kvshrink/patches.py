@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm_kvshrink import compat
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
 
@@ -33,7 +34,7 @@ def _install_scheduler() -> None:
         )
 
     get_scheduler_cls._kvshrink = True  # type: ignore[attr-defined]
-    SchedulerConfig.get_scheduler_cls = get_scheduler_cls
+    compat.patch(SchedulerConfig, "get_scheduler_cls", get_scheduler_cls)
 
 
 def _install_attention() -> None:
@@ -82,8 +83,8 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
             raise VLLMValidationError(str(e), parameter="prompt") from e
         return request
 
-    InputProcessor._validate_params = _validate_params
-    InputProcessor.process_inputs = process_inputs
+    compat.patch(InputProcessor, "_validate_params", _validate_params)
+    compat.patch(InputProcessor, "process_inputs", process_inputs)
 
 
 def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
@@ -156,7 +157,8 @@ def _install_memory_check(cfg: KVShrinkConfig) -> None:
                 "keeps each request within its budget; requests that cannot fit "
                 "even compressed are refused when they arrive.", e, cfg.method)
 
-    kv_cache_utils._check_enough_kv_cache_memory = _check_enough_kv_cache_memory
+    compat.patch(kv_cache_utils, "_check_enough_kv_cache_memory",
+                 _check_enough_kv_cache_memory)
 
 
 def install(cfg: KVShrinkConfig) -> None:

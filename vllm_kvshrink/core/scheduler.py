@@ -31,6 +31,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_kvshrink import compat
 from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink import schedule
 from vllm_kvshrink.config import KVShrinkConfig, request_overrides
@@ -86,11 +87,23 @@ def check_supported(vllm_config, kv_cache_config) -> None:
             "VLLM_KVSHRINK_METHOD (set one of them off)"
         )
     pc = vllm_config.parallel_config
-    if pc.pipeline_parallel_size > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1:
+    if pc.tensor_parallel_size > 1:
+        # vLLM takes a step's output from one rank only: a compaction that
+        # failed on another rank would be counted as done and its KV heads
+        # would disagree with the block table.
         raise KVShrinkConfigError(
-            "pipeline or context parallelism is not supported together with "
-            "VLLM_KVSHRINK_METHOD"
-        )
+            f"tensor_parallel_size={pc.tensor_parallel_size} is not supported "
+            f"together with VLLM_KVSHRINK_METHOD (every rank would have to "
+            f"report each compaction, and vLLM reads a step's output from one "
+            f"rank); allowed: tensor_parallel_size=1, or set "
+            f"VLLM_KVSHRINK_METHOD=none")
+    if pc.pipeline_parallel_size > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1 \
+            or getattr(pc, "prefill_context_parallel_size", 1) > 1:
+        raise KVShrinkConfigError(
+            f"pipeline_parallel_size={pc.pipeline_parallel_size} / context "
+            f"parallelism is not supported together with VLLM_KVSHRINK_METHOD; "
+            f"allowed: pipeline_parallel_size=1 and no context parallelism, or "
+            f"set VLLM_KVSHRINK_METHOD=none")
 
 
 class KVShrinkScheduler(Scheduler):
@@ -98,6 +111,11 @@ class KVShrinkScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.kvs_config = KVShrinkConfig.from_env()
         check_supported(self.vllm_config, self.kv_cache_config)
+        compat.check_attributes("scheduler", self)
+        compat.check_attributes("single_type_manager",
+                                self.kv_cache_manager.coordinator.single_type_managers[0])
+        compat.check_attributes("block_pool", self.kv_cache_manager.block_pool)
+        compat.check_attributes("block", self.kv_cache_manager.block_pool.blocks[0])
         self.kvs_cache_dtype = self.vllm_config.cache_config.cache_dtype
         check_cache_dtype(self.kvs_config, self.kvs_cache_dtype)
         self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
@@ -355,6 +373,7 @@ class KVShrinkScheduler(Scheduler):
         if ms:
             c = self.kvs_counters
             c.tokens_merged = round(ms.get("merged_tokens", 0))
+            c.ring_misses = int(ms.get("ring_misses", 0))
             pred = ms.get("predictor")
             if pred:
                 c.predictor_updates = int(pred.get("updates", 0))

@@ -19,6 +19,7 @@ class Counters:
     predictor_updates: int = 0  # online training steps of the temporal predictor
     tier_events: int = 0  # tier-policy events that completed (tiered storage)
     tokens_demoted: int = 0  # tokens moved to a form with fewer bytes by them
+    ring_misses: int = 0  # steps a request found no query-ring slot (worker)
     # the temporal predictor's accuracy on the labels seen so far (-1: none yet)
     predictor_recall: float = -1.0  # recall@10% of next-window attention
     predictor_spearman: float = -1.0  # rank correlation with it

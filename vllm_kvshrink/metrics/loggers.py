@@ -29,6 +29,8 @@ _COUNTERS = {
     "predictor_updates": "Online training steps of the temporal importance predictor.",
     "tier_events": "Tiered-storage events completed (forms re-assigned).",
     "tokens_demoted": "Tokens moved to a storage form with fewer bytes.",
+    "ring_misses": "Steps in which a request found no query-ring slot (its "
+                   "attention-scored compactions fall back).",
 }
 _GAUGES = {
     "compression_ratio": "Logical / cached tokens of running requests.",
@@ -133,6 +135,8 @@ def install() -> None:
     _ORIG["logging_record"] = loggers.LoggingStatLogger.record
     _ORIG["logging_log"] = loggers.LoggingStatLogger.log
     _ORIG["prom_record"] = loggers.PrometheusStatLogger.record
-    loggers.LoggingStatLogger.record = _logging_record
-    loggers.LoggingStatLogger.log = _logging_log
-    loggers.PrometheusStatLogger.record = _prom_record
+    from vllm_kvshrink import compat
+
+    compat.patch(loggers.LoggingStatLogger, "record", _logging_record)
+    compat.patch(loggers.LoggingStatLogger, "log", _logging_log)
+    compat.patch(loggers.PrometheusStatLogger, "record", _prom_record)

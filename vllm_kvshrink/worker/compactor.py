@@ -33,6 +33,9 @@ from vllm_kvshrink.worker.kv_layout import (
 
 logger = logging.getLogger("vllm.kvshrink")
 
+#: Request slots the query ring starts with; it doubles up to max_num_seqs.
+RING_START = 8
+
 
 @dataclass
 class _Req:
@@ -86,12 +89,22 @@ class Compactor:
     def __post_init__(self) -> None:
         self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
         w = self.config.obs_window
-        dtype = self.caches[0].dtype if self.caches[0].is_floating_point() else torch.float32
-        # One ring of the last W queries per request slot, per layer.
+        self.ring_dtype = (self.caches[0].dtype if self.caches[0].is_floating_point()
+                           else torch.float32)
+        # One ring of the last W queries per request slot, per layer.  It lives
+        # outside vLLM's KV pool, so it holds slots for the live requests only:
+        # it starts small and doubles up to max_num_seqs (ring_bytes).
+        self.capacity = min(self.max_reqs, RING_START)
         self.qbuf = torch.zeros(
-            len(self.layer_names), self.max_reqs * w, self.num_q_heads, self.head_size,
-            dtype=dtype,
+            len(self.layer_names), self.capacity * w, self.num_q_heads, self.head_size,
+            dtype=self.ring_dtype,
         )
+        logger.info(
+            "vllm-kvshrink: query ring of %d queries per request: %.2f MiB per "
+            "request outside the KV pool, %.1f MiB at max_num_seqs=%d (it grows "
+            "with the live requests)", w, self.ring_bytes(1) / 2**20,
+            self.ring_bytes(self.max_reqs) / 2**20, self.max_reqs)
+        self.ring_misses: set[str] = set()
         # All layers as one tensor when vLLM allocated them back to back (it
         # does): one gather / scatter per compaction instead of one per layer.
         stack = stack_layers(self.caches)
@@ -99,25 +112,58 @@ class Compactor:
         #: one for all layers when allocated back to back, else one per layer.
         self.stacks = ([(stack, slice(None))] if stack is not None else
                        [(c[None], slice(i, i + 1)) for i, c in enumerate(self.caches)])
-        self.qpos = np.zeros((self.max_reqs, w), dtype=np.int64)  # logical positions
-        self.free_slots = list(range(self.max_reqs - 1, -1, -1))
+        self.qpos = np.zeros((self.capacity, w), dtype=np.int64)  # logical positions
+        self.free_slots = list(range(self.capacity - 1, -1, -1))
         self.block_size = self.caches[0].shape[2]
         self.num_kv_heads = self.caches[0].shape[1]
 
     # -------------------------------------------------------- request slots
+    def ring_bytes(self, slots: int) -> int:
+        """Bytes of the query ring (queries and their positions) for ``slots``
+        requests."""
+        w = self.config.obs_window
+        per = (len(self.layer_names) * w * self.num_q_heads * self.head_size
+               * self.ring_dtype.itemsize + w * 8)
+        return slots * per
+
+    def _grow(self) -> bool:
+        if self.capacity >= self.max_reqs:
+            return False
+        w, old = self.config.obs_window, self.capacity
+        new = min(self.max_reqs, 2 * old)
+        qbuf = self.qbuf.new_zeros(self.qbuf.shape[0], new * w, *self.qbuf.shape[2:])
+        qbuf[:, : old * w] = self.qbuf
+        qpos = np.zeros((new, w), dtype=np.int64)
+        qpos[:old] = self.qpos
+        self.qbuf, self.qpos, self.capacity = qbuf, qpos, new
+        self.free_slots = list(range(new - 1, old - 1, -1)) + self.free_slots
+        logger.info("vllm-kvshrink: query ring grown to %d requests (%.1f MiB)", new,
+                    self.ring_bytes(new) / 2**20)
+        return True
+
     def _req(self, req_id: str) -> _Req | None:
         r = self.reqs.get(req_id)
         if r is None:
-            if not self.free_slots:
-                # More live requests than max_num_seqs slots (should not
-                # happen): this one gets no observation window, and an
-                # attention-based compaction of it falls back.
+            if not self.free_slots and not self._grow():
+                # More live requests than max_num_seqs slots (vLLM runs at most
+                # that many): this one gets no observation window, and an
+                # attention-based compaction of it falls back.  Counted and
+                # logged, never silent.
+                self.method_stats["ring_misses"] = self.method_stats.get("ring_misses", 0) + 1
+                if req_id not in self.ring_misses:
+                    self.ring_misses.add(req_id)
+                    logger.warning(
+                        "vllm-kvshrink: no query-ring slot for request %s (%d "
+                        "live, max_num_seqs=%d); its attention-scored "
+                        "compactions fall back", req_id, len(self.reqs), self.max_reqs)
                 return None
             r = _Req(slot=self.free_slots.pop())
             self.reqs[req_id] = r
         return r
 
     def drop(self, req_id: str) -> None:
+        """Request finished or preempted: its ring slot is free again."""
+        self.ring_misses.discard(req_id)
         r = self.reqs.pop(req_id, None)
         if r is not None:
             self.free_slots.append(r.slot)

@@ -36,6 +36,9 @@ def _layer_of(runner, name):
 def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
     from vllm import _custom_ops as ops
 
+    from vllm_kvshrink import compat
+
+    compat.check_attributes("model_runner", runner)
     group = runner.kv_cache_config.kv_cache_groups[0]
     names = list(group.layer_names)
     layers = [_layer_of(runner, n) for n in names]
@@ -104,6 +107,8 @@ def _update_states(self, scheduler_output):
         return _ORIG["_update_states"](self, scheduler_output)
     for req_id in scheduler_output.finished_req_ids:
         comp.drop(req_id)
+    for req_id in scheduler_output.preempted_req_ids or ():
+        comp.drop(req_id)  # recomputed from scratch when resumed
     for new in scheduler_output.scheduled_new_reqs:
         comp.reset(new.req_id)
     for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
@@ -251,9 +256,11 @@ def install(cfg: KVShrinkConfig) -> None:
     _ORIG["execute_model"] = GPUModelRunner.execute_model
     _ORIG["sample_tokens"] = GPUModelRunner.sample_tokens
     _ORIG["compute_slot_mapping"] = MultiGroupBlockTable.compute_slot_mapping
-    GPUModelRunner._kvs_config = cfg
-    GPUModelRunner._update_states = _update_states
-    GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner.execute_model = _execute_model
-    GPUModelRunner.sample_tokens = _sample_tokens
-    MultiGroupBlockTable.compute_slot_mapping = _compute_slot_mapping
+    from vllm_kvshrink import compat
+
+    GPUModelRunner._kvs_config = cfg  # the plugin's own attribute
+    compat.patch(GPUModelRunner, "_update_states", _update_states)
+    compat.patch(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
+    compat.patch(GPUModelRunner, "execute_model", _execute_model)
+    compat.patch(GPUModelRunner, "sample_tokens", _sample_tokens)
+    compat.patch(MultiGroupBlockTable, "compute_slot_mapping", _compute_slot_mapping)

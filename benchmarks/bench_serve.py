@@ -1,0 +1,551 @@
+#!/usr/bin/env python
+"""Stock ``vllm serve`` vs ``vllm serve`` + vllm-kvshrink, measured by ``vllm bench serve``.
+
+Each server runs as its own ``vllm serve`` process, one after the other on the
+same port, with the same KV pool in bytes (about ``--pool-seqs`` full bf16
+sequences, so the pool -- not ``--max-num-seqs`` -- limits stock vLLM).  vLLM's
+own benchmark client (``vllm bench serve``, the "custom" JSONL dataset of
+seeded windows of real essay text, no chat template, fixed output length with
+``ignore_eos``, greedy, every request sent at once) measures each server, while
+a small thread polls ``/metrics`` once a second for the requests running and
+the KV-cache usage.  Servers, in this order: ``stock`` (no plugin settings),
+``stock_fp8`` (``--kv-cache-dtype fp8``, vLLM's own 2x format, same pool
+bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage`` naming
+forms other than bf16, ``tiers`` (tiered storage as ``VLLM_KVSHRINK_STORAGE``).
+Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
+``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``),
+writes a JSON of every raw result and a PNG.
+
+    python benchmarks/bench_serve.py --shape long-generation           # 32 prompts, 1536 out
+    python benchmarks/bench_serve.py --shape long-context              # 24 prompts of ~2k
+    python benchmarks/bench_serve.py --shape long-generation --quick   # a few minutes
+    python benchmarks/bench_serve.py --shape long-generation --budget 0.125 \
+        --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot          # adds a tiers server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Per shape: (num_prompts, min_len, max_len, output_len); --quick replaces them,
+# flags given on the command line win over both.
+SHAPES = {
+    "long-context": dict(num_prompts=24, min_len=1800, max_len=2200, output_len=128),
+    "long-generation": dict(num_prompts=32, min_len=200, max_len=300, output_len=1536),
+}
+QUICK = {
+    "long-context": dict(num_prompts=8, min_len=800, max_len=1000, output_len=32, pool_seqs=2),
+    "long-generation": dict(num_prompts=8, output_len=384, pool_seqs=2),
+}
+MODEL_NOTE = ("the embedded default model is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF, "
+              "dequantized to bf16")
+POLLED = {  # /metrics series polled while the benchmark runs (summed over label sets)
+    "running": "vllm:num_requests_running",
+    "waiting": "vllm:num_requests_waiting",
+    "kv_usage": "vllm:kv_cache_usage_perc",  # a fraction in [0, 1] despite the name
+}
+FINAL = {  # read once after the benchmark
+    "preemptions": "vllm:num_preemptions_total",
+    "compactions": "vllm:kvshrink_compactions_total",
+    "fallbacks": "vllm:kvshrink_fallbacks_total",
+    "tokens_evicted": "vllm:kvshrink_tokens_evicted_total",
+    "blocks_freed": "vllm:kvshrink_blocks_freed_total",
+    "tier_events": "vllm:kvshrink_tier_events_total",
+    "tokens_demoted": "vllm:kvshrink_tokens_demoted_total",
+    "bytes_ratio": "vllm:kvshrink_bytes_ratio",
+    "compression_ratio": "vllm:kvshrink_compression_ratio",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _get(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {series name: value summed over its label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if math.isfinite(value):
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+class MetricsPoller(threading.Thread):
+    """Polls ``/metrics`` every ``interval`` s until stopped: time series of
+    :data:`POLLED` (seconds since start)."""
+
+    def __init__(self, base: str, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.base, self.interval = base, interval
+        self.trace: dict[str, list[float]] = {"t": [], **{k: [] for k in POLLED}}
+        self.errors = 0
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop_evt.is_set():
+            t = time.perf_counter()
+            try:
+                m = parse_metrics(_get(self.base + "/metrics", timeout=2))
+                self.trace["t"].append(round(t - t0, 2))
+                for key, name in POLLED.items():
+                    self.trace[key].append(m.get(name, 0.0))
+            except OSError:
+                self.errors += 1
+            self._stop_evt.wait(max(0.0, self.interval - (time.perf_counter() - t)))
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=10)
+
+
+def _log_tail(path: Path, chars: int = 6000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def start_server(cmd: list[str], env: dict[str, str], log_path: Path, base: str,
+                 timeout: float) -> tuple[subprocess.Popen, float]:
+    """Start ``cmd`` (its own session, output to ``log_path``), wait for
+    ``/health``; (process, seconds to healthy).  Raises with the log's tail if
+    it exits early or is not healthy in ``timeout`` s."""
+    log = open(log_path, "w")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()  # the child holds its own handle
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early (code {proc.returncode}); tail of "
+                               f"{log_path}:\n{_log_tail(log_path)}")
+        try:
+            _get(base + "/health", timeout=2)
+            return proc, time.perf_counter() - t0
+        except OSError:
+            pass
+        if time.perf_counter() - t0 > timeout:
+            stop_server(proc)
+            raise RuntimeError(f"server not healthy after {timeout:.0f} s; tail of "
+                               f"{log_path}:\n{_log_tail(log_path)}")
+        time.sleep(1)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, wait, SIGKILL its process group (the engine core too) on timeout."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+    deadline = time.time() + 20  # the engine core may outlive the API server a moment
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.time() > deadline:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        time.sleep(0.5)
+
+
+def run_bench(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> float:
+    """Run ``vllm bench serve``: stdout echoed and kept in ``log_path``, stderr
+    (its progress bar) passed through; wall seconds."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=None,
+                                stdin=subprocess.DEVNULL, text=True, bufsize=1)
+        assert proc.stdout is not None
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                print("    " + line, end="", flush=True)
+            proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}); tail of "
+                           f"{log_path}:\n{_log_tail(log_path)}")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="long-generation",
+                    help="long-context: ~2k-token prompts, 128 output tokens (24 prompts); "
+                    "long-generation: ~256-token prompts, 1536 output tokens (32 prompts)")
+    ap.add_argument("--model", default="default", help="model id/path ('default': SmolLM2-135M-Instruct)")
+    ap.add_argument("--method", default="snapkv")
+    ap.add_argument("--budget", default="0.25")
+    ap.add_argument("--slack", default="32", help="VLLM_KVSHRINK_SLACK_TOKENS")
+    ap.add_argument("--storage", default="bf16",
+                    help="VLLM_KVSHRINK_STORAGE; forms other than bf16 add a 'tiers' server")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default per shape")
+    ap.add_argument("--min-len", type=int, default=None, help="prompt tokens, default per shape")
+    ap.add_argument("--max-len", type=int, default=None, help="prompt tokens, default per shape")
+    ap.add_argument("--output-len", type=int, default=None, help="default per shape")
+    ap.add_argument("--pool-seqs", type=float, default=None,
+                    help="KV pool in full sequences (prompt+output of average length, bf16 "
+                    "bytes); default 4 (2 with --quick)")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-concurrency", type=int, default=None,
+                    help="vllm bench serve --max-concurrency (default: none, all at once)")
+    ap.add_argument("--compile", action="store_true",
+                    help="let vLLM compile the model (default: --enforce-eager, faster start)")
+    ap.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
+    ap.add_argument("--startup-timeout", type=float, default=900)
+    ap.add_argument("--bench-timeout", type=float, default=7200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="short version (a few minutes)")
+    ap.add_argument("--out", default=None, help="output folder (default results/bench_serve_<shape>)")
+    ap.add_argument("--json", dest="json_path", help="figures JSON (default in --out)")
+    ap.add_argument("--plot", default=None, help="PNG path (default in --out)")
+    args = ap.parse_args()
+    given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    defaults = {**SHAPES[args.shape], "pool_seqs": 4.0}
+    if args.quick:
+        defaults.update(QUICK[args.shape])
+    for name, value in defaults.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)
+    if args.min_len > args.max_len or args.num_prompts < 1 or args.output_len < 1:
+        ap.error("need --min-len <= --max-len, --num-prompts >= 1, --output-len >= 1")
+    if args.pool_seqs <= 0:
+        ap.error("--pool-seqs must be > 0 (the pool must limit stock vLLM)")
+
+    from vllm_kvshrink.storage import parse_storage
+
+    try:
+        storage = parse_storage(args.storage, "--storage")
+    except ValueError as e:
+        ap.error(str(e))
+    tiered = storage != ("bf16",)
+    vllm_cmd = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
+    if not vllm_cmd:
+        ap.error("the vllm console command is not installed beside this Python")
+    import importlib.util
+
+    if importlib.util.find_spec("pandas") is None:  # the CPU wheel's vllm bench hides this
+        ap.error("vllm bench serve's custom dataset reads its JSONL with pandas (vLLM's "
+                 "'bench' extra), which is not installed: pip install pandas")
+
+    from transformers import AutoTokenizer
+
+    from vllm_kvshrink.assets import DEFAULT_MODEL_NAME, MODEL_ALIASES, resolve_model
+    from vllm_kvshrink.bench.workload import build_workload, kv_bytes_per_token
+
+    out = Path(args.out) if args.out else REPO / "results" / f"bench_serve_{args.shape}"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json_path) if args.json_path else out / f"bench_serve_{args.shape}.json"
+    plot_path = Path(args.plot) if args.plot else out / f"bench_serve_{args.shape}.png"
+
+    # ---- the workload: one JSONL for every server
+    model = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(model)
+    windows = build_workload(tok, args.num_prompts, args.min_len, args.max_len, args.seed)
+    texts = [tok.decode(w) for w in windows]
+    # what the server and the client count: the text re-tokenized as sent
+    lens = [len(tok(t).input_ids) for t in texts]
+    dataset = out / "prompts.jsonl"
+    with open(dataset, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"prompt": t, "output_tokens": args.output_len}) + "\n")
+    mean_prompt = statistics.mean(lens)
+    mean_seq = mean_prompt + args.output_len
+    per_tok = kv_bytes_per_token(model, 4 if args.dtype == "float32" else 2)
+    max_model_len = max(lens) + args.output_len + args.block_size
+    pool_tokens = max(int(args.pool_seqs * mean_seq), max_model_len + args.block_size)
+    pool_bytes = pool_tokens * per_tok
+    stock_fit = pool_tokens / mean_seq
+    max_num_seqs = max(args.num_prompts, math.ceil(4 * stock_fit))
+    try:  # rough: kept tokens ~ budget share (or count) of each sequence, plus slack
+        b = float(args.budget)
+        kept = (b * mean_seq if b <= 1 else min(b, mean_seq)) + float(args.slack)
+        ours_fit = pool_tokens / min(kept, mean_seq)
+    except ValueError:
+        ours_fit = float("nan")
+    print(f"workload: {args.num_prompts} prompts of {args.min_len}-{args.max_len} essay tokens "
+          f"(as sent: {min(lens)}-{max(lens)}, mean {mean_prompt:.0f}), {args.output_len} "
+          f"output tokens, ignore_eos; KV pool {pool_tokens} tokens = {stock_fit:.1f} mean "
+          f"sequences ({pool_bytes / 2**20:.1f} MiB {args.dtype}; fp8 holds 2x), block "
+          f"{args.block_size}, max-model-len {max_model_len}, max-num-seqs {max_num_seqs}",
+          flush=True)
+    if math.isfinite(ours_fit) and args.num_prompts <= ours_fit:
+        print(f"  note: {args.num_prompts} prompts may all fit at once under compression "
+              f"(~{ours_fit:.0f}); raise --num-prompts or lower --pool-seqs", flush=True)
+
+    # ---- the servers
+    port = args.port or _free_port()
+    base = f"http://127.0.0.1:{port}"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    if "VLLM_KVSHRINK_CACHE_DIR" in os.environ:
+        clean["VLLM_KVSHRINK_CACHE_DIR"] = os.environ["VLLM_KVSHRINK_CACHE_DIR"]
+    clean.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default: multiprocess
+    serve_cmd = [vllm_cmd, "serve", model, "--port", str(port), "--host", "127.0.0.1",
+                 "--dtype", args.dtype, "--block-size", str(args.block_size),
+                 "--max-model-len", str(max_model_len),
+                 "--kv-cache-memory-bytes", str(pool_bytes),
+                 "--max-num-seqs", str(max_num_seqs), "--seed", str(args.seed)]
+    if not args.compile:
+        serve_cmd.append("--enforce-eager")
+    ours_env = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": str(args.budget),
+                "VLLM_KVSHRINK_SLACK_TOKENS": str(args.slack)}
+    servers = [("stock", {}, []), ("stock_fp8", {}, ["--kv-cache-dtype", "fp8"]),
+               ("kvshrink", ours_env, [])]
+    if tiered:
+        servers.append(("tiers", {**ours_env, "VLLM_KVSHRINK_STORAGE": ",".join(storage)}, []))
+
+    runs: dict[str, dict] = {}
+    t_all = time.perf_counter()
+    for name, env_over, extra in servers:
+        result_file = out / f"{name}.json"
+        result_file.unlink(missing_ok=True)
+        bench_cmd = [
+            vllm_cmd, "bench", "serve", "--backend", "openai", "--host", "127.0.0.1",
+            "--port", str(port), "--model", model, "--tokenizer", model,
+            "--dataset-name", "custom", "--dataset-path", str(dataset),
+            "--custom-output-len", str(args.output_len), "--skip-chat-template",
+            "--disable-shuffle", "--ignore-eos", "--temperature", "0",
+            "--num-prompts", str(args.num_prompts), "--request-rate", "inf",
+            "--seed", str(args.seed), "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99", "--label", name, "--save-result",
+            "--result-dir", str(out), "--result-filename", result_file.name,
+        ]
+        if args.max_concurrency:
+            bench_cmd += ["--max-concurrency", str(args.max_concurrency)]
+        env = {**clean, **env_over}
+        settings = " ".join(f"{k}={v}" for k, v in env_over.items()) or "no plugin settings"
+        deadline_free = time.time() + 60
+        while not _port_free(port) and time.time() < deadline_free:
+            time.sleep(1)
+        print(f"\nstarting server {name} ({settings}{' ' + ' '.join(extra) if extra else ''}) "
+              f"on port {port} ...", flush=True)
+        proc, startup_s = start_server(serve_cmd + extra, env, out / f"{name}.server.log",
+                                       base, args.startup_timeout)
+        try:
+            print(f"  {name} healthy after {startup_s:.0f} s; running vllm bench serve ...",
+                  flush=True)
+            poller = MetricsPoller(base)
+            poller.start()
+            try:
+                bench_s = run_bench(bench_cmd, clean, out / f"{name}.bench.log",
+                                    args.bench_timeout)
+            finally:
+                poller.stop()
+            time.sleep(1.5)  # let the last stats reach /metrics
+            try:
+                final_m = parse_metrics(_get(base + "/metrics"))
+            except OSError:
+                final_m = {}
+        finally:
+            t_stop = time.perf_counter()
+            stop_server(proc)
+            stop_s = time.perf_counter() - t_stop
+        bench = json.loads(result_file.read_text())
+        tr = poller.trace
+        final = {k: final_m[n] for k, n in FINAL.items() if n in final_m}
+        wall = startup_s + bench_s + stop_s
+        runs[name] = {
+            "env": env_over, "extra_args": extra, "bench": bench, "trace": tr,
+            "poll_errors": poller.errors, "final_metrics": final,
+            "startup_s": startup_s, "bench_wall_s": bench_s, "stop_s": stop_s,
+            "wall_s": wall,
+            "bench_share_of_wall": bench.get("duration", 0) / wall if wall else 0.0,
+            "max_running": max(tr["running"], default=0.0),
+            "median_running": statistics.median(tr["running"]) if tr["running"] else 0.0,
+            "peak_kv_usage": max(tr["kv_usage"], default=0.0),
+            "max_waiting": max(tr["waiting"], default=0.0),
+        }
+        r = runs[name]
+        print(f"  {name}: {bench.get('completed')} completed in {bench.get('duration', 0):.1f} s "
+              f"({bench.get('output_throughput', 0):.1f} output tok/s); max running "
+              f"{r['max_running']:.0f}, median {r['median_running']:.1f}, peak KV "
+              f"{r['peak_kv_usage']:.2f}; start {startup_s:.0f} s, bench {bench_s:.0f} s, "
+              f"stop {stop_s:.0f} s", flush=True)
+    total_s = time.perf_counter() - t_all
+
+    # ---- the table and ratios
+    names = list(runs)
+    rows = [
+        ("output tok/s", lambda r: r["bench"].get("output_throughput"), "{:.1f}"),
+        ("requests/s", lambda r: r["bench"].get("request_throughput"), "{:.3f}"),
+        ("total tok/s", lambda r: r["bench"].get("total_token_throughput"), "{:.1f}"),
+        ("TTFT p50 (ms)", lambda r: r["bench"].get("median_ttft_ms"), "{:.0f}"),
+        ("TTFT p99 (ms)", lambda r: r["bench"].get("p99_ttft_ms"), "{:.0f}"),
+        ("TPOT p50 (ms)", lambda r: r["bench"].get("median_tpot_ms"), "{:.1f}"),
+        ("TPOT p99 (ms)", lambda r: r["bench"].get("p99_tpot_ms"), "{:.1f}"),
+        ("completed", lambda r: r["bench"].get("completed"), "{:d}"),
+        ("bench duration (s)", lambda r: r["bench"].get("duration"), "{:.1f}"),
+        ("max running (polled)", lambda r: r["max_running"], "{:.0f}"),
+        ("median running (polled)", lambda r: r["median_running"], "{:.1f}"),
+        ("peak KV usage", lambda r: r["peak_kv_usage"], "{:.2f}"),
+        ("preemptions", lambda r: r["final_metrics"].get("preemptions"), "{:.0f}"),
+        ("compactions", lambda r: r["final_metrics"].get("compactions"), "{:.0f}"),
+        ("fallbacks", lambda r: r["final_metrics"].get("fallbacks"), "{:.0f}"),
+        ("server start (s)", lambda r: r["startup_s"], "{:.0f}"),
+        ("bench share of wall", lambda r: r["bench_share_of_wall"], "{:.2f}"),
+    ]
+
+    def cell(fmt, v):
+        if v is None:
+            return "-"
+        return fmt.format(int(v) if fmt == "{:d}" else v)
+
+    print()
+    print("| metric | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for label, get, fmt in rows:
+        print(f"| {label} | " + " | ".join(cell(fmt, get(runs[n])) for n in names) + " |")
+
+    def ratio(a: str, b: str, key: str) -> float:
+        va = (runs[a]["bench"].get(key) if key != "max_running" else runs[a]["max_running"])
+        vb = (runs[b]["bench"].get(key) if key != "max_running" else runs[b]["max_running"])
+        return (va / vb) if va is not None and vb else float("nan")
+
+    ratios = {
+        "output_throughput_ratio": ratio("kvshrink", "stock", "output_throughput"),
+        "output_throughput_ratio_fp8": ratio("kvshrink", "stock_fp8", "output_throughput"),
+        "max_running_ratio": ratio("kvshrink", "stock", "max_running"),
+        "max_running_ratio_fp8": ratio("kvshrink", "stock_fp8", "max_running"),
+    }
+    if tiered:
+        ratios.update({
+            "tiers_output_throughput_ratio": ratio("tiers", "stock", "output_throughput"),
+            "tiers_output_throughput_ratio_fp8": ratio("tiers", "stock_fp8", "output_throughput"),
+            "tiers_max_running_ratio": ratio("tiers", "stock", "max_running"),
+        })
+    print()
+    print("  ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    for n in names:
+        fm = {k: v for k, v in runs[n]["final_metrics"].items() if k not in ("preemptions",)}
+        if fm:
+            print(f"{n}: " + ", ".join(f"{k} {v:.2f}" if k.endswith("ratio") else f"{k} {v:.0f}"
+                                      for k, v in fm.items()))
+    print(f"total wall time {total_s:.0f} s; bench duration / server wall (start + bench + "
+          f"stop): " + ", ".join(f"{n} {runs[n]['bench_share_of_wall']:.0%}" for n in names))
+
+    # ---- JSON
+    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}"
+    try:
+        import torch
+        import vllm
+
+        versions = {"vllm": vllm.__version__, "torch": torch.__version__}
+    except Exception:  # noqa: BLE001 - versions are informative only
+        versions = {}
+    figures = {
+        "command": [sys.executable, *sys.argv],
+        "machine": machine,
+        "platform": {"processor": platform.processor(), "machine": platform.machine(),
+                     "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                     "system": platform.platform(), **versions},
+        "model": model,
+        "model_name": DEFAULT_MODEL_NAME if args.model in MODEL_ALIASES else args.model,
+        "model_note": MODEL_NOTE if args.model in MODEL_ALIASES else "",
+        "args": vars(args),
+        "settings": {"pool_tokens": pool_tokens, "kv_cache_memory_bytes": pool_bytes,
+                     "kv_bytes_per_token_bf16": per_tok, "max_model_len": max_model_len,
+                     "max_num_seqs": max_num_seqs, "prompt_lens": lens,
+                     "mean_prompt_len": mean_prompt, "stock_fit_seqs": stock_fit,
+                     "port": port, "serve_cmd": serve_cmd, "dataset": str(dataset)},
+        **ratios,
+        "total_wall_s": total_s,
+        "runs": runs,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(figures, indent=1))
+    print(f"wrote {json_path}")
+
+    # ---- PNG
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        thr = [runs[n]["bench"].get("output_throughput") or 0 for n in names]
+        tpot = [runs[n]["bench"].get("median_tpot_ms") or 0 for n in names]
+        colors = [f"C{i}" for i in range(len(names))]
+        axes[0].bar(names, thr, color=colors)
+        axes[0].set(ylabel="output tokens/s", title="Output throughput")
+        axes[1].bar(names, tpot, color=colors)
+        axes[1].set(ylabel="ms", title="TPOT p50")
+        for i, n in enumerate(names):
+            axes[2].plot(runs[n]["trace"]["t"], runs[n]["trace"]["running"], label=n,
+                         color=colors[i])
+        axes[2].set(xlabel="s since bench start", ylabel="requests running",
+                    title="Running requests (/metrics, 1 s)")
+        axes[2].legend()
+        for ax in axes[:2]:
+            ax.tick_params(axis="x", labelsize=8)
+        fig.suptitle(f"vllm bench serve, {args.shape}: {Path(model).name}, {args.num_prompts} "
+                     f"prompts (mean {mean_prompt:.0f}) + {args.output_len} out, pool "
+                     f"{pool_tokens} tokens, {args.method}@{args.budget} ({machine})",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=110)
+        print(f"wrote {plot_path}")
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
