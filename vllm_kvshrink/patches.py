@@ -78,6 +78,7 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
     def process_inputs(self, *args, **kwargs):
         request = original_process(self, *args, **kwargs)
         try:
+            _check_streaming(cfg, request)
             _check_fits(self.vllm_config, cfg, request)
         except KVShrinkConfigError as e:
             raise VLLMValidationError(str(e), parameter="prompt") from e
@@ -85,6 +86,25 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
 
     compat.patch(InputProcessor, "_validate_params", _validate_params)
     compat.patch(InputProcessor, "process_inputs", process_inputs)
+
+
+def _check_streaming(cfg: KVShrinkConfig, request) -> None:
+    """Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream)
+    re-add a live request to extend it; a compacted cache cannot be extended
+    that way yet, so such sessions must opt out."""
+    from vllm_kvshrink.config import request_overrides
+
+    if not getattr(request, "resumable", False):
+        return
+    sp = getattr(request, "sampling_params", None)
+    req_cfg = cfg.with_overrides(request_overrides(sp.extra_args if sp else None))
+    if req_cfg.enabled:
+        raise KVShrinkConfigError(
+            f"streaming-input sessions are not supported with KV compression "
+            f"(method {req_cfg.method!r}): a session extends a cache that has been "
+            f"compacted; allowed: opt the session out with "
+            f"extra_args={{'kvshrink': {{'method': 'none'}}}} or run without "
+            f"VLLM_KVSHRINK_METHOD")
 
 
 def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:

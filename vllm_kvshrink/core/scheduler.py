@@ -168,6 +168,10 @@ class KVShrinkScheduler(Scheduler):
 
     # ----------------------------------------------------------- requests
     def add_request(self, request) -> None:
+        if request.request_id in self.kvs_state and request.request_id in self.requests:
+            # A streaming-input session's next chunk for a live request: it
+            # keeps its state (the front end refuses compressed sessions).
+            return super().add_request(request)
         sp = getattr(request, "sampling_params", None)
         try:
             overrides = request_overrides(sp.extra_args if sp is not None else None)
@@ -178,6 +182,11 @@ class KVShrinkScheduler(Scheduler):
             # The front-end validates first; this is a second line of defence.
             logger.error("request %s: %s; serving it uncompressed",
                          request.request_id, e)
+            cfg = self.kvs_config.with_overrides({"method": "none"})
+        if getattr(request, "resumable", False) and cfg.enabled:
+            # Second line of defence as above (patches._check_streaming).
+            logger.error("request %s: streaming-input session; serving it "
+                         "uncompressed", request.request_id)
             cfg = self.kvs_config.with_overrides({"method": "none"})
         self.kvs_state[request.request_id] = _ReqState(cfg=cfg)
         super().add_request(request)

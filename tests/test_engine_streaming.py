@@ -1,0 +1,78 @@
+"""Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream;
+vLLM re-adds the live request to extend it): refused with a clear error when
+compression is on for the session, and served as stock when it opts out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+SCRIPT = r'''
+import asyncio, json, sys
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.engine.protocol import StreamingInput
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.inputs import TokensPrompt
+
+model = sys.argv[1]
+
+async def session(llm, rid, extra):
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, extra_args=extra)
+    async def chunks():
+        for i in range(2):
+            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(range(100 + 50 * i, 140 + 50 * i))))
+            await asyncio.sleep(0.5)
+    out = []
+    try:
+        async for o in llm.generate(chunks(), sp, rid):
+            out.append(list(o.outputs[0].token_ids))
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"outputs": out}
+
+async def main():
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="bfloat16", max_model_len=512,
+        kv_cache_memory_bytes=32 << 20, block_size=32, max_num_seqs=4, enforce_eager=True))
+    try:
+        res = {"on": await session(llm, "s-on", None),
+               "off": await session(llm, "s-off", {"kvshrink": {"method": "none"}})}
+    finally:
+        llm.shutdown()
+    print("RESULT " + json.dumps(res))
+
+if __name__ == "__main__":
+    asyncio.run(main())
+'''
+
+
+def _run(tmp_path, model_path, env: dict) -> dict:
+    path = tmp_path / "stream.py"
+    path.write_text(SCRIPT)
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    full.update(env)
+    out = subprocess.run([sys.executable, str(path), model_path], env=full,
+                         capture_output=True, text=True, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_streaming_input_sessions(tmp_path, model_path):
+    stock = _run(tmp_path, model_path, {})
+    ours = _run(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv"})
+    # Stock serves both sessions.
+    assert "outputs" in stock["on"] and "outputs" in stock["off"]
+    assert len(stock["off"]["outputs"][-1]) == 12  # 6 tokens per chunk, 2 chunks
+    # With compression on, the session is refused by name, with the way out.
+    err = ours["on"]["error"]
+    assert "streaming-input sessions are not supported" in err
+    assert "'method': 'none'" in err
+    # Opted out, it is served exactly as stock.
+    assert ours["off"] == stock["off"]
