@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -60,6 +61,9 @@ POLLED = {  # /metrics series polled while the benchmark runs (summed over label
     "running": "vllm:num_requests_running",
     "waiting": "vllm:num_requests_waiting",
     "kv_usage": "vllm:kv_cache_usage_perc",  # a fraction in [0, 1] despite the name
+    # plugin gauges of the running requests (absent on a stock server): peak
+    "compression_ratio": "vllm:kvshrink_compression_ratio",
+    "bytes_ratio": "vllm:kvshrink_bytes_ratio",
 }
 FINAL = {  # read once after the benchmark
     "preemptions": "vllm:num_preemptions_total",
@@ -69,9 +73,10 @@ FINAL = {  # read once after the benchmark
     "blocks_freed": "vllm:kvshrink_blocks_freed_total",
     "tier_events": "vllm:kvshrink_tier_events_total",
     "tokens_demoted": "vllm:kvshrink_tokens_demoted_total",
-    "bytes_ratio": "vllm:kvshrink_bytes_ratio",
-    "compression_ratio": "vllm:kvshrink_compression_ratio",
 }
+# A labelled counter appears on /metrics only once it has counted: absent = 0
+# on a server with the plugin on.
+PLUGIN_COUNTERS = ("compactions", "fallbacks", "tokens_evicted", "blocks_freed")
 
 
 def _free_port() -> int:
@@ -129,7 +134,7 @@ class MetricsPoller(threading.Thread):
                 m = parse_metrics(_get(self.base + "/metrics", timeout=2))
                 self.trace["t"].append(round(t - t0, 2))
                 for key, name in POLLED.items():
-                    self.trace[key].append(m.get(name, 0.0))
+                    self.trace[key].append(m.get(name))
             except OSError:
                 self.errors += 1
             self._stop_evt.wait(max(0.0, self.interval - (time.perf_counter() - t)))
@@ -199,28 +204,62 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+# stderr lines not worth showing (the whole text still goes to the log): the
+# triton build's nanobind leak report at the client's exit
+_NOISE = re.compile(r"^(nanobind: | - leaked | - \.\.\. skipped remainder|See https://nanobind)")
+
+
+def _pass_stderr(stream, log, out=sys.stderr) -> None:
+    """Copy ``stream`` (bytes) to ``log`` whole and to ``out`` less :data:`_NOISE`,
+    keeping ``\r`` so that tqdm's bar redraws in place."""
+    buf = b""
+    while True:
+        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+        if not chunk:
+            break
+        log.write(chunk)
+        buf += chunk
+        *parts, buf = re.split(rb"(?<=[\r\n])", buf)
+        for part in parts:
+            text = part.decode(errors="replace")
+            if not _NOISE.match(text):
+                out.write(text)
+        out.flush()
+    if buf and not _NOISE.match(buf.decode(errors="replace")):
+        out.write(buf.decode(errors="replace") + "\n")
+    log.flush()
+
+
 def run_bench(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> float:
-    """Run ``vllm bench serve``: stdout echoed and kept in ``log_path``, stderr
-    (its progress bar) passed through; wall seconds."""
+    """Run ``vllm bench serve``: stdout echoed (indented) and kept in ``log_path``,
+    stderr (its progress bar) passed through and kept beside it; wall seconds."""
+    err_path = log_path.with_suffix(".stderr.log")
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=None,
-                                stdin=subprocess.DEVNULL, text=True, bufsize=1)
-        assert proc.stdout is not None
+    with open(log_path, "w") as log, open(err_path, "wb") as err_log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None and proc.stderr is not None
+        err_thread = threading.Thread(target=_pass_stderr, args=(proc.stderr, err_log),
+                                      daemon=True)
+        err_thread.start()
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
-            for line in proc.stdout:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace")
                 log.write(line)
-                print("    " + line, end="", flush=True)
+                if not line.startswith("Namespace("):  # its parsed arguments, in the log
+                    print("    " + line, end="", flush=True)
             proc.wait()
+            err_thread.join(timeout=10)
         finally:
             timer.cancel()
             if proc.poll() is None:
                 proc.kill()
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}); tail of "
-                           f"{log_path}:\n{_log_tail(log_path)}")
+                           f"{log_path}:\n{_log_tail(log_path)}\ntail of {err_path}:\n"
+                           f"{_log_tail(err_path)}")
     return time.perf_counter() - t0
 
 
@@ -400,6 +439,19 @@ def main() -> int:
         bench = json.loads(result_file.read_text())
         tr = poller.trace
         final = {k: final_m[n] for k, n in FINAL.items() if n in final_m}
+        if env_over:
+            for k in PLUGIN_COUNTERS:
+                final.setdefault(k, 0.0)
+        running = [v or 0.0 for v in tr["running"]]
+        # the samples while requests were in the server (the client's own start-up
+        # and exit are in the trace too)
+        active = [i for i, v in enumerate(running) if v + (tr["waiting"][i] or 0.0) > 0]
+        act_run = [running[i] for i in active]
+        t_first = tr["t"][active[0]] if active else 0.0
+        kv_tokens = re.findall(r"KV cache size: ([\d,]+) tokens",
+                               _log_tail(out / f"{name}.server.log", 10**7))
+        peaks = {f"peak_{k}": max((v for v in tr[k] if v is not None), default=None)
+                 for k in ("compression_ratio", "bytes_ratio")}
         wall = startup_s + bench_s + stop_s
         runs[name] = {
             "env": env_over, "extra_args": extra, "bench": bench, "trace": tr,
@@ -407,15 +459,20 @@ def main() -> int:
             "startup_s": startup_s, "bench_wall_s": bench_s, "stop_s": stop_s,
             "wall_s": wall,
             "bench_share_of_wall": bench.get("duration", 0) / wall if wall else 0.0,
-            "max_running": max(tr["running"], default=0.0),
-            "median_running": statistics.median(tr["running"]) if tr["running"] else 0.0,
-            "peak_kv_usage": max(tr["kv_usage"], default=0.0),
-            "max_waiting": max(tr["waiting"], default=0.0),
+            "engine_kv_cache_tokens": int(kv_tokens[-1].replace(",", "")) if kv_tokens else None,
+            "max_running": max(running, default=0.0),
+            "median_running": statistics.median(act_run) if act_run else 0.0,
+            "mean_running": statistics.mean(act_run) if act_run else 0.0,
+            "active_samples": len(active),
+            "trace_t_first_active": t_first,
+            "peak_kv_usage": max((v or 0.0 for v in tr["kv_usage"]), default=0.0),
+            "max_waiting": max((v or 0.0 for v in tr["waiting"]), default=0.0),
+            **peaks,
         }
         r = runs[name]
         print(f"  {name}: {bench.get('completed')} completed in {bench.get('duration', 0):.1f} s "
               f"({bench.get('output_throughput', 0):.1f} output tok/s); max running "
-              f"{r['max_running']:.0f}, median {r['median_running']:.1f}, peak KV "
+              f"{r['max_running']:.0f}, median {r['median_running']:.1f} (while busy), peak KV "
               f"{r['peak_kv_usage']:.2f}; start {startup_s:.0f} s, bench {bench_s:.0f} s, "
               f"stop {stop_s:.0f} s", flush=True)
     total_s = time.perf_counter() - t_all
@@ -433,8 +490,10 @@ def main() -> int:
         ("completed", lambda r: r["bench"].get("completed"), "{:d}"),
         ("bench duration (s)", lambda r: r["bench"].get("duration"), "{:.1f}"),
         ("max running (polled)", lambda r: r["max_running"], "{:.0f}"),
-        ("median running (polled)", lambda r: r["median_running"], "{:.1f}"),
+        ("median running (polled, busy)", lambda r: r["median_running"], "{:.1f}"),
         ("peak KV usage", lambda r: r["peak_kv_usage"], "{:.2f}"),
+        ("KV pool (engine tokens)", lambda r: r["engine_kv_cache_tokens"], "{:d}"),
+        ("peak compression ratio", lambda r: r["peak_compression_ratio"], "{:.2f}"),
         ("preemptions", lambda r: r["final_metrics"].get("preemptions"), "{:.0f}"),
         ("compactions", lambda r: r["final_metrics"].get("compactions"), "{:.0f}"),
         ("fallbacks", lambda r: r["final_metrics"].get("fallbacks"), "{:.0f}"),
@@ -463,6 +522,9 @@ def main() -> int:
         "output_throughput_ratio_fp8": ratio("kvshrink", "stock_fp8", "output_throughput"),
         "max_running_ratio": ratio("kvshrink", "stock", "max_running"),
         "max_running_ratio_fp8": ratio("kvshrink", "stock_fp8", "max_running"),
+        "median_running_ratio": (runs["kvshrink"]["median_running"]
+                                 / runs["stock"]["median_running"]
+                                 if runs["stock"]["median_running"] else float("nan")),
     }
     if tiered:
         ratios.update({
@@ -528,9 +590,11 @@ def main() -> int:
         axes[1].bar(names, tpot, color=colors)
         axes[1].set(ylabel="ms", title="TPOT p50")
         for i, n in enumerate(names):
-            axes[2].plot(runs[n]["trace"]["t"], runs[n]["trace"]["running"], label=n,
+            tr = runs[n]["trace"]
+            t0 = runs[n]["trace_t_first_active"]
+            axes[2].plot([t - t0 for t in tr["t"]], [v or 0 for v in tr["running"]], label=n,
                          color=colors[i])
-        axes[2].set(xlabel="s since bench start", ylabel="requests running",
+        axes[2].set(xlabel="s since the first request", ylabel="requests running",
                     title="Running requests (/metrics, 1 s)")
         axes[2].legend()
         for ax in axes[:2]:

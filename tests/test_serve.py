@@ -114,6 +114,10 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
         assert _metric(metrics, "vllm:kvshrink_tokens_merged_total") > 0
         assert _metric(metrics, "vllm:kvshrink_predictor_updates_total") > 0
         assert 0 <= _metric(metrics, "vllm:kvshrink_predictor_recall") <= 1
+        # The shipped weights were trained on this very model: nothing foreign.
+        assert "vllm:kvshrink_foreign_weights" in metrics
+        assert _metric(metrics, "vllm:kvshrink_foreign_weights") == 0
+        assert "vllm:kvshrink_ring_misses_total" in metrics
         assert _metric(metrics, "vllm:kvshrink_compactions_total") >= 1
         assert _metric(metrics, "vllm:kvshrink_tokens_evicted_total") > 0
         assert _metric(metrics, "vllm:kvshrink_blocks_freed_total") > 0

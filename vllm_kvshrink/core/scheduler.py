@@ -383,6 +383,7 @@ class KVShrinkScheduler(Scheduler):
             c = self.kvs_counters
             c.tokens_merged = round(ms.get("merged_tokens", 0))
             c.ring_misses = int(ms.get("ring_misses", 0))
+            c.foreign_weights = int(ms.get("foreign_weights", 0))
             pred = ms.get("predictor")
             if pred:
                 c.predictor_updates = int(pred.get("updates", 0))

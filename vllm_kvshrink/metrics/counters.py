@@ -24,6 +24,9 @@ class Counters:
     predictor_recall: float = -1.0  # recall@10% of next-window attention
     predictor_spearman: float = -1.0  # rank correlation with it
     # gauges, refreshed every step
+    #: learned components (temporal predictor, semantic embedding) whose
+    #: weights were not trained on the served model (random or another model's)
+    foreign_weights: int = 0
     logical_tokens: int = 0  # tokens of running compressed-capable requests
     physical_tokens: int = 0  # of which are still in the cache
     #: bytes held by running requests' KV per storage form (bf16 counted at 2

@@ -36,6 +36,8 @@ _GAUGES = {
     "compression_ratio": "Logical / cached tokens of running requests.",
     "bytes_ratio": "bf16 bytes of running requests' logical tokens / KV bytes they hold.",
     "logical_tokens": "Logical tokens of running requests.",
+    "foreign_weights": "Learned components (temporal predictor, semantic embedding) "
+                       "whose weights were not trained on the served model.",
     "physical_tokens": "Tokens of running requests still in the KV cache.",
     "predictor_recall": "Temporal predictor: recall@10% of the tokens that receive "
                         "the most attention next (-1 until measured).",

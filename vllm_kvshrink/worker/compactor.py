@@ -85,6 +85,9 @@ class Compactor:
     _methods: dict = field(default_factory=dict)
     #: ``[D/2]`` RoPE frequencies of the model (plain rotate-half RoPE), or None
     rope_inv_freq: torch.Tensor | None = None
+    #: the served model (path or hub id), for the learned weights' provenance
+    model_name: str = ""
+    _weights_logged: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
@@ -384,6 +387,15 @@ class Compactor:
 
     def report_stats(self) -> dict:
         """Cumulative statistics of the methods in this worker."""
+        if self._methods:
+            from vllm_kvshrink.methods.provenance import foreign_weights
+
+            lines = foreign_weights(self.model_name)
+            for line in lines:
+                if line not in self._weights_logged:
+                    self._weights_logged.add(line)
+                    logger.warning("vllm-kvshrink: %s", line)
+            self.method_stats["foreign_weights"] = len(lines)
         out = dict(self.method_stats)
         for m in self._methods.values():
             pred = getattr(m, "predictor", None) or getattr(getattr(m, "inner", None),

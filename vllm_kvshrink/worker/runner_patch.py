@@ -64,6 +64,7 @@ def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
 
     return Compactor(
         rope_inv_freq=_rope_inv_freq(runner, impl.head_size),
+        model_name=str(runner.model_config.model),
         config=cfg,
         layer_names=names,
         caches=caches,
