@@ -6,9 +6,10 @@ same port, with the same KV pool in bytes (about ``--pool-seqs`` full bf16
 sequences, so the pool -- not ``--max-num-seqs`` -- limits stock vLLM).  vLLM's
 own benchmark client (``vllm bench serve``, the "custom" JSONL dataset of
 seeded windows of real essay text, no chat template, fixed output length with
-``ignore_eos``, greedy, every request sent at once) measures each server, while
-a small thread polls ``/metrics`` once a second for the requests running and
-the KV-cache usage.  Servers, in this order: ``stock`` (no plugin settings),
+``ignore_eos``, greedy, one warm-up request, then every request sent at once)
+measures each server, while a small thread polls ``/metrics`` once a second for
+the requests running and the KV-cache usage.  Servers run ``--enforce-eager``
+(``--compile`` to let vLLM compile).  Servers, in this order: ``stock`` (no plugin settings),
 ``stock_fp8`` (``--kv-cache-dtype fp8``, vLLM's own 2x format, same pool
 bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage`` naming
 forms other than bf16, ``tiers`` (tiered storage as ``VLLM_KVSHRINK_STORAGE``).
@@ -26,6 +27,7 @@ writes a JSON of every raw result and a PNG.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -124,10 +126,15 @@ class MetricsPoller(threading.Thread):
         self.base, self.interval = base, interval
         self.trace: dict[str, list[float]] = {"t": [], **{k: [] for k in POLLED}}
         self.errors = 0
+        self.main_start: float | None = None  # s since start, when the main run began
         self._stop_evt = threading.Event()
+        self._t0 = time.perf_counter()
+
+    def mark_main_start(self) -> None:
+        self.main_start = round(time.perf_counter() - self._t0, 2)
 
     def run(self) -> None:
-        t0 = time.perf_counter()
+        t0 = self._t0
         while not self._stop_evt.is_set():
             t = time.perf_counter()
             try:
@@ -230,9 +237,11 @@ def _pass_stderr(stream, log, out=sys.stderr) -> None:
     log.flush()
 
 
-def run_bench(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> float:
+def run_bench(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float,
+              on_main_start=None) -> float:
     """Run ``vllm bench serve``: stdout echoed (indented) and kept in ``log_path``,
-    stderr (its progress bar) passed through and kept beside it; wall seconds."""
+    stderr (its progress bar) passed through and kept beside it; ``on_main_start()``
+    is called when it says the measured run starts (after its warm-up); wall seconds."""
     err_path = log_path.with_suffix(".stderr.log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log, open(err_path, "wb") as err_log:
@@ -248,6 +257,8 @@ def run_bench(cmd: list[str], env: dict[str, str], log_path: Path, timeout: floa
             for raw in proc.stdout:
                 line = raw.decode(errors="replace")
                 log.write(line)
+                if on_main_start is not None and line.startswith("Starting main benchmark run"):
+                    on_main_start()
                 if not line.startswith("Namespace("):  # its parsed arguments, in the log
                     print("    " + line, end="", flush=True)
             proc.wait()
@@ -285,6 +296,10 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-concurrency", type=int, default=None,
                     help="vllm bench serve --max-concurrency (default: none, all at once)")
+    ap.add_argument("--num-warmups", type=int, default=1,
+                    help="vllm bench serve --num-warmups: requests (the first prompt, full "
+                    "output) sent before the measured run, so first-use costs (e.g. of a "
+                    "storage form) stay out of it; 0 = none")
     ap.add_argument("--compile", action="store_true",
                     help="let vLLM compile the model (default: --enforce-eager, faster start)")
     ap.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
@@ -318,8 +333,6 @@ def main() -> int:
     vllm_cmd = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
     if not vllm_cmd:
         ap.error("the vllm console command is not installed beside this Python")
-    import importlib.util
-
     if importlib.util.find_spec("pandas") is None:  # the CPU wheel's vllm bench hides this
         ap.error("vllm bench serve's custom dataset reads its JSONL with pandas (vLLM's "
                  "'bench' extra), which is not installed: pip install pandas")
@@ -365,7 +378,10 @@ def main() -> int:
           f"sequences ({pool_bytes / 2**20:.1f} MiB {args.dtype}; fp8 holds 2x), block "
           f"{args.block_size}, max-model-len {max_model_len}, max-num-seqs {max_num_seqs}",
           flush=True)
-    if math.isfinite(ours_fit) and args.num_prompts <= ours_fit:
+    if args.num_prompts <= stock_fit:
+        print(f"  note: {args.num_prompts} prompts all fit the pool at once (~{stock_fit:.1f}): "
+              f"the pool does not limit stock vLLM; lower --pool-seqs", flush=True)
+    elif math.isfinite(ours_fit) and args.num_prompts <= ours_fit:
         print(f"  note: {args.num_prompts} prompts may all fit at once under compression "
               f"(~{ours_fit:.0f}); raise --num-prompts or lower --pool-seqs", flush=True)
 
@@ -408,6 +424,8 @@ def main() -> int:
         ]
         if args.max_concurrency:
             bench_cmd += ["--max-concurrency", str(args.max_concurrency)]
+        if args.num_warmups:
+            bench_cmd += ["--num-warmups", str(args.num_warmups)]
         env = {**clean, **env_over}
         settings = " ".join(f"{k}={v}" for k, v in env_over.items()) or "no plugin settings"
         deadline_free = time.time() + 60
@@ -423,8 +441,9 @@ def main() -> int:
             poller = MetricsPoller(base)
             poller.start()
             try:
-                bench_s = run_bench(bench_cmd, clean, out / f"{name}.bench.log",
-                                    args.bench_timeout)
+                bench_s = run_bench(bench_cmd, {**clean, "PYTHONUNBUFFERED": "1"},
+                                    out / f"{name}.bench.log", args.bench_timeout,
+                                    on_main_start=poller.mark_main_start)
             finally:
                 poller.stop()
             time.sleep(1.5)  # let the last stats reach /metrics
@@ -443,14 +462,17 @@ def main() -> int:
             for k in PLUGIN_COUNTERS:
                 final.setdefault(k, 0.0)
         running = [v or 0.0 for v in tr["running"]]
-        # the samples while requests were in the server (the client's own start-up
-        # and exit are in the trace too)
-        active = [i for i, v in enumerate(running) if v + (tr["waiting"][i] or 0.0) > 0]
+        # the samples of the measured run while requests were in the server (the
+        # client's start-up, warm-up and exit are in the trace too)
+        main_t = poller.main_start if poller.main_start is not None else 0.0
+        active = [i for i, v in enumerate(running)
+                  if v + (tr["waiting"][i] or 0.0) > 0 and tr["t"][i] >= main_t]
         act_run = [running[i] for i in active]
         t_first = tr["t"][active[0]] if active else 0.0
         kv_tokens = re.findall(r"KV cache size: ([\d,]+) tokens",
                                _log_tail(out / f"{name}.server.log", 10**7))
-        peaks = {f"peak_{k}": max((v for v in tr[k] if v is not None), default=None)
+        peaks = {f"peak_{k}": max((tr[k][i] for i in active if tr[k][i] is not None),
+                                  default=None)
                  for k in ("compression_ratio", "bytes_ratio")}
         wall = startup_s + bench_s + stop_s
         runs[name] = {
@@ -460,13 +482,14 @@ def main() -> int:
             "wall_s": wall,
             "bench_share_of_wall": bench.get("duration", 0) / wall if wall else 0.0,
             "engine_kv_cache_tokens": int(kv_tokens[-1].replace(",", "")) if kv_tokens else None,
-            "max_running": max(running, default=0.0),
+            "max_running": max((running[i] for i in active), default=0.0),
             "median_running": statistics.median(act_run) if act_run else 0.0,
             "mean_running": statistics.mean(act_run) if act_run else 0.0,
             "active_samples": len(active),
             "trace_t_first_active": t_first,
-            "peak_kv_usage": max((v or 0.0 for v in tr["kv_usage"]), default=0.0),
-            "max_waiting": max((v or 0.0 for v in tr["waiting"]), default=0.0),
+            "trace_t_main_start": poller.main_start,
+            "peak_kv_usage": max((tr["kv_usage"][i] or 0.0 for i in active), default=0.0),
+            "max_waiting": max((tr["waiting"][i] or 0.0 for i in active), default=0.0),
             **peaks,
         }
         r = runs[name]

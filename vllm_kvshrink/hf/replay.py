@@ -31,6 +31,8 @@ def load_events(record_dir: str | Path, external_ids: bool = True) -> dict[str, 
     for path in sorted(Path(record_dir).glob("events-*.jsonl")):
         for line in path.read_text().splitlines():
             e = json.loads(line)
+            if "restart_at" in e:  # an epoch marker (see load_epochs)
+                continue
             key = e["req_id"]
             if external_ids and "-" in key:
                 key = key.rsplit("-", 1)[0]
@@ -38,6 +40,33 @@ def load_events(record_dir: str | Path, external_ids: bool = True) -> dict[str, 
     for evs in events.values():
         evs.sort(key=lambda e: e["logical_len"])
     return events
+
+
+def load_epochs(record_dir: str | Path, external_ids: bool = True) -> dict[str, list[dict]]:
+    """``req_id -> epochs``: a request preempted ``n`` times was computed
+    ``n + 1`` times from scratch, each time with its own events.  Each epoch is
+    ``{"start": index of its first sampled token (None: the prompt's end),
+    "events": [...]}``; the tokens sampled in an epoch are replayed with its
+    events alone."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted(Path(record_dir).glob("events-*.jsonl")):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            key = e["req_id"]
+            if external_ids and "-" in key:
+                key = key.rsplit("-", 1)[0]
+            epochs = out.setdefault(key, [{"start": None, "events": []}])
+            n = e.get("epoch", 0)
+            while len(epochs) <= n:
+                epochs.append({"start": None, "events": []})
+            if "restart_at" in e:
+                epochs[n]["start"] = e["restart_at"]
+            else:
+                epochs[n]["events"].append(e)
+    for epochs in out.values():
+        for ep in epochs:
+            ep["events"].sort(key=lambda e: e["logical_len"])
+    return out
 
 
 def build_masks(

@@ -88,6 +88,8 @@ class Compactor:
     #: the served model (path or hub id), for the learned weights' provenance
     model_name: str = ""
     _weights_logged: set = field(default_factory=set)
+    #: times each live request was preempted (and so recomputed)
+    epochs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
@@ -367,13 +369,8 @@ class Compactor:
         if r is None:
             raise RuntimeError("no worker slot for this request")
         res, r.tier, record = apply_event(self, ev, r)
-        if self.config.record_dir:
-            os.makedirs(self.config.record_dir, exist_ok=True)
-            path = os.path.join(self.config.record_dir, f"events-{os.getpid()}.jsonl")
-            with open(path, "a") as f:
-                f.write(json.dumps({"req_id": ev.req_id, "logical_len": ev.logical_len,
-                                    "old_len": ev.old_len, "method": ev.method,
-                                    **record}) + "\n")
+        self._write_record({"req_id": ev.req_id, "logical_len": ev.logical_len,
+                            "old_len": ev.old_len, "method": ev.method, **record})
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         return res
@@ -418,14 +415,30 @@ class Compactor:
         full = tail if r.logical is None else torch.cat([r.logical, tail], dim=-1)
         r.logical = full.gather(-1, keep)  # keep: [L, H, K]
         r.kept = comp.keep
+        self._write_record({
+            "req_id": comp.req_id,
+            "logical_len": comp.logical_len,
+            "old_len": comp.old_len,
+            "keep": comp.keep,
+            "method": comp.method,
+            "kept": r.logical.tolist(),
+        })
+
+    def _write_record(self, record: dict) -> None:
+        """Append one line to this process's record file, tagged with the
+        request's epoch (how many times it was restarted by preemption)."""
+        if not self.config.record_dir:
+            return
+        record["epoch"] = self.epochs.get(record["req_id"], 0)
         os.makedirs(self.config.record_dir, exist_ok=True)
         path = os.path.join(self.config.record_dir, f"events-{os.getpid()}.jsonl")
         with open(path, "a") as f:
-            f.write(json.dumps({
-                "req_id": comp.req_id,
-                "logical_len": comp.logical_len,
-                "old_len": comp.old_len,
-                "keep": comp.keep,
-                "method": comp.method,
-                "kept": r.logical.tolist(),
-            }) + "\n")
+            f.write(json.dumps(record) + "\n")
+
+    def restart(self, req_id: str, num_tokens: int) -> None:
+        """A preempted request will be recomputed from scratch: a new epoch,
+        whose first sampled token is at index ``num_tokens`` (recorded as a
+        ``restart_at`` line for the replays)."""
+        self.epochs[req_id] = self.epochs.get(req_id, 0) + 1
+        self._write_record({"req_id": req_id, "restart_at": num_tokens})
+        self.drop(req_id)

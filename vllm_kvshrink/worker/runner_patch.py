@@ -108,8 +108,12 @@ def _update_states(self, scheduler_output):
         return _ORIG["_update_states"](self, scheduler_output)
     for req_id in scheduler_output.finished_req_ids:
         comp.drop(req_id)
+        comp.epochs.pop(req_id, None)
     for req_id in scheduler_output.preempted_req_ids or ():
-        comp.drop(req_id)  # recomputed from scratch when resumed
+        # Recomputed from scratch when resumed: its ring slot is free now.
+        rs = self.requests.get(req_id)
+        n = len(rs.prompt_token_ids or ()) + len(rs.output_token_ids) if rs else -1
+        comp.restart(req_id, n)
     for new in scheduler_output.scheduled_new_reqs:
         comp.reset(new.req_id)
     for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
