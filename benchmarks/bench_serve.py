@@ -9,10 +9,11 @@ seeded windows of real essay text, no chat template, fixed output length with
 ``ignore_eos``, greedy, one warm-up request, then every request sent at once)
 measures each server, while a small thread polls ``/metrics`` once a second for
 the requests running and the KV-cache usage.  Servers run ``--enforce-eager``
-(``--compile`` to let vLLM compile).  Servers, in this order: ``stock`` (no plugin settings),
-``stock_fp8`` (``--kv-cache-dtype fp8``, vLLM's own 2x format, same pool
-bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage`` naming
-forms other than bf16, ``tiers`` (tiered storage as ``VLLM_KVSHRINK_STORAGE``).
+(``--compile`` to let vLLM compile), in this order: ``stock`` (no plugin
+settings), ``stock_fp8`` (``--kv-cache-dtype fp8``, vLLM's own 2x format, same
+pool bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage``
+naming forms other than bf16, ``tiers`` (tiered storage as
+``VLLM_KVSHRINK_STORAGE``).  Needs pandas (vLLM's custom dataset reads with it).
 Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
 ``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``),
 writes a JSON of every raw result and a PNG.
@@ -149,6 +150,17 @@ class MetricsPoller(threading.Thread):
     def stop(self) -> None:
         self._stop_evt.set()
         self.join(timeout=10)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _log_tail(path: Path, chars: int = 6000) -> str:
@@ -517,8 +529,10 @@ def main() -> int:
         ("peak KV usage", lambda r: r["peak_kv_usage"], "{:.2f}"),
         ("KV pool (engine tokens)", lambda r: r["engine_kv_cache_tokens"], "{:d}"),
         ("peak compression ratio", lambda r: r["peak_compression_ratio"], "{:.2f}"),
+        ("peak bytes ratio", lambda r: r["peak_bytes_ratio"], "{:.2f}"),
         ("preemptions", lambda r: r["final_metrics"].get("preemptions"), "{:.0f}"),
         ("compactions", lambda r: r["final_metrics"].get("compactions"), "{:.0f}"),
+        ("tier events", lambda r: r["final_metrics"].get("tier_events"), "{:.0f}"),
         ("fallbacks", lambda r: r["final_metrics"].get("fallbacks"), "{:.0f}"),
         ("server start (s)", lambda r: r["startup_s"], "{:.0f}"),
         ("bench share of wall", lambda r: r["bench_share_of_wall"], "{:.2f}"),
@@ -566,7 +580,8 @@ def main() -> int:
           f"stop): " + ", ".join(f"{n} {runs[n]['bench_share_of_wall']:.0%}" for n in names))
 
     # ---- JSON
-    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}"
+    machine = (f"{platform.machine()} {os.cpu_count()} cores, "
+               f"{platform.processor() or _cpu_model() or 'cpu'}")
     try:
         import torch
         import vllm
@@ -577,7 +592,8 @@ def main() -> int:
     figures = {
         "command": [sys.executable, *sys.argv],
         "machine": machine,
-        "platform": {"processor": platform.processor(), "machine": platform.machine(),
+        "platform": {"processor": platform.processor(), "cpu_model": _cpu_model(),
+                     "machine": platform.machine(),
                      "cpu_count": os.cpu_count(), "python": platform.python_version(),
                      "system": platform.platform(), **versions},
         "model": model,
@@ -615,8 +631,9 @@ def main() -> int:
         for i, n in enumerate(names):
             tr = runs[n]["trace"]
             t0 = runs[n]["trace_t_first_active"]
-            axes[2].plot([t - t0 for t in tr["t"]], [v or 0 for v in tr["running"]], label=n,
-                         color=colors[i])
+            t_main = runs[n]["trace_t_main_start"] or 0.0  # the warm-up left out
+            pts = [(t - t0, v or 0) for t, v in zip(tr["t"], tr["running"]) if t >= t_main]
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], label=n, color=colors[i])
         axes[2].set(xlabel="s since the first request", ylabel="requests running",
                     title="Running requests (/metrics, 1 s)")
         axes[2].legend()

@@ -1,0 +1,44 @@
+"""A small soak of `vllm serve` with the plugin (the large one:
+benchmarks/soak_serve.py): 16 concurrent streaming clients, mixed requests,
+disconnects, opt-outs, per-request budgets, invalid requests answered 400; at
+the end the server is healthy, no block leaked, the counters add up, and the
+opted-out requests equal stock `vllm serve` (up to near-ties of both servers,
+see vllm_kvshrink/bench/soak.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_kvshrink.bench import soak
+from vllm_kvshrink.bench.server import Server
+from vllm_kvshrink.bench.workload import kv_bytes_per_token
+
+pytestmark = pytest.mark.engine
+
+POOL_TOKENS = 2560
+MAX_LEN = 4096
+
+
+def _args(model_path: str, pool_tokens: int) -> list[str]:
+    return ["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--block-size", "32",
+            "--max-num-seqs", "16", "--enforce-eager", "--kv-cache-memory-bytes",
+            str(pool_tokens * kv_bytes_per_token(model_path, 4))]
+
+
+def test_soak_small(tmp_path, model_path, tokenizer):
+    reqs = soak.build_requests(tokenizer, 48, seed=0, too_long_tokens=3000)
+    assert {r.kind for r in reqs} == set(soak.KINDS)
+    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "0.25",
+           "VLLM_KVSHRINK_SLACK_TOKENS": "32"}
+    with Server(model_path, _args(model_path, POOL_TOKENS), env, tmp_path / "ours.log") as s:
+        ours = soak.drive(s, reqs, clients=16)
+        final = soak.settle(s)
+        assert s.get("/health") == ""
+        assert s.proc.poll() is None
+    # Stock needs a pool that holds one max_model_len sequence to start.
+    with Server(model_path, _args(model_path, MAX_LEN + 64), {}, tmp_path / "stock.log") as s:
+        stock = soak.drive(s, reqs, clients=16)
+    summary = soak.check(reqs, ours, final, stock, tie_margin=1e-3)
+    assert summary["completed"] >= 30 and summary["disconnected"] >= 1
+    assert summary["optout_compared"] >= 4
+    assert summary["tokens_evicted"] > 0

@@ -1,0 +1,105 @@
+"""``vllm serve`` as a subprocess on a loopback port, for the soak test, the
+serving benchmark and the serve tests: start, wait for health, read
+``/metrics``, stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_command() -> str:
+    cmd = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
+    if not cmd:
+        raise RuntimeError("the vllm console command is not installed (pip install -e .)")
+    return cmd
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a Prometheus series over its label sets (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Server:
+    """``with Server(model, args, env, log) as s: s.url ...``
+
+    ``env`` adds to the environment after every inherited ``VLLM_KVSHRINK_*``
+    variable is dropped (except ``VLLM_KVSHRINK_CACHE_DIR``), so each server
+    gets exactly the plugin settings it names."""
+
+    def __init__(self, model: str, args: list[str], env: dict[str, str] | None,
+                 log_path: str | os.PathLike, start_timeout: float = 600) -> None:
+        self.model, self.args, self.log_path = model, list(args), Path(log_path)
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("VLLM_KVSHRINK_") or k == "VLLM_KVSHRINK_CACHE_DIR"}
+        self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default
+        self.env.update(env or {})
+        self.start_timeout = start_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def __enter__(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [vllm_command(), "serve", self.model, "--port", str(self.port),
+             "--host", "127.0.0.1", *self.args],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited ({self.proc.returncode}):\n"
+                                   + self.log_tail())
+            try:
+                self.get("/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"vllm serve not healthy in {self.start_timeout:.0f}"
+                                       f" s:\n" + self.log_tail())
+                time.sleep(1)
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
+
+    def get(self, path: str, timeout: float = 10) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return r.read().decode()
+
+    def metrics(self) -> str:
+        return self.get("/metrics")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text()[-chars:]
+        except OSError:
+            return ""
