@@ -34,9 +34,6 @@ import math
 import os
 import platform
 import re
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +44,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from vllm_kvshrink.bench.server import (  # noqa: E402
+    Server, free_port, parse_metrics, vllm_command)
+
+
+def _get(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
 
 # Per shape: (num_prompts, min_len, max_len, output_len); --quick replaces them,
 # flags given on the command line win over both.
@@ -80,42 +86,6 @@ FINAL = {  # read once after the benchmark
 # A labelled counter appears on /metrics only once it has counted: absent = 0
 # on a server with the plugin on.
 PLUGIN_COUNTERS = ("compactions", "fallbacks", "tokens_evicted", "blocks_freed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _get(url: str, timeout: float = 5) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {series name: value summed over its label sets}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if math.isfinite(value):
-            out[name] = out.get(name, 0.0) + value
-    return out
 
 
 class MetricsPoller(threading.Thread):
@@ -168,59 +138,6 @@ def _log_tail(path: Path, chars: int = 6000) -> str:
         return path.read_text(errors="replace")[-chars:]
     except OSError:
         return "(no log)"
-
-
-def start_server(cmd: list[str], env: dict[str, str], log_path: Path, base: str,
-                 timeout: float) -> tuple[subprocess.Popen, float]:
-    """Start ``cmd`` (its own session, output to ``log_path``), wait for
-    ``/health``; (process, seconds to healthy).  Raises with the log's tail if
-    it exits early or is not healthy in ``timeout`` s."""
-    log = open(log_path, "w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()  # the child holds its own handle
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early (code {proc.returncode}); tail of "
-                               f"{log_path}:\n{_log_tail(log_path)}")
-        try:
-            _get(base + "/health", timeout=2)
-            return proc, time.perf_counter() - t0
-        except OSError:
-            pass
-        if time.perf_counter() - t0 > timeout:
-            stop_server(proc)
-            raise RuntimeError(f"server not healthy after {timeout:.0f} s; tail of "
-                               f"{log_path}:\n{_log_tail(log_path)}")
-        time.sleep(1)
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGTERM, wait, SIGKILL its process group (the engine core too) on timeout."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-    deadline = time.time() + 20  # the engine core may outlive the API server a moment
-    while True:
-        try:
-            os.killpg(proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        if time.time() > deadline:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            return
-        time.sleep(0.5)
 
 
 # stderr lines not worth showing (the whole text still goes to the log): the
@@ -342,9 +259,10 @@ def main() -> int:
     except ValueError as e:
         ap.error(str(e))
     tiered = storage != ("bf16",)
-    vllm_cmd = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
-    if not vllm_cmd:
-        ap.error("the vllm console command is not installed beside this Python")
+    try:
+        vllm_cmd = vllm_command()
+    except RuntimeError as e:
+        ap.error(str(e))
     if importlib.util.find_spec("pandas") is None:  # the CPU wheel's vllm bench hides this
         ap.error("vllm bench serve's custom dataset reads its JSONL with pandas (vLLM's "
                  "'bench' extra), which is not installed: pip install pandas")
@@ -398,19 +316,17 @@ def main() -> int:
               f"(~{ours_fit:.0f}); raise --num-prompts or lower --pool-seqs", flush=True)
 
     # ---- the servers
-    port = args.port or _free_port()
+    port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
     if "VLLM_KVSHRINK_CACHE_DIR" in os.environ:
         clean["VLLM_KVSHRINK_CACHE_DIR"] = os.environ["VLLM_KVSHRINK_CACHE_DIR"]
-    clean.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default: multiprocess
-    serve_cmd = [vllm_cmd, "serve", model, "--port", str(port), "--host", "127.0.0.1",
-                 "--dtype", args.dtype, "--block-size", str(args.block_size),
-                 "--max-model-len", str(max_model_len),
-                 "--kv-cache-memory-bytes", str(pool_bytes),
-                 "--max-num-seqs", str(max_num_seqs), "--seed", str(args.seed)]
+    serve_args = ["--dtype", args.dtype, "--block-size", str(args.block_size),
+                  "--max-model-len", str(max_model_len),
+                  "--kv-cache-memory-bytes", str(pool_bytes),
+                  "--max-num-seqs", str(max_num_seqs), "--seed", str(args.seed)]
     if not args.compile:
-        serve_cmd.append("--enforce-eager")
+        serve_args.append("--enforce-eager")
     ours_env = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": str(args.budget),
                 "VLLM_KVSHRINK_SLACK_TOKENS": str(args.slack)}
     servers = [("stock", {}, []), ("stock_fp8", {}, ["--kv-cache-dtype", "fp8"]),
@@ -438,16 +354,13 @@ def main() -> int:
             bench_cmd += ["--max-concurrency", str(args.max_concurrency)]
         if args.num_warmups:
             bench_cmd += ["--num-warmups", str(args.num_warmups)]
-        env = {**clean, **env_over}
         settings = " ".join(f"{k}={v}" for k, v in env_over.items()) or "no plugin settings"
-        deadline_free = time.time() + 60
-        while not _port_free(port) and time.time() < deadline_free:
-            time.sleep(1)
         print(f"\nstarting server {name} ({settings}{' ' + ' '.join(extra) if extra else ''}) "
               f"on port {port} ...", flush=True)
-        proc, startup_s = start_server(serve_cmd + extra, env, out / f"{name}.server.log",
-                                       base, args.startup_timeout)
-        try:
+        server = Server(model, serve_args + extra, env_over, out / f"{name}.server.log",
+                        start_timeout=args.startup_timeout, port=port)
+        with server:
+            startup_s = server.startup_s
             print(f"  {name} healthy after {startup_s:.0f} s; running vllm bench serve ...",
                   flush=True)
             poller = MetricsPoller(base)
@@ -463,10 +376,8 @@ def main() -> int:
                 final_m = parse_metrics(_get(base + "/metrics"))
             except OSError:
                 final_m = {}
-        finally:
             t_stop = time.perf_counter()
-            stop_server(proc)
-            stop_s = time.perf_counter() - t_stop
+        stop_s = time.perf_counter() - t_stop
         bench = json.loads(result_file.read_text())
         tr = poller.trace
         final = {k: final_m[n] for k, n in FINAL.items() if n in final_m}

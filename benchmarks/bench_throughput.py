@@ -144,7 +144,6 @@ def main() -> int:
         ("engine steps", "steps", "{:d}"),
         ("time in steps with prefill (s)", "prefill_steps_s", "{:.1f}"),
         ("time in decode-only steps (s)", "decode_only_steps_s", "{:.1f}"),
-        ("decode-only tokens/s", "decode_only_tokens_per_s", "{:.1f}"),
         ("peak KV usage", "peak_kv_usage", "{:.2f}"),
         ("wall time (s)", "elapsed_s", "{:.1f}"),
     ]

@@ -89,7 +89,6 @@ def run(spec: dict) -> dict:
     preemptions: dict[str, int] = {}
     max_running = 0
     prefill_time = decode_time = 0.0
-    decode_tokens = 0
     running_trace: list[int] = []
     usage_trace: list[float] = []
     peak_usage = 0.0
@@ -116,7 +115,6 @@ def run(spec: dict) -> dict:
             prefill_time += dt
         else:
             decode_time += dt
-            decode_tokens += len(sched.running) if sched is not None else 0
         for out in step_out:
             if out.finished:
                 outputs[int(out.request_id)] = {
@@ -161,7 +159,6 @@ def run(spec: dict) -> dict:
         "plugin_active_here": _plugin_active(),
         "prefill_steps_s": prefill_time,
         "decode_only_steps_s": decode_time,
-        "decode_only_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
         "running_trace": running_trace,
         "peak_bytes_held": peak_held,
         "usage_trace": usage_trace,

@@ -4,8 +4,10 @@ serving benchmark and the serve tests: start, wait for health, read
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,13 +29,34 @@ def vllm_command() -> str:
     return cmd
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {series name: value summed over its label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if math.isfinite(value):
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
 def metric(text: str, name: str) -> float:
     """Sum of a Prometheus series over its label sets (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return parse_metrics(text).get(name, 0.0)
 
 
 class Server:
@@ -44,26 +67,32 @@ class Server:
     gets exactly the plugin settings it names."""
 
     def __init__(self, model: str, args: list[str], env: dict[str, str] | None,
-                 log_path: str | os.PathLike, start_timeout: float = 600) -> None:
+                 log_path: str | os.PathLike, start_timeout: float = 600,
+                 port: int = 0) -> None:
         self.model, self.args, self.log_path = model, list(args), Path(log_path)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("VLLM_KVSHRINK_") or k == "VLLM_KVSHRINK_CACHE_DIR"}
         self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default
         self.env.update(env or {})
         self.start_timeout = start_timeout
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
     def __enter__(self) -> "Server":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
+        deadline = time.time() + 60  # a previous server may hold the port a moment
+        while not port_free(self.port) and time.time() < deadline:
+            time.sleep(1)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [vllm_command(), "serve", self.model, "--port", str(self.port),
-             "--host", "127.0.0.1", *self.args],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "w") as log:  # the child keeps its own handle
+            # Its own session, so that stopping it stops the engine core too.
+            self.proc = subprocess.Popen(
+                [vllm_command(), "serve", self.model, "--port", str(self.port),
+                 "--host", "127.0.0.1", *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
@@ -82,14 +111,28 @@ class Server:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        """SIGTERM, wait; SIGKILL the process group (engine core too) if it
+        does not end, or if the group outlives the API server."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
             try:
-                self.proc.wait(timeout=60)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self._log.close()
+                _killpg(proc.pid)
+                proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while True:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            if time.time() > deadline:
+                _killpg(proc.pid)
+                return
+            time.sleep(0.5)
 
     def get(self, path: str, timeout: float = 10) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
@@ -103,3 +146,10 @@ class Server:
             return self.log_path.read_text()[-chars:]
         except OSError:
             return ""
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

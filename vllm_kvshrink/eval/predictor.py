@@ -116,7 +116,9 @@ def main(argv=None) -> int:
         {"meta": meta, "examples": rows, "summary": summary,
          "comparisons": comparisons}, indent=2))
     lines = ["# Importance signals vs the attention to come (full cache)", "",
-             f"Command: `{meta['command']}`; model {meta['model']}, fp32; "
+             f"Command: `{meta['command']}`; model {meta['model']}"
+             + (" as embedded (Q4_1 GGUF dequantized)" if meta['model'] == "SmolLM2-135M-Instruct"
+                else "") + ", fp32; "
              f"{args.examples} Austen windows of {args.tokens} tokens; an event every "
              f"{args.every} tokens; truth = mean attention of the next {args.horizon} "
              f"queries, per layer and KV head.", "",

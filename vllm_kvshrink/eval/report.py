@@ -133,7 +133,10 @@ def render_markdown(results: dict) -> str:
     lines = [f"# KV-cache compression evaluation ({meta['preset']} preset)", "",
              f"Command: `{meta.get('command', '')}`  ",
              f"Machine: {meta.get('machine', '')}; written {meta['written']}.", "",
-             f"Model `{meta['model']}` ({meta['dtype']}), seed {meta['seed']}, "
+             f"Model `{meta['model']}` ({meta['dtype']})"
+             + (" -- the embedded SmolLM2-135M-Instruct, a Q4_1 GGUF dequantized, "
+                "not the original checkpoint" if meta['model'] == "default" else "")
+             + f", seed {meta['seed']}, "
              f"budgets {meta['budgets']}, settings {json.dumps(meta['settings'])}; "
              f"research path (transformers {meta['transformers']}, torch "
              f"{meta['torch']}, {meta['torch_threads']} threads); {meta['seconds']:.0f} s.",
