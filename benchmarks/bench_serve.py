@@ -515,7 +515,7 @@ def main() -> int:
                      "kv_bytes_per_token_bf16": per_tok, "max_model_len": max_model_len,
                      "max_num_seqs": max_num_seqs, "prompt_lens": lens,
                      "mean_prompt_len": mean_prompt, "stock_fit_seqs": stock_fit,
-                     "port": port, "serve_cmd": serve_cmd, "dataset": str(dataset)},
+                     "port": port, "serve_cmd": [vllm_cmd, "serve", model, "--port", str(port), *serve_args], "dataset": str(dataset)},
         **ratios,
         "total_wall_s": total_s,
         "runs": runs,
