@@ -80,7 +80,7 @@ def test_finished_and_preempted_requests_give_their_slot_back(monkeypatch, how):
     _step(comp, ["r0", "r1"], 0)
     slot = comp.reqs["r1"].slot
     monkeypatch.setitem(runner_patch._ORIG, "_update_states", lambda self, out: None)
-    runner = SimpleNamespace(_kvs_compactor=comp)
+    runner = SimpleNamespace(_kvs_compactor=comp, requests={})
     out = SimpleNamespace(
         finished_req_ids={"r1"} if how == "finished" else set(),
         preempted_req_ids={"r1"} if how == "preempted" else None,

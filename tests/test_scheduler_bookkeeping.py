@@ -153,7 +153,7 @@ def test_shared_blocks_are_copied_not_rewritten(make_scheduler):
 
 
 def test_bad_per_request_setting_is_served_uncompressed(make_scheduler):
-    s = make_scheduler(METHOD="snapkv", BUDGET=32)
+    s = make_scheduler(METHOD="snapkv", BUDGET=64)
     s.add_request(_request("a", 100, extra={"budget": -1}))
     assert not s.kvs_state["a"].cfg.enabled
 
