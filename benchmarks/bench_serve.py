@@ -39,19 +39,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vllm_kvshrink.bench.launch import plugin_free_env  # noqa: E402
+from vllm_kvshrink.bench.machine import cpu_model  # noqa: E402
 from vllm_kvshrink.bench.server import (  # noqa: E402
     Server, free_port, parse_metrics, vllm_command)
-
-
-def _get(url: str, timeout: float = 5) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
 
 
 # Per shape: (num_prompts, min_len, max_len, output_len); --quick replaces them,
@@ -92,9 +88,9 @@ class MetricsPoller(threading.Thread):
     """Polls ``/metrics`` every ``interval`` s until stopped: time series of
     :data:`POLLED` (seconds since start)."""
 
-    def __init__(self, base: str, interval: float = 1.0):
+    def __init__(self, server: Server, interval: float = 1.0):
         super().__init__(daemon=True)
-        self.base, self.interval = base, interval
+        self.server, self.interval = server, interval
         self.trace: dict[str, list[float]] = {"t": [], **{k: [] for k in POLLED}}
         self.errors = 0
         self.main_start: float | None = None  # s since start, when the main run began
@@ -109,7 +105,7 @@ class MetricsPoller(threading.Thread):
         while not self._stop_evt.is_set():
             t = time.perf_counter()
             try:
-                m = parse_metrics(_get(self.base + "/metrics", timeout=2))
+                m = parse_metrics(self.server.get("/metrics", timeout=2))
                 self.trace["t"].append(round(t - t0, 2))
                 for key, name in POLLED.items():
                     self.trace[key].append(m.get(name))
@@ -120,17 +116,6 @@ class MetricsPoller(threading.Thread):
     def stop(self) -> None:
         self._stop_evt.set()
         self.join(timeout=10)
-
-
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _log_tail(path: Path, chars: int = 6000) -> str:
@@ -317,10 +302,7 @@ def main() -> int:
 
     # ---- the servers
     port = args.port or free_port()
-    base = f"http://127.0.0.1:{port}"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
-    if "VLLM_KVSHRINK_CACHE_DIR" in os.environ:
-        clean["VLLM_KVSHRINK_CACHE_DIR"] = os.environ["VLLM_KVSHRINK_CACHE_DIR"]
+    clean = plugin_free_env()
     serve_args = ["--dtype", args.dtype, "--block-size", str(args.block_size),
                   "--max-model-len", str(max_model_len),
                   "--kv-cache-memory-bytes", str(pool_bytes),
@@ -363,7 +345,7 @@ def main() -> int:
             startup_s = server.startup_s
             print(f"  {name} healthy after {startup_s:.0f} s; running vllm bench serve ...",
                   flush=True)
-            poller = MetricsPoller(base)
+            poller = MetricsPoller(server)
             poller.start()
             try:
                 bench_s = run_bench(bench_cmd, {**clean, "PYTHONUNBUFFERED": "1"},
@@ -373,7 +355,7 @@ def main() -> int:
                 poller.stop()
             time.sleep(1.5)  # let the last stats reach /metrics
             try:
-                final_m = parse_metrics(_get(base + "/metrics"))
+                final_m = parse_metrics(server.metrics())
             except OSError:
                 final_m = {}
             t_stop = time.perf_counter()
@@ -492,7 +474,7 @@ def main() -> int:
 
     # ---- JSON
     machine = (f"{platform.machine()} {os.cpu_count()} cores, "
-               f"{platform.processor() or _cpu_model() or 'cpu'}")
+               f"{platform.processor() or cpu_model() or 'cpu'}")
     try:
         import torch
         import vllm
@@ -503,7 +485,7 @@ def main() -> int:
     figures = {
         "command": [sys.executable, *sys.argv],
         "machine": machine,
-        "platform": {"processor": platform.processor(), "cpu_model": _cpu_model(),
+        "platform": {"processor": platform.processor(), "cpu_model": cpu_model(),
                      "machine": platform.machine(),
                      "cpu_count": os.cpu_count(), "python": platform.python_version(),
                      "system": platform.platform(), **versions},

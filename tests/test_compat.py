@@ -180,13 +180,14 @@ def test_check_attributes_names_what_is_missing():
 def test_listed_patches_are_the_installed_ones():
     """After install (in a fresh process), every patched symbol resolves to the
     plugin's function and every one is listed."""
-    import os
     import subprocess
     import sys
 
+    from vllm_kvshrink.bench.launch import plugin_free_env
+
     code = ("import vllm_kvshrink as k; k.register(); from vllm_kvshrink import compat; "
             "print('\\n'.join(f'{p} {compat.resolve(p).__module__}' for p in compat.PATCHED))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    env = plugin_free_env()
     env["VLLM_KVSHRINK_METHOD"] = "snapkv"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=300)

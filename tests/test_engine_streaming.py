@@ -5,11 +5,12 @@ compression is on for the session, and served as stock when it opts out."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+
+from vllm_kvshrink.bench.launch import plugin_free_env
 
 pytestmark = pytest.mark.engine
 
@@ -55,7 +56,7 @@ if __name__ == "__main__":
 def _run(tmp_path, model_path, env: dict) -> dict:
     path = tmp_path / "stream.py"
     path.write_text(SCRIPT)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    full = plugin_free_env()
     full.update(env)
     out = subprocess.run([sys.executable, str(path), model_path], env=full,
                          capture_output=True, text=True, timeout=600)

@@ -13,6 +13,15 @@ from pathlib import Path
 _QUIET = {"VLLM_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
 
 
+def plugin_free_env() -> dict[str, str]:
+    """This process's environment without any ``VLLM_KVSHRINK_*`` setting but
+    the cache folder, so a child gets exactly the plugin settings it names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
+    if "VLLM_KVSHRINK_CACHE_DIR" in os.environ:
+        env["VLLM_KVSHRINK_CACHE_DIR"] = os.environ["VLLM_KVSHRINK_CACHE_DIR"]
+    return env
+
+
 def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1800,
                quiet: bool = True) -> dict:
     """Run ``spec`` in a subprocess; ``env`` adds/overrides variables.
@@ -20,9 +29,7 @@ def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1
     Every inherited ``VLLM_KVSHRINK_*`` variable is dropped first so each run
     gets exactly the settings it names.
     """
-    full = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_KVSHRINK_")}
-    if "VLLM_KVSHRINK_CACHE_DIR" in os.environ:
-        full["VLLM_KVSHRINK_CACHE_DIR"] = os.environ["VLLM_KVSHRINK_CACHE_DIR"]
+    full = plugin_free_env()
     full.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if quiet:
         full.update(_QUIET)

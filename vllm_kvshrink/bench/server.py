@@ -38,13 +38,18 @@ def port_free(port: int) -> bool:
             return False
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {series name: value summed over its label sets}."""
+def parse_metrics(text: str, **labels: str) -> dict[str, float]:
+    """Prometheus text -> {series name: value summed over its label sets};
+    ``labels`` (e.g. ``finished_reason="length"``) keeps only the samples
+    carrying them."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
+        if want and not all(w in line.rsplit(" ", 1)[0] for w in want):
+            continue
         try:
             value = float(line.rsplit(" ", 1)[1])
         except (IndexError, ValueError):
@@ -54,9 +59,10 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def metric(text: str, name: str) -> float:
-    """Sum of a Prometheus series over its label sets (0 when absent)."""
-    return parse_metrics(text).get(name, 0.0)
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus series over its label sets (0 when absent), or over
+    those carrying ``labels``."""
+    return parse_metrics(text, **labels).get(name, 0.0)
 
 
 class Server:
@@ -70,8 +76,9 @@ class Server:
                  log_path: str | os.PathLike, start_timeout: float = 600,
                  port: int = 0) -> None:
         self.model, self.args, self.log_path = model, list(args), Path(log_path)
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("VLLM_KVSHRINK_") or k == "VLLM_KVSHRINK_CACHE_DIR"}
+        from vllm_kvshrink.bench.launch import plugin_free_env
+
+        self.env = plugin_free_env()
         self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # serve's default
         self.env.update(env or {})
         self.start_timeout = start_timeout

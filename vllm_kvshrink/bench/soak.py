@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from vllm_kvshrink.bench.server import Server, metric
+from vllm_kvshrink.bench.server import Server, metric, parse_metrics
 
 KINDS = ("normal", "optout", "budget", "disconnect", "bad_args", "too_long")
 
@@ -166,9 +166,10 @@ def settle(server: Server, timeout: float = 60) -> str:
     deadline = time.time() + timeout
     while True:
         text = server.metrics()
-        busy = (metric(text, "vllm:num_requests_running")
-                + metric(text, "vllm:num_requests_waiting"))
-        usage = metric(text, "vllm:kv_cache_usage_perc")
+        m = parse_metrics(text)
+        busy = (m.get("vllm:num_requests_running", 0.0)
+                + m.get("vllm:num_requests_waiting", 0.0))
+        usage = m.get("vllm:kv_cache_usage_perc", 0.0)
         if busy == 0 and usage == 0:
             return text
         if time.time() > deadline:
@@ -219,7 +220,7 @@ def check(reqs: list[SoakRequest], ours: dict[int, SoakResult], final_metrics: s
     completed = sum(1 for r in reqs if ours[r.idx].status == 200
                     and not ours[r.idx].disconnected)
     disconnected = sum(1 for r in reqs if ours[r.idx].disconnected)
-    length = _labelled(final_metrics, "vllm:request_success_total", "length")
+    length = metric(final_metrics, "vllm:request_success_total", finished_reason="length")
     # Every completed request finished by length (ignore_eos); a disconnected
     # stream is aborted (vLLM does not count aborts there) unless it finished
     # before the server noticed.
@@ -261,10 +262,3 @@ def check(reqs: list[SoakRequest], ours: dict[int, SoakResult], final_metrics: s
         raise AssertionError("soak failed:\n  " + "\n  ".join(problems))
     return summary
 
-
-def _labelled(text: str, name: str, reason: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and f'finished_reason="{reason}"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total

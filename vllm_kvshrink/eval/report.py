@@ -106,14 +106,9 @@ def build_results(ev, cells: list[dict], seconds: float) -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from vllm_kvshrink.bench.machine import cpu_model
+
+    cpu = cpu_model() or platform.processor() or platform.machine()
     return f"{platform.machine()}, {os.cpu_count()} cores ({cpu}), no GPU used"
 
 

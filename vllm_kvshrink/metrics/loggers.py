@@ -134,11 +134,10 @@ def install() -> None:
         return
     from vllm.v1.metrics import loggers
 
-    _ORIG["logging_record"] = loggers.LoggingStatLogger.record
-    _ORIG["logging_log"] = loggers.LoggingStatLogger.log
-    _ORIG["prom_record"] = loggers.PrometheusStatLogger.record
     from vllm_kvshrink import compat
 
-    compat.patch(loggers.LoggingStatLogger, "record", _logging_record)
-    compat.patch(loggers.LoggingStatLogger, "log", _logging_log)
-    compat.patch(loggers.PrometheusStatLogger, "record", _prom_record)
+    _ORIG["logging_record"] = compat.patch(loggers.LoggingStatLogger, "record",
+                                           _logging_record)
+    _ORIG["logging_log"] = compat.patch(loggers.LoggingStatLogger, "log", _logging_log)
+    _ORIG["prom_record"] = compat.patch(loggers.PrometheusStatLogger, "record",
+                                        _prom_record)

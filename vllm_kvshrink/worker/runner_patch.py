@@ -256,16 +256,11 @@ def install(cfg: KVShrinkConfig) -> None:
 
     if _ORIG:
         return
-    _ORIG["_update_states"] = GPUModelRunner._update_states
-    _ORIG["_prepare_inputs"] = GPUModelRunner._prepare_inputs
-    _ORIG["execute_model"] = GPUModelRunner.execute_model
-    _ORIG["sample_tokens"] = GPUModelRunner.sample_tokens
-    _ORIG["compute_slot_mapping"] = MultiGroupBlockTable.compute_slot_mapping
     from vllm_kvshrink import compat
 
     GPUModelRunner._kvs_config = cfg  # the plugin's own attribute
-    compat.patch(GPUModelRunner, "_update_states", _update_states)
-    compat.patch(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
-    compat.patch(GPUModelRunner, "execute_model", _execute_model)
-    compat.patch(GPUModelRunner, "sample_tokens", _sample_tokens)
-    compat.patch(MultiGroupBlockTable, "compute_slot_mapping", _compute_slot_mapping)
+    for name, new in (("_update_states", _update_states), ("_prepare_inputs", _prepare_inputs),
+                      ("execute_model", _execute_model), ("sample_tokens", _sample_tokens)):
+        _ORIG[name] = compat.patch(GPUModelRunner, name, new)
+    _ORIG["compute_slot_mapping"] = compat.patch(MultiGroupBlockTable, "compute_slot_mapping",
+                                                 _compute_slot_mapping)
