@@ -21,7 +21,9 @@ from vllm_kvshrink.storage.policy import (
 )
 from vllm_kvshrink.storage.quantized import IntForm
 
-QUANT = [n for n in form_names() if n != "bf16"]
+# The integer forms (the low-rank forms have their own bound and tests,
+# tests/test_lowrank_form.py).
+QUANT = [n for n in form_names() if isinstance(get_form(n), IntForm)]
 
 
 def _kv(a=6, n=37, d=64, seed=0, outlier=True):

@@ -144,6 +144,12 @@ class KVShrinkConfig:
                     f"cannot be combined with {where('storage')}="
                     f"{','.join(storage)!r}; allowed with tiered storage: an "
                     f"importance method (e.g. snapkv, tova, h2o, ema, temporal)")
+        if args.get("offload") and not self.tiered:
+            raise KVShrinkConfigError(
+                f"{where('method_args')}['offload']={args['offload']!r} promotes "
+                f"demoted and evicted tokens from an offload copy, which needs "
+                f"tiered storage; allowed: {where('storage')} naming a form besides "
+                f"bf16 (e.g. 'bf16,int4_tok_rot,int2_tok_rot'), or offload 0")
         for name, low in (
             ("sink_tokens", 0),
             ("recent_tokens", 1),
@@ -258,15 +264,18 @@ class KVShrinkConfig:
                 f"would be freed; allowed in the engine: any other method"
             )
         if self.tiered:
-            from vllm_kvshrink.storage.paged import pageable
+            from vllm_kvshrink.storage.paged import unpageable_reason
 
             ws = self.source.get("storage", envs.PREFIX + "STORAGE")
-            bad = [n for n in self.storage if not pageable(n)]
+            # per-channel key groups span tokens; a low-rank form's basis and
+            # mean span its whole row: neither fits a token's own bytes
+            bad = [(n, why) for n in self.storage
+                   if (why := unpageable_reason(n)) is not None]
             if bad:
                 raise KVShrinkConfigError(
-                    f"{ws}={','.join(self.storage)!r}: form {bad[0]!r} keeps keys per "
-                    f"channel in groups of tokens, which the engine's packed blocks "
-                    f"cannot hold (it runs in the research path, "
+                    f"{ws}={','.join(self.storage)!r}: form {bad[0][0]!r} {bad[0][1]}, "
+                    f"which the engine's packed blocks cannot hold (it runs in the "
+                    f"research path, "
                     f"vllm_kvshrink.hf.research); allowed in the engine: bf16 and the "
                     f"token-axis forms (int8_tok, int4_tok, int2_tok, k4v2_tok, each "
                     f"also with _rot)")

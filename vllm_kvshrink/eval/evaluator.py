@@ -31,7 +31,9 @@ from vllm_kvshrink.eval.presets import (
     STORAGE_BASELINES,
     EvalError,
     check_task,
+    TASK_SETTINGS,
     parse_row,
+    row_args,
     unbudgeted,
 )
 
@@ -49,8 +51,22 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _method_args(method: str) -> dict:
-    return dict(FROZEN_ARGS) if ("temporal" in method or "semantic" in method) else {}
+def _method_args(row: str) -> dict:
+    """A row's method arguments: learned methods frozen unless the row says
+    otherwise (``temporal[online=true]``), then the row's own."""
+    spec, own = row_args(row)
+    frozen = "temporal" in spec or "semantic" in spec
+    return {**(FROZEN_ARGS if frozen else {}), **own}
+
+
+def _fresh_predictors(cfg) -> None:
+    """A row that trains the temporal predictor online starts from a fresh
+    copy of the shipped weights for every example, so a cell does not depend
+    on what ran before it (and resuming is exact)."""
+    if cfg.args.get("online") and "temporal" in cfg.method:
+        from vllm_kvshrink.methods import temporal
+
+        temporal._SHARED.clear()
 
 
 def _safe(name: str) -> str:
@@ -142,9 +158,17 @@ class ResearchEvaluator:
         self.settings = {k: p[k] for k in ("prefill_chunk", "forced_chunk", "slack_tokens",
                                            "recent_tokens", "block_size", "n_boot")}
         methods = list(methods if methods is not None else p["methods"])
+        tasks = [check_task(dict(t)) for t in (tasks if tasks is not None else p["tasks"])]
         known = available_methods()
-        for m in methods:
+        for m in dict.fromkeys(methods + [m for t in tasks for m in t.get("methods", [])]):
             method, storage, _ = parse_row(m)
+            if row_args(m)[1]:
+                try:
+                    KVShrinkConfig(method=method, storage=storage or "bf16", budget=0.5,
+                                   method_args=_method_args(m),
+                                   source={"method_args": f"methods[{m!r}]"})
+                except ValueError as e:
+                    raise EvalError(str(e)) from None
             if method not in known:
                 raise EvalError(f"methods: {m!r} is not a known method; allowed: "
                                 f"{', '.join(known + list(STORAGE_BASELINES))}, "
@@ -167,8 +191,10 @@ class ResearchEvaluator:
             except ValueError as e:
                 raise EvalError(str(e)) from None
         self.budgets = budgets
-        self.tasks = [check_task(dict(t)) for t in (tasks if tasks is not None
-                                                      else p["tasks"])]
+        self.tasks = tasks
+        #: the preset's targets and Pareto rows (:mod:`.contributions`)
+        self.targets = list(p.get("targets", ()))
+        self.pareto = list(p.get("pareto", ()))
         names = [t["name"] for t in self.tasks]
         if len(set(names)) != len(names):
             raise EvalError(f"tasks: names must be unique; got {names}")
@@ -222,27 +248,35 @@ class ResearchEvaluator:
         """Every (task, method, budget) of the run, full cache first."""
         out = []
         for task in self.tasks:
+            # A task may name its own rows and budgets (e.g. only the
+            # headline budget at the longest context, where every run is
+            # expensive).
+            methods = ["none"] + [m for m in task.get("methods", self.methods)
+                                  if m != "none"]
             out.append((task, "none", None))
-            out += [(task, m, None) for m in self.methods[1:] if unbudgeted(m)]
-            # A task may name its own budgets (e.g. only the headline budget
-            # at the longest context, where every run is expensive).
+            out += [(task, m, None) for m in methods[1:] if unbudgeted(m)]
             for budget in task.get("budgets", self.budgets):
-                for m in self.methods[1:]:
+                for m in methods[1:]:
                     if unbudgeted(m):
                         continue
                     out.append((task, m, budget))
         return out
 
-    def _config(self, row: str, budget):
+    def _settings(self, task: dict | None) -> dict:
+        """The preset's settings with the task's own (:data:`TASK_SETTINGS`)."""
+        own = {k: task[k] for k in TASK_SETTINGS if task and k in task}
+        return {**self.settings, **own}
+
+    def _config(self, row: str, budget, task: dict | None = None):
         from vllm_kvshrink.config import KVShrinkConfig
 
-        s = self.settings
+        s = self._settings(task)
         method, storage, _ = parse_row(row)
         return KVShrinkConfig(method=method, budget=budget if budget is not None else 1.0,
                               slack_tokens=s["slack_tokens"],
                               recent_tokens=s["recent_tokens"],
                               storage=storage or "bf16",
-                              method_args=_method_args(method))
+                              method_args=_method_args(row))
 
     # ------------------------------------------------------------ examples
     def examples(self, task: dict) -> list[Example]:
@@ -320,12 +354,14 @@ class ResearchEvaluator:
         return out
 
     # ------------------------------------------------------------ one run
-    def _runner(self, wrapped, method: str, budget, shared: bool):
+    def _runner(self, wrapped, method: str, budget, shared: bool, task: dict | None = None):
         from vllm_kvshrink.hf.research import ResearchRunner
 
-        s = self.settings
+        s = self._settings(task)
         store = parse_row(method)[2]
-        return ResearchRunner(wrapped, self._config(method, budget),
+        cfg = self._config(method, budget, task)
+        _fresh_predictors(cfg)
+        return ResearchRunner(wrapped, cfg,
                               block_size=s["block_size"],
                               chunk=None if shared else s["prefill_chunk"],
                               store_form=store,
@@ -339,13 +375,13 @@ class ResearchEvaluator:
         return self._runner(wrapped, "none", None, True).prefill(prompt)
 
     def _run_one(self, method: str, budget, prompt: list[int], target: list[int],
-                 keep_attn: bool, prefill=None) -> dict:
+                 keep_attn: bool, prefill=None, task: dict | None = None) -> dict:
         model, _ = self._load()
         torch.manual_seed(self.seed)
-        s = self.settings
+        s = self._settings(task)
         wrapped = _TailLogits(model, len(prompt), keep_attn)
         try:
-            runner = self._runner(wrapped, method, budget, prefill is not None)
+            runner = self._runner(wrapped, method, budget, prefill is not None, task)
             res = runner.run(prompt, forced=target, keep_logits=True,
                              forced_chunk=s["forced_chunk"], prefill=prefill)
         finally:
@@ -358,12 +394,22 @@ class ResearchEvaluator:
         # exact bytes), against the 16-bit full cache.
         kv = np.asarray(res.kv_bytes, dtype=float)
         full = np.asarray(res.full_kv_bytes, dtype=float)
-        return {"logp": logp, "attn": attn,
-                "kv_mean_ratio": float(np.mean(kv / full)),
-                "kv_peak_ratio": float(kv.max() / full.max()),
-                "kv_peak_bytes": int(kv.max()), "full_kv_bytes": int(full.max()),
-                "events": len(res.events), "merged_tokens": int(res.merged_tokens),
-                "stats": res.stats}
+        out = {"logp": logp, "attn": attn,
+               "kv_mean_ratio": float(np.mean(kv / full)),
+               "kv_peak_ratio": float(kv.max() / full.max()),
+               "kv_peak_bytes": int(kv.max()), "full_kv_bytes": int(full.max()),
+               "events": len(res.events), "merged_tokens": int(res.merged_tokens),
+               "stats": res.stats}
+        if res.offload_bytes:  # promotion: the offload copy, apart
+            off = np.asarray(res.offload_bytes, dtype=float)
+            token = full.max() / len(res.token_ids)  # one token's bf16 K+V
+            st = res.stats["offload"]
+            out["offload_mean_ratio"] = float(np.mean(off / full))
+            out["offload_peak_bytes"] = int(off.max())
+            out["promoted_per_token"] = st["promoted_bytes"] / c / token
+            out["scan_per_token"] = st["scan_bytes"] / c / token
+            out["offload_stats"] = st
+        return out
 
     @staticmethod
     def _score(run: dict, ref: dict, target: list[int], kind: str) -> dict:
@@ -384,8 +430,13 @@ class ResearchEvaluator:
         out["attn_cos"] = float(np.mean(per_layer))
         out["attn_cos_per_layer"] = [round(x, 6) for x in per_layer]
         for k in ("kv_mean_ratio", "kv_peak_ratio", "kv_peak_bytes", "full_kv_bytes",
-                  "events", "merged_tokens"):
-            out[k] = run[k]
+                  "events", "merged_tokens", "offload_mean_ratio", "offload_peak_bytes",
+                  "promoted_per_token", "scan_per_token", "offload_stats"):
+            if k in run:
+                out[k] = run[k]
+        for name in ("adaptive",):
+            if name in run["stats"]:
+                out[name] = run["stats"][name]
         pred = run["stats"].get("predictor")
         if pred:
             out["predictor"] = pred
@@ -394,7 +445,8 @@ class ResearchEvaluator:
     def _reference(self, task: dict, ex: Example) -> dict:
         key = (task["name"], ex.index)
         if key not in self._refs:
-            self._refs[key] = self._run_one("none", None, ex.prompt, ex.target, True)
+            self._refs[key] = self._run_one("none", None, ex.prompt, ex.target, True,
+                                            task=task)
         return self._refs[key]
 
     def _run_cell(self, task: dict, method: str, budget) -> dict:
@@ -404,7 +456,7 @@ class ResearchEvaluator:
         for ex in exs:
             ref = self._reference(task, ex)
             run = ref if method == "none" else self._run_one(method, budget, ex.prompt,
-                                                             ex.target, True)
+                                                             ex.target, True, task=task)
             row = {"index": ex.index, **ex.info, "prompt_tokens": len(ex.prompt),
                    "scored_tokens": len(ex.target), **self._score(run, ref, ex.target, kind)}
             if method == "none" and kind == "copy":
@@ -418,47 +470,63 @@ class ResearchEvaluator:
     def _shared_cells(self, task: dict, rows: list[tuple[str, Any]], cells_dir: Path,
                       label: str) -> tuple[list[dict], int, int]:
         """A task whose rows all continue from one shared prefill: example by
-        example (one prompt pass each), every row scored, the example written
-        to ``cells/`` so an interrupted run resumes there; then one cell per
-        row, as for the other tasks."""
+        example (one prompt pass each, only if some row is missing), every
+        missing row scored and added to the example's file in ``cells/``, so
+        an interrupted run resumes there and a run with more rows reuses the
+        ones it has; then one cell per row, as for the other tasks."""
         exs = self.examples(task)
         # Example i is the same window whatever the example count, so the
         # count stays out of the fingerprint: a run with fewer examples
         # reuses the files of a longer one.
-        fp = self._fingerprint({**{k: v for k, v in task.items() if k != "examples"},
-                                "rows": [[m, b] for m, b in rows]})
+        base = {k: v for k, v in task.items() if k not in ("examples", "methods",
+                                                           "budgets")}
+        fp = self._fingerprint(base)
         per_row: dict[tuple[str, Any], list[dict]] = {r: [] for r in rows}
         computed = reused = 0
         for ex in exs:
             path = cells_dir / f"{task['name']}__example{ex.index}__{fp}.json"
             t0 = time.perf_counter()
-            if path.exists():
-                got = json.loads(path.read_text())
-                reused += 1
-            else:
+            got = (json.loads(path.read_text()) if path.exists()
+                   else self._legacy_example(cells_dir, base, ex.index))
+            have = {(r["method"], r["budget"]) for r in got["rows"]}
+            missing = [r for r in rows if r not in have]
+            if missing:
                 pre = self._prefill(ex.prompt)
-                ref = self._run_one("none", None, ex.prompt, ex.target, True, pre)
-                got = {"rows": []}
-                for method, budget in rows:
+                ref = self._run_one("none", None, ex.prompt, ex.target, True, pre, task)
+                for method, budget in missing:
                     run = ref if method == "none" else self._run_one(
-                        method, budget, ex.prompt, ex.target, True, pre)
+                        method, budget, ex.prompt, ex.target, True, pre, task)
                     got["rows"].append({
                         "method": method, "budget": budget,
                         "row": {"index": ex.index, **ex.info,
                                 "prompt_tokens": len(ex.prompt),
                                 "scored_tokens": len(ex.target),
                                 **self._score(run, ref, ex.target, task["kind"])}})
+                    _write_atomic(path, got)  # row by row: resumable
                 del pre, ref
-                _write_atomic(path, got)
                 computed += 1
+            else:
+                reused += 1
             for r in got["rows"]:
-                per_row[(r["method"], r["budget"])].append(r["row"])
-            self._log(f"{label}: example {ex.index + 1}/{len(exs)} "
-                      f"({time.perf_counter() - t0:.1f} s)")
+                if (r["method"], r["budget"]) in per_row:
+                    per_row[(r["method"], r["budget"])].append(r["row"])
+            self._log(f"{label}: example {ex.index + 1}/{len(exs)}, {len(missing)} rows "
+                      f"run ({time.perf_counter() - t0:.1f} s)")
         cells = [{"task": task["name"], "kind": task["kind"], "method": m, "budget": b,
                   "examples": per_row[(m, b)], "key": f"{task['name']}__{_safe(m)}__{b}__{fp}"}
                  for m, b in rows]
         return cells, computed, reused
+
+    def _legacy_example(self, cells_dir: Path, base: dict, index: int) -> dict:
+        """An example file of the earlier layout (its fingerprint also held
+        its list of rows), adopted when that fingerprint checks out for this
+        task and these settings; else no rows."""
+        for old in sorted(cells_dir.glob(f"{base['name']}__example{index}__*.json")):
+            got = json.loads(old.read_text())
+            rows = [[r["method"], r["budget"]] for r in got.get("rows", [])]
+            if old.stem.rsplit("__", 1)[1] == self._fingerprint({**base, "rows": rows}):
+                return got
+        return {"rows": []}
 
     # ------------------------------------------------------------ the run
     def run(self) -> dict:

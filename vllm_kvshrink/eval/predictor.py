@@ -9,7 +9,9 @@ them), per layer and KV head:
 * ``temporal`` -- the shipped TemporalImportancePredictor;
 * ``ema`` -- its simple twin (moving average of received attention);
 * ``window`` -- the attention of the last ``OBS_WINDOW`` queries, summed
-  (SnapKV's signal before pooling).
+  (SnapKV's signal before pooling);
+* ``expected_attention`` -- Expected Attention's score (the method itself,
+  from the same window of queries, the keys, values and RoPE frequencies).
 
 Metrics: recall@10% (share of the truly most-attended tokens found in the
 predicted top 10%) and Spearman's rank correlation, averaged over events,
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SIGNALS = ("temporal", "ema", "window")
+SIGNALS = ("temporal", "ema", "window", "expected_attention")
 
 
 def example_ids(tok, n: int, length: int, seed: int) -> list[list[int]]:
@@ -49,11 +51,40 @@ def example_ids(tok, n: int, length: int, seed: int) -> list[list[int]]:
     return out
 
 
+def _full_pass(model, ids):
+    """Attention ``[L, H, T, T]`` (GQA-group mean), keys, values ``[L, H, T,
+    D]``, every query ``[L, Hq, T, D]``, scales and RoPE frequencies of one
+    full-cache pass."""
+    from vllm_kvshrink.config import KVShrinkConfig
+    from vllm_kvshrink.hf.research import ResearchRunner
+
+    runner = ResearchRunner(model, KVShrinkConfig(obs_window=len(ids)))
+    attn: dict[int, torch.Tensor] = {}
+    res = runner.run(ids, on_attention=lambda li, p: attn.__setitem__(li, p.mean(dim=1)))
+    c = res.cache
+    queries = torch.stack([q for _, q in c.qring], dim=2)
+    return (torch.stack([attn[i] for i in range(runner.num_layers)]), torch.stack(c.keys),
+            torch.stack(c.values), queries, list(c.scales), runner._inv_freq())
+
+
+def _expected_attention(keys, values, queries, scales, inv_freq, t: int) -> torch.Tensor:
+    """Expected Attention's scores ``[L, H, t]`` of keys ``0..t-1`` from the
+    ``HISTORY`` queries before ``t``."""
+    from vllm_kvshrink.methods.base import Observation
+    from vllm_kvshrink.methods.expected_attention import ExpectedAttention
+    from vllm_kvshrink.methods.temporal import HISTORY
+
+    obs = Observation(keys[:, :, :t], queries[:, :, t - HISTORY:t],
+                      torch.arange(t - HISTORY, t), scales, values[:, :, :t],
+                      rope_inv_freq=inv_freq)
+    return ExpectedAttention().score_layers(obs, {})
+
+
 def score_example(model, ids, predictor, horizon: int, every: int) -> dict:
-    from vllm_kvshrink.hf.warmup import event_batch, full_attention
+    from vllm_kvshrink.hf.warmup import event_batch
     from vllm_kvshrink.methods.temporal import HISTORY, ranking_accuracy
 
-    attn, _ = full_attention(model, ids)
+    attn, keys, values, queries, scales, inv_freq = _full_pass(model, ids)
     n = attn.shape[-1]
     acc = {s: {"recall": [], "spearman": []} for s in SIGNALS}
     for t in range(max(256, HISTORY + 64), n - horizon, every):
@@ -61,8 +92,10 @@ def score_example(model, ids, predictor, horizon: int, every: int) -> dict:
         pred = predictor.predict(hist.reshape(-1, HISTORY),
                                  static.reshape(-1, static.shape[-1])).view(target.shape)
         window = attn[:, :, t - HISTORY:t, :t].sum(dim=2)
+        ea = _expected_attention(keys, values, queries, scales, inv_freq, t)
         truth = target.reshape(-1, t)
-        for name, s in (("temporal", pred), ("ema", twin), ("window", window)):
+        for name, s in (("temporal", pred), ("ema", twin), ("window", window),
+                        ("expected_attention", ea)):
             r, rho = ranking_accuracy(s.reshape(-1, t), truth)
             acc[name]["recall"].append(r)
             acc[name]["spearman"].append(rho)
@@ -99,7 +132,7 @@ def main(argv=None) -> int:
                for k in rows[0]}
     comparisons = []
     for metric in ("recall", "spearman"):
-        for base in ("ema", "window"):
+        for base in ("ema", "window", "expected_attention"):
             res = stats.compare([r[f"temporal_{metric}"] for r in rows],
                                 [r[f"{base}_{metric}"] for r in rows], True,
                                 seed=args.seed)

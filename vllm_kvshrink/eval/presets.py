@@ -44,15 +44,43 @@ STORAGE_BASELINES = ("fp8", "int8_per_token_head", "int4_per_token_head",
 UNIFORM_PREFIX = "uniform:"
 
 
+def row_args(spec: str) -> tuple[str, dict]:
+    """``"temporal[online=true]/bf16,int4"`` -> ``("temporal/bf16,int4",
+    {"online": True})``: a row's own method arguments, in brackets after the
+    method name (values read as JSON, else as strings)."""
+    import json
+
+    head, slash, storage = spec.partition("/")
+    name, bracket, rest = head.partition("[")
+    if not bracket:
+        return spec, {}
+    if not rest.endswith("]"):
+        raise EvalError(f"methods: {spec!r} has an unclosed '['; allowed: "
+                        f"'<method>[key=value,...]/<forms>'")
+    args = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise EvalError(f"methods: {spec!r}: {item!r} is not key=value")
+        try:
+            args[key.strip()] = json.loads(value)
+        except ValueError:
+            args[key.strip()] = value
+    return name + slash + storage, args
+
+
 def parse_row(spec: str) -> tuple[str, str | None, str | None]:
     """An evaluation row -> ``(method, storage, store_form)``:
 
     * ``snapkv`` -- a method, eviction only;
+    * ``temporal[online=true]`` -- a method with its own arguments
+      (:func:`row_args`);
     * ``snapkv/bf16,int4_tok_rot`` -- a method as the tier policy's scorer
       over those forms, the budget in bf16 bytes;
     * ``uniform:int4`` -- one form for everything (see :data:`UNIFORM_PREFIX`);
     * ``int4_per_token_head`` etc. -- vLLM's formats (:data:`STORAGE_BASELINES`).
     """
+    spec = row_args(spec)[0]
     if spec in STORAGE_BASELINES:
         return "none", None, spec
     if spec.startswith(UNIFORM_PREFIX):
@@ -81,6 +109,52 @@ TIERS_METHODS = (
      "streaming", "h2o", "snapkv", "tova", "ema", "temporal", "expected_attention",
      "snapkv/int4_tok_rot", "minicache"]
     + [f"{m}/{TIER_FORMS}" for m in TIER_SCORERS])
+
+#: Our own contributions (the preset ``ours``): promotion from an offload
+#: copy, the multi-scale form, adaptive selection, the temporal predictor
+#: online, the semantic merger with the mass correction; every baseline row
+#: of the tiers preset is reused from its files when present.
+PROMOTE_FORMS = "bf16,int4_tok_rot,int2_tok_rot"
+PROMOTE_SCORERS = ["snapkv", "temporal", "expected_attention"]
+LOWRANK_FORMS = "bf16,int8_tok_rot,lr8_int4,int4_tok_rot,int2_tok_rot"
+OURS_METHODS = (
+    TIERS_METHODS
+    + ["temporal[online=true]", f"temporal[online=true]/{TIER_FORMS}",
+       "adaptive", f"adaptive/{TIER_FORMS}",
+       "semantic", "semantic[mass_correction=true]",
+       "uniform:lr8_int2", "uniform:lr8_int4", f"temporal/{LOWRANK_FORMS}"])
+PROMOTE_TASK = {
+    "name": "austen_1k_decode", "kind": "ppl", "context": 1024, "continuation": 192,
+    "examples": 16, "corpus": "austen", "shared_prefill": True,
+    "forced_chunk": 16, "slack_tokens": 16, "budgets": [0.125],
+    "methods": ["none"] + [f"{m}{a}/{PROMOTE_FORMS}" for m in PROMOTE_SCORERS
+                           for a in ("", "[offload=1.0]")]
+               + [f"temporal[offload=0.25]/{PROMOTE_FORMS}",
+                  f"temporal[online=true,offload=1.0]/{PROMOTE_FORMS}"]}
+
+#: The issue's targets, checked in the report (:mod:`.contributions`): each
+#: ``row`` against each ``baselines`` entry on the same examples, per task
+#: and budget; ``want``: ``better`` (significantly lower nll) or
+#: ``not_worse`` (no significantly higher nll).
+OURS_TARGETS = (
+    [{"name": "promotion", "task": "austen_1k_decode", "budgets": [0.125],
+      "row": f"{m}[offload=1.0]/{PROMOTE_FORMS}", "baselines": [f"{m}/{PROMOTE_FORMS}"],
+      "want": "better"} for m in PROMOTE_SCORERS]
+    + [{"name": "temporal as the scorer", "row": r, "baselines": [b], "want": w}
+       for r0 in ("temporal", "temporal[online=true]")
+       for sfx in ("", f"/{TIER_FORMS}")
+       for r, b, w in ((r0 + sfx, "ema" + sfx, "better"),
+                       (r0 + sfx, "expected_attention" + sfx, "not_worse"))]
+    + [{"name": "semantic merge", "row": r, "baselines": ["snapkv"], "want": "better"}
+       for r in ("semantic", "semantic[mass_correction=true]")]
+    + [{"name": "adaptive selection", "row": r, "baselines": b, "want": "not_worse"}
+       for r, b in (("adaptive", ["snapkv", "expected_attention", "ema"]),
+                    (f"adaptive/{TIER_FORMS}", [f"{m}/{TIER_FORMS}" for m in
+                                                ("snapkv", "expected_attention", "ema")]))])
+
+#: Rows the report places on the Pareto plot as on the frontier or dominated.
+OURS_PARETO = ["uniform:lr8_int2", "uniform:lr8_int4", f"temporal/{LOWRANK_FORMS}",
+               "adaptive", f"adaptive/{TIER_FORMS}"]
 
 QUICK_METHODS = ["none", "fp8", "streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
                  "semantic", "minicache"]
@@ -134,6 +208,17 @@ PRESETS: dict[str, dict] = {
         "prefill_chunk": 512, "forced_chunk": 64, "slack_tokens": 64,
         "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
     },
+    # Our own contributions, docs/eval/ours/: the tiers preset's windows and
+    # rows (reused from its files) plus ours, and a decode task whose events
+    # recur every 32 tokens (promotion pays only when events recur).
+    "ours": {
+        "methods": OURS_METHODS,
+        "budgets": [0.25, 0.125],
+        "tasks": [PROMOTE_TASK] + [dict(t, examples=16) for t in TIER_TASKS],
+        "targets": OURS_TARGETS, "pareto": OURS_PARETO,
+        "prefill_chunk": 512, "forced_chunk": 64, "slack_tokens": 64,
+        "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
+    },
     # The report in docs/eval/: every method at 4k context and 25% budget (the
     # headline comparison), budget curves at 1k, copy-back in the research path
     # and in the engine.  About 40 minutes on two idle CPU cores.
@@ -172,6 +257,12 @@ PRIMARY = {"ppl": ("nll", False), "copy": ("copy_acc", True),
 METRICS = {"nll": False, "copy_acc": True, "top1_agree": True, "kl": False,
            "attn_cos": True, "kv_mean_ratio": False, "kv_peak_ratio": False}
 
+#: Rows with promotion also report their offload copy apart from the
+#: resident bytes: its mean bytes over the full cache's, and the bytes read
+#: back per scored token (originals of promoted tokens; offloaded keys the
+#: scorer reads), each over one token's bf16 K+V of the whole model.
+OFFLOAD_METRICS = ("offload_mean_ratio", "promoted_per_token", "scan_per_token")
+
 
 def check_task(task: dict) -> dict:
     """A task spec, checked: clear errors naming the field, value and allowed."""
@@ -191,4 +282,15 @@ def check_task(task: dict) -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise EvalError(f"task {task['name']!r}: {field}={v!r} is out of range; "
                              f"allowed: a whole number >= 1")
+    for field, low in TASK_SETTINGS.items():
+        v = task.get(field, low)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise EvalError(f"task {task['name']!r}: {field}={v!r} is out of range; "
+                             f"allowed: a whole number >= {low}")
     return task
+
+
+#: Settings a task may set for itself (over the preset's), with their least
+#: allowed value: a task whose events recur while it is scored (promotion
+#: pays only then) compresses every few tokens.
+TASK_SETTINGS = {"forced_chunk": 1, "slack_tokens": 0}

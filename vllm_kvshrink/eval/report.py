@@ -65,8 +65,8 @@ def build_results(ev, cells: list[dict], seconds: float) -> dict:
                             "metric": metric, "higher_is_better": METRICS[metric],
                             **stats.compare(x, y, METRICS[metric], n_boot=n_boot,
                                             seed=ev.seed)})
-        for budget in ev.budgets:
-            present = [m for m in ev.methods
+        for budget in task.get("budgets", ev.budgets):
+            present = [m for m in dict.fromkeys(["none"] + task.get("methods", ev.methods))
                        if (name, m, None if unbudgeted(m) else budget) in by]
             for m in present:
                 if unbudgeted(m):
@@ -92,8 +92,11 @@ def build_results(ev, cells: list[dict], seconds: float) -> dict:
         "meta": {
             "preset": ev.preset, "model": ev.model_name,
             "model_path": getattr(ev, "_model_path", None), "dtype": ev.dtype,
-            "seed": ev.seed, "methods": ev.methods, "budgets": ev.budgets,
+            "seed": ev.seed, "budgets": ev.budgets,
+            "methods": list(dict.fromkeys(ev.methods + [m for t in ev.tasks
+                                                        for m in t.get("methods", [])])),
             "settings": ev.settings, "learned_methods_frozen": True,
+            "targets": getattr(ev, "targets", []), "pareto": getattr(ev, "pareto", []),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
             "written": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 2),
@@ -135,7 +138,11 @@ def render_markdown(results: dict) -> str:
              f"budgets {meta['budgets']}, settings {json.dumps(meta['settings'])}; "
              f"research path (transformers {meta['transformers']}, torch "
              f"{meta['torch']}, {meta['torch_threads']} threads); {meta['seconds']:.0f} s.",
-             "Learned methods (temporal, semantic) ran with their shipped weights frozen. "
+             "Learned methods (temporal, semantic) ran with their shipped weights frozen, "
+             "except rows marked `online=true`: the temporal predictor trained while the "
+             "row ran, from a fresh copy of the shipped weights for every example. "
+             "`[offload=f]` rows promote from an offload copy of up to f of the tokens "
+             "(vllm_kvshrink/hf/offload.py), held apart from the resident bytes. "
              "MiniCache merges adjacent deep layers and does not take a token budget: "
              "its rows repeat across budgets.",
              "Values are means over examples with 95% bootstrap intervals; memory is the "
@@ -168,7 +175,8 @@ def render_markdown(results: dict) -> str:
     for task in results["tasks"]:
         name, kind = task["name"], task["kind"]
         metric, hib = PRIMARY[kind]
-        spec = ", ".join(f"{k}={v}" for k, v in task.items() if k not in ("name", "kind"))
+        spec = ", ".join(f"{k}={v}" for k, v in task.items()
+                         if k not in ("name", "kind", "methods"))
         lines += [f"## {name} ({kind}: {spec})", ""]
         ch = results["chance"].get(name)
         if ch:
@@ -218,6 +226,10 @@ def render_markdown(results: dict) -> str:
     from vllm_kvshrink.eval.targets import render_targets
 
     lines += render_targets(results)
+    from vllm_kvshrink.eval import contributions
+
+    lines += contributions.render(results, results["meta"].get("targets", []),
+                                  results["meta"].get("pareto", []))
     preds = [(c["task"], c["method"], c["budget"], r["predictor"]) for c in cells
              for r in c["examples"][-1:] if "predictor" in r]
     if preds:

@@ -64,6 +64,9 @@ class ResearchCache:
     #: and ``[L, Hkv, N]`` int8 level of each stored token, or None
     levels: tuple = ()
     level: torch.Tensor | None = None
+    #: tiered storage with promotion: the offload copy
+    #: (:class:`~vllm_kvshrink.hf.offload.Offload`), or None
+    offload: Any = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_layers
@@ -170,6 +173,9 @@ class ResearchResult:
     stats: dict[str, Any] = field(default_factory=dict)
     #: the store as the run left it (keys, values, logical positions, ...)
     cache: ResearchCache | None = field(default=None, repr=False)
+    #: bytes of the offload copy after every step (promotion only), apart
+    #: from the resident ``kv_bytes``
+    offload_bytes: list[int] = field(default_factory=list)
 
 
 class ResearchRunner:
@@ -266,6 +272,10 @@ class ResearchRunner:
         if cfg.tiered and cfg.enabled:
             from vllm_kvshrink.storage.policy import levels_for
 
+            if cfg.args.get("offload"):
+                from vllm_kvshrink.hf.offload import Offload
+
+                cache.offload = Offload(cfg.args["offload"])
             cache.levels = levels_for(cfg.storage)
             cache.level = None
             if cache.keys[0] is not None:  # a prefill: every token in bf16
@@ -277,6 +287,7 @@ class ResearchRunner:
         logits_out: list[torch.Tensor] = []
         kv_bytes: list[int] = []
         full_bytes: list[int] = []
+        off_bytes: list[int] = []
         merged = 0
         logical = 0
         last_merge = 0
@@ -322,6 +333,8 @@ class ResearchRunner:
                                 on_event(ev, cache)
                 kv_bytes.append(cache.kv_bytes())
                 full_bytes.append(self._full_bytes(cache, logical))
+                if cache.offload is not None:
+                    off_bytes.append(cache.offload.nbytes())
                 if pending:
                     continue
                 if forced is not None:
@@ -342,9 +355,13 @@ class ResearchRunner:
             getattr(self.method, "inner", None), "predictor", None)
         if pred is not None:
             stats["predictor"] = pred.summary()
+        if callable(getattr(self.method, "summary", None)):  # adaptive's choices
+            stats[self.method.name] = self.method.summary()
+        if cache.offload is not None:
+            stats["offload"] = dict(cache.offload.stats)
         return ResearchResult(tokens, events,
                               torch.cat(logits_out) if keep_logits else None,
-                              kv_bytes, full_bytes, merged, stats, cache)
+                              kv_bytes, full_bytes, merged, stats, cache, off_bytes)
 
     # ------------------------------------------------------------ internals
     def _token_bytes(self, cache: ResearchCache) -> int:
@@ -398,6 +415,17 @@ class ResearchRunner:
         return Observation(keys, q, qpos, list(cache.scales),
                            rope_inv_freq=self._inv_freq())
 
+    def _observation_over(self, cache: ResearchCache, keys: torch.Tensor,
+                          logical: int) -> Observation:
+        """An observation over ``keys`` ``[L, H, P, D]`` indexed by logical
+        position (the promotion view): a query's index is its position."""
+        q = qpos = None
+        if self.method.needs_queries:
+            q = torch.stack([qq for _, qq in cache.qring], dim=2)
+            qpos = torch.tensor([p for p, _ in cache.qring])
+        return Observation(keys, q, qpos, list(cache.scales),
+                           rope_inv_freq=self._inv_freq())
+
     def _inv_freq(self) -> torch.Tensor | None:
         """The model's RoPE frequencies where it uses plain rotate-half RoPE
         (read by ``expected_attention`` to average future rotations)."""
@@ -422,6 +450,10 @@ class ResearchRunner:
         budget = schedule.bytes_due(cfg, held, logical, prompt_len, token_bytes, loose)
         if budget is None:
             return None
+        if cache.offload is not None:
+            from vllm_kvshrink.hf.offload import promote_event
+
+            return promote_event(self, cache, state, logical, budget)
         obs = self._observation(cache, logical)
         values = torch.stack(cache.values)
         plan = tier_event(self.method, obs, state, cache.levels, budget,

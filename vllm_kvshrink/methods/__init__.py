@@ -36,6 +36,28 @@ def _unit(v):
     return 0.0 < v < 1.0
 
 
+#: What ``adaptive_scorers`` may name: every importance method of the registry
+#: but none / minicache / semantic / adaptive (checked against the registry).
+ADAPTIVE_CANDIDATES = ("streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
+                       "expected_attention")
+
+
+def adaptive_candidates() -> list[str]:
+    from vllm_kvshrink.methods.adaptive import EXCLUDED
+
+    return [n for n in _factories() if n not in EXCLUDED and n in ADAPTIVE_CANDIDATES]
+
+
+def _adaptive_ok(v) -> bool:
+    from vllm_kvshrink.methods.adaptive import parse_scorers
+
+    try:
+        parse_scorers(v, adaptive_candidates())
+    except ValueError:
+        return False
+    return True
+
+
 #: name -> Param.  Flat names, unique across methods.
 PARAMS: dict[str, Param] = {
     "ema_decay": Param(float, 0.9, "ema: weight of the past per observed query", _unit,
@@ -44,7 +66,8 @@ PARAMS: dict[str, Param] = {
                             "weights warmed up on the essays)"),
     "predictor_save": Param(str, "", "temporal: save the online-trained weights here "
                             "every 50 updates ('' = never)"),
-    "online": Param(bool, True, "temporal / semantic: keep training during serving"),
+    "online": Param(bool, True, "temporal / semantic: keep training during serving "
+                    "(adaptive's temporal candidate: off unless given)"),
     "lr": Param(float, 1e-3, "temporal / semantic: AdamW learning rate",
                 lambda v: 0 < v < 1, "0 < x < 1"),
     "train_rows": Param(int, 1024, "temporal: training rows sampled per event",
@@ -82,6 +105,23 @@ PARAMS: dict[str, Param] = {
                            "no RoPE frequencies (0 = none: window statistics without "
                            "future rotation)",
                            lambda v: v == 0 or v > 1, "0 or x > 1"),
+    "offload": Param(float, 0.0, "tiered storage: keep the originals of up to this "
+                     "fraction of the sequence's tokens (per layer and KV head) outside "
+                     "the budget and promote the ones the scorer expects to matter "
+                     "(research path only; 0 = demotion for good)",
+                     lambda v: 0.0 <= v <= 1.0, "0 <= x <= 1", research_only=True),
+    "adaptive_scorers": Param(str, "snapkv,expected_attention,ema", "adaptive: the "
+                              "candidate scorers, comma-separated, in priority order "
+                              "(ties go to the first)", lambda v: _adaptive_ok(v),
+                              "distinct, comma-separated names of "
+                              + ", ".join(ADAPTIVE_CANDIDATES)),
+    "adaptive_decay": Param(float, 0.5, "adaptive: weight of the past in each "
+                            "candidate's running held-out coverage", _unit, "0 < x < 1"),
+    "adaptive_frac": Param(float, 0.25, "adaptive: share of the measured tokens the "
+                           "held-out check counts as kept", _unit, "0 < x < 1"),
+    "adaptive_sink": Param(int, 4, "adaptive: first tokens left out of the held-out "
+                           "check (the event keeps them anyway)", lambda v: v >= 0,
+                           "a whole number >= 0"),
     "head_budget": Param(str, "uniform", "per-head (adaptive, AdaKV) or per-layer "
                          "(pyramid, PyramidKV) budgets; the engine serves uniform only",
                          lambda v: v in BUDGET_MODES, " | ".join(BUDGET_MODES),
@@ -116,6 +156,32 @@ def _expected_attention(cfg):
 
 
 _EA_PARAMS = ("ea_cov", "ea_vnorm", "ea_epsilon", "ea_future", "ea_sink", "ea_rope_theta")
+_TEMPORAL_PARAMS = ("predictor_path", "predictor_save", "online", "lr", "train_rows")
+#: adaptive's own arguments, then its candidates' (each applies only when its
+#: candidate is listed in ``adaptive_scorers``).
+_ADAPTIVE_PARAMS = ("adaptive_scorers", "adaptive_decay", "adaptive_frac",
+                    "adaptive_sink", "ema_decay") + _TEMPORAL_PARAMS + _EA_PARAMS
+
+
+def _adaptive(cfg):
+    """The candidates built by the registry's own factories (their arguments
+    and defaults apply); ``temporal`` offline unless ``online`` is given."""
+    from types import SimpleNamespace
+
+    from vllm_kvshrink.methods.adaptive import AdaptiveSelect, parse_scorers
+
+    a = cfg.args
+    given = getattr(cfg, "method_args", None) or {}
+    names = parse_scorers(a["adaptive_scorers"], adaptive_candidates())
+    factories = _factories()
+    sub_cfg = SimpleNamespace(method=None, pool_kernel=cfg.pool_kernel,
+                              args={**a, "online": bool(given.get("online", False))})
+    cands = []
+    for n in names:
+        sub_cfg.method = n
+        cands.append((n, factories[n].factory(sub_cfg)))
+    return AdaptiveSelect(cands, decay=a["adaptive_decay"], frac=a["adaptive_frac"],
+                          sink=a["adaptive_sink"])
 
 
 def _factories() -> dict[str, MethodSpec]:
@@ -158,12 +224,21 @@ def _factories() -> dict[str, MethodSpec]:
                                 "path only; arXiv:2405.14366)",
                                 ("minicache_start", "minicache_retain_cos"),
                                 servable=False),
+        "adaptive": MethodSpec(
+            _adaptive, "per request and layer, the candidate scorer (adaptive_scorers) "
+            "whose top tokens caught most of the held-out window queries' attention "
+            "(running average); a selection among the scorers above", _ADAPTIVE_PARAMS),
     }
 
 
 _SEMANTIC_PARAMS = ("merge_threshold", "embed_path", "online", "lr", "mass_correction")
 _SEMANTIC_DOC = ("SemanticAwareCompressor: evicted tokens merged into similar kept "
                  "ones (learned key embedding); '<method>+semantic' composes it")
+
+
+#: Not composable with ``+semantic``: no scorer, cross-layer merging, or
+#: (adaptive) nested candidates whose ``online`` would clash with semantic's.
+_NOT_COMPOSABLE = ("none", "minicache", "adaptive")
 
 
 def base_names() -> list[str]:
@@ -173,7 +248,7 @@ def base_names() -> list[str]:
 def available_methods() -> list[str]:
     """Every name ``VLLM_KVSHRINK_METHOD`` accepts (compositions included)."""
     names = base_names()
-    importance = [n for n in names if n not in ("none", "minicache")]
+    importance = [n for n in names if n not in _NOT_COMPOSABLE]
     return names + ["semantic"] + [f"{n}+semantic" for n in importance]
 
 
@@ -184,14 +259,14 @@ def parse_method(name: str) -> tuple[str, bool]:
     base, plus, tail = name.partition("+")
     if plus and tail != "semantic":
         raise ValueError(f"unknown composition {name!r}: only '<method>+semantic'")
-    if base not in _factories() or (plus and base in ("none", "minicache")):
+    if base not in _factories() or (plus and base in _NOT_COMPOSABLE):
         raise ValueError(f"unknown method {name!r}")
     return base, bool(plus)
 
 
 def method_params(name: str) -> tuple[str, ...]:
     base, merges = parse_method(name)
-    own = _factories()[base].params + ("head_budget",)
+    own = _factories()[base].params + ("head_budget", "offload")
     return tuple(dict.fromkeys(own + (_SEMANTIC_PARAMS if merges else ())))
 
 

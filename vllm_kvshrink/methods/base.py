@@ -42,6 +42,11 @@ class Observation:
             Llama) layout over the first ``2R`` dims of each head, as
             ``model.model.rotary_emb.inv_freq``; ``None`` = unknown.  Only
             methods that extrapolate queries to future positions read it.
+        key_mask: optional ``[L, Hkv, N]`` bool, the tokens that exist (the
+            research path's promotion view spans every logical position, and
+            tokens neither resident nor offloaded are gone): :meth:`probs`
+            gives the others no attention.  Scorers that read the keys
+            directly see zeros there; the tier policy never picks them.
     """
 
     keys: torch.Tensor
@@ -50,6 +55,7 @@ class Observation:
     scales: Sequence[float] | None = None
     values: Any = None
     rope_inv_freq: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
     _probs: torch.Tensor | None = field(default=None, repr=False)
     _attn: torch.Tensor | None = field(default=None, repr=False)
 
@@ -89,6 +95,8 @@ class Observation:
             logits *= self.scale_tensor().view(l, 1, 1, 1, 1)
             visible = torch.arange(n)[None, :] <= self.query_pos[:, None]
             logits.masked_fill_(~visible, float("-inf"))
+            if self.key_mask is not None:
+                logits.masked_fill_(~self.key_mask[:, :, None, None, :], float("-inf"))
             self._probs = torch.softmax(logits, dim=-1)
         return self._probs
 

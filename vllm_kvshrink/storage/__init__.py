@@ -10,6 +10,14 @@ Forms the tier policy may choose (:mod:`.quantized`, :mod:`.bf16`):
 * ``<form>_rot`` -- keys and values rotated per head by an orthonormal
   Hadamard matrix before quantization (spreads outlier channels).
 
+Research-path-only forms (:mod:`.lowrank`; the engine's packed pages cannot
+hold a per-row basis, the engine refuses them by name):
+
+* ``lr8_int2``, ``lr16_int2``, ``lr8_int4`` -- keys as a per-(layer, KV
+  head) mean and rank-``r`` SVD basis fitted to the tokens held, bf16
+  coefficients per token and a ``bits``-bit per-token residual; values per
+  token with the same bits.
+
 vLLM 0.32's own uniform formats (:mod:`.vllm_formats`) are registered apart:
 they are what users would pick instead, the evaluation's baselines, never a
 tier.
@@ -28,6 +36,7 @@ FULL = "bf16"
 @lru_cache(maxsize=None)
 def _ours() -> dict[str, StorageForm]:
     from vllm_kvshrink.storage.bf16 import BF16
+    from vllm_kvshrink.storage.lowrank import LowRankForm
     from vllm_kvshrink.storage.quantized import IntForm
 
     forms: dict[str, StorageForm] = {"bf16": BF16()}
@@ -40,6 +49,9 @@ def _ours() -> dict[str, StorageForm]:
         for rotate in (False, True):
             f = IntForm(4, key_axis, rotate, value_bits=2)
             forms[f.name] = f
+    for rank, bits in ((8, 2), (16, 2), (8, 4)):
+        f = LowRankForm(rank, bits)
+        forms[f.name] = f
     return forms
 
 

@@ -17,7 +17,8 @@ keeps the same offsets.  Codes are the quantizer's (:func:`vllm_kvshrink.
 kernels.quantize`, per token over the head's channels); a ``_rot`` form
 stores ``x @ H`` (:mod:`.hadamard`) and attention reads it in the rotated
 space (queries rotated, the output rotated back once).  Only token-axis forms
-(``*_tok``) can be paged: a per-channel key group spans tokens.
+(``*_tok``) can be paged: a per-channel key group spans tokens, and a
+low-rank form's (:mod:`.lowrank`) basis and mean are shared by a whole row.
 
 This module is the format's one definition: the worker packs with
 :func:`pack`, the kernels (C++, Triton) read what it writes, and
@@ -79,21 +80,43 @@ class PagedForm:
         return self.k_bits, self.v_bits, int(self.rotate)
 
 
+def unpageable_reason(name: str) -> str | None:
+    """Why form ``name`` cannot be held in the engine's packed pages (a
+    phrase with the form as its subject), ``None`` if it can: ``bf16`` and
+    the token-axis integer forms (every token's codes and parameters its
+    own) can."""
+    from vllm_kvshrink.storage.lowrank import LowRankForm
+    from vllm_kvshrink.storage.quantized import IntForm
+
+    f = get_form(name)
+    if name == "bf16" or (isinstance(f, IntForm) and f.key_axis == "token"):
+        return None
+    if isinstance(f, LowRankForm):
+        return ("keeps keys on a per-row basis (a mean and a low-rank basis per "
+                "(layer, KV head) shared by all its tokens)")
+    if getattr(f, "key_axis", None) == "channel":
+        return "keeps keys per channel in groups of tokens"
+    return "is not a token-axis integer form"
+
+
 def pageable(name: str) -> bool:
     """Whether form ``name`` can be held in the engine's packed pages."""
-    f = get_form(name)
-    return name == "bf16" or getattr(f, "key_axis", None) == "token"
+    return unpageable_reason(name) is None
 
 
 @lru_cache(maxsize=64)
 def paged_form(name: str, head_dim: int, block_size: int, elem_bytes: int) -> PagedForm:
     """The paged layout of form ``name`` (a ``*_tok`` form of
     :mod:`.quantized`) in pages of ``block_size`` tokens of ``elem_bytes``."""
+    from vllm_kvshrink.storage.lowrank import LowRankForm
+
     f = get_form(name)
     if getattr(f, "key_axis", None) != "token":
+        why = ("a per-row basis and mean, shared by all its tokens"
+               if isinstance(f, LowRankForm) else "per-channel groups")
         raise ValueError(
             f"storage form {name!r} cannot be held in the engine's packed blocks: "
-            f"its keys share parameters across tokens (per-channel groups); "
+            f"its keys share parameters across tokens ({why}); "
             f"allowed in the engine: bf16 and the token-axis forms (*_tok, *_tok_rot)")
     pf = PagedForm(name, f.bits, f.value_bits, f.rotate, head_dim,
                    2 * block_size * head_dim * elem_bytes)

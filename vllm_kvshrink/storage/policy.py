@@ -20,11 +20,15 @@ Every (layer, head) holds the *same number* of tokens in each form -- vLLM
 gives a request one block table, so a packed block's token count is shared
 by every layer and head -- but *which* tokens differs per (layer, head).
 
-Demotion only: a token already held in a form can stay there, move to a
-form with fewer bytes, or be evicted, never go back up (its original bits
-are gone).  If some (layer, head) has fewer candidates for a form than the
-split asks for, the count is cut to what every (layer, head) can fill; the
-bytes left over stay unused (the budget still holds).
+Demotion only, unless an original is kept: a token already held in a form
+can stay there, move to a form with fewer bytes, or be evicted, never go
+back up (its original bits are gone).  The research path's optional offload
+copy (:mod:`vllm_kvshrink.hf.offload`) keeps originals of demoted and
+evicted tokens outside the budget; a token whose original is there counts as
+``bf16`` for the plan, so it may be promoted.  If some (layer, head) has
+fewer candidates for a form than the split asks for, the count is cut to
+what every (layer, head) can fill; the bytes left over stay unused (the
+budget still holds).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class TierPlan:
     level: torch.Tensor
     counts: list[int]
     nbytes: int
+    #: ``[L, H, N]`` the scorer's scores the plan was made from
+    scores: torch.Tensor | None = None
 
     def keep(self) -> torch.Tensor:
         """``[L, H, K]`` ascending indices of the tokens not evicted."""
@@ -126,11 +132,16 @@ def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
     q = obs.queries[pick].float().view(l, h, hq // h, w, d)
     scale = obs.scale_tensor()[pick].view(l, 1, 1, 1, 1)
     visible = torch.arange(n)[None, :] <= obs.query_pos[:, None]  # [W, N]
+    exists = (None if obs.key_mask is None else
+              obs.key_mask[pick][:, :, None, None, :])  # tokens that are held
 
     def out(k, v, mask=None):
         logits = torch.einsum("lhgwd,lhnd->lhgwn", q, k.float()) * scale
         vis = visible if mask is None else visible & mask[None, :]
-        p = torch.softmax(logits.masked_fill(~vis, float("-inf")), dim=-1)
+        logits = logits.masked_fill(~vis, float("-inf"))
+        if exists is not None:
+            logits = logits.masked_fill(~exists, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
         return torch.einsum("lhgwn,lhnd->lhgwd", p, v.float())
 
     ref = out(keys, values)
@@ -171,6 +182,7 @@ def plan_tiers(
     distortion: Sequence[float],
     current: torch.Tensor | None = None,
     bf16_free: bool = True,
+    available: torch.Tensor | None = None,
 ) -> TierPlan:
     """Assign every token a level so the bytes held fit ``budget_bytes``.
 
@@ -184,6 +196,9 @@ def plan_tiers(
             ``None`` (all ``bf16``).
         bf16_free: whether unprotected tokens may stay in ``bf16`` (the
             storage names it); sinks and the recent window always do.
+        available: ``[L, H, N]`` bool, the tokens that exist (``None``: all);
+            the others are evicted whatever their score (the promotion view
+            spans every logical position).
 
     Returns:
         :class:`TierPlan`.  Raises ``ValueError`` if the protected tokens alone
@@ -205,8 +220,14 @@ def plan_tiers(
         raise ValueError(f"the sinks and recent window ({n_prot} tokens, {prot_bytes} "
                          f"bytes) exceed the byte budget {budget_bytes}")
     free = ~protect
+    if available is not None and not bool(available[:, :, protect].all()):
+        raise ValueError("a protected token (sink or recent) is not available")
     s = scores.float().nan_to_num(nan=0.0)[:, :, free]  # [L, H, M]
-    s = s - s.amin(-1, keepdim=True).clamp_max(0.0)
+    have = None if available is None else available[:, :, free]
+    low = s if have is None else s.masked_fill(~have, float("inf"))
+    s = s - low.amin(-1, keepdim=True).clamp_max(0.0)
+    if have is not None:
+        s = s.masked_fill(~have, 0.0)
     s = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
     w = torch.sort(s, dim=-1, descending=True).values.mean((0, 1))  # [M]
     cost = [f.bytes_per_token(head_dim) for f in forms]
@@ -245,6 +266,8 @@ def plan_tiers(
     final = []
     for i in range(nl):
         eligible = (~taken) & (current <= i)
+        if available is not None:
+            eligible &= available
         want = min(counts[i], int(eligible.sum(-1).min())) if counts[i] else 0
         if want:
             r = ranked.masked_fill(~eligible, float("-inf"))
@@ -253,16 +276,20 @@ def plan_tiers(
             taken.scatter_(2, idx, True)
         final.append(want)
     final[0] += n_prot
-    return TierPlan(tuple(levels), level, final, held_bytes(level, levels, head_dim))
+    return TierPlan(tuple(levels), level, final, held_bytes(level, levels, head_dim),
+                    scores)
 
 
 def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: int,
                sink_tokens: int, recent_tokens: int, values: torch.Tensor,
-               current: torch.Tensor | None, bf16_free: bool = True) -> TierPlan:
+               current: torch.Tensor | None, bf16_free: bool = True,
+               carry: torch.Tensor | None = None) -> TierPlan:
     """One tiered compression event of one request: score with ``method``
     (any importance method), measure each form's distortion on this cache,
-    plan the forms, carry the method's state to the kept tokens.  The
-    research path calls exactly this; ``values`` ``[L, H, N, D]``."""
+    plan the forms, carry the method's state to the kept tokens (or to
+    ``carry`` ``[L, H, K]``: the promotion view keeps every position).  The
+    research path calls exactly this; ``values`` ``[L, H, N, D]``; tokens
+    outside ``obs.key_mask`` are never kept."""
     if method.merges:
         raise ValueError(f"method {method.name!r} merges K/V; tiered storage takes an "
                          f"importance method")
@@ -274,8 +301,8 @@ def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: in
     if dist is None:  # query-free scorers: the K/V error itself
         dist = measure_distortion(obs.keys, values, levels)
     plan = plan_tiers(scores, levels, budget_bytes, d, sink_tokens, recent_tokens, dist,
-                      current=current, bf16_free=bf16_free)
-    method.update(state, plan.keep())
+                      current=current, bf16_free=bf16_free, available=obs.key_mask)
+    method.update(state, plan.keep() if carry is None else carry)
     return plan
 
 
