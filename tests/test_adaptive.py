@@ -10,7 +10,6 @@ model through the research path, eviction and tiered storage.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvshrink.methods.base import Observation
 from vllm_kvshrink.storage.policy import EVICTED, apply_tiers, tier_event
 
 
@@ -51,10 +50,13 @@ class Offload:
     ``held`` (``[L, H, P]`` bool) count as kept; the rest are gone."""
 
     fraction: float
+    #: an evicted token's score is divided by this before it competes with
+    #: resident ones (1: none); damps the churn of a noisy scorer
+    margin: float = 1.0
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     held: torch.Tensor | None = None
-    #: whether each position's original is known (held in bf16, or offloaded)
+    #: tokens promoted and bytes moved, summed over the request's events
     stats: dict = field(default_factory=lambda: {
         "events": 0, "promoted_tokens": 0, "promoted_bytes": 0, "scan_bytes": 0,
         "written_bytes": 0, "dropped_tokens": 0})
@@ -121,9 +123,12 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
     obs = runner._observation_over(cache, keys, logical)
     obs.key_mask = exists
     every = torch.arange(p).expand(l, h, p)
+    weight = None
+    if off.margin != 1.0:  # an evicted token must clear the margin to return
+        weight = torch.ones(l, h, p).masked_fill(~resident, 1.0 / off.margin)
     plan = tier_event(runner.method, obs, state, cache.levels, budget, cfg.sink_tokens,
                       cfg.recent_tokens, values, current,
-                      bf16_free="bf16" in cfg.storage, carry=every)
+                      bf16_free="bf16" in cfg.storage, carry=every, weight=weight)
     keep = plan.keep()
     new_k_res, new_v_res = apply_tiers(plan, keys, values, keep)
     new_level = plan.level

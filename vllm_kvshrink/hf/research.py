@@ -275,7 +275,7 @@ class ResearchRunner:
             if cfg.args.get("offload"):
                 from vllm_kvshrink.hf.offload import Offload
 
-                cache.offload = Offload(cfg.args["offload"])
+                cache.offload = Offload(cfg.args["offload"], cfg.args["promote_margin"])
             cache.levels = levels_for(cfg.storage)
             cache.level = None
             if cache.keys[0] is not None:  # a prefill: every token in bf16

@@ -122,6 +122,10 @@ PARAMS: dict[str, Param] = {
     "adaptive_sink": Param(int, 4, "adaptive: first tokens left out of the held-out "
                            "check (the event keeps them anyway)", lambda v: v >= 0,
                            "a whole number >= 0"),
+    "promote_margin": Param(float, 1.0, "promotion: an evicted token's score is "
+                            "divided by this before it competes with resident ones "
+                            "(research path only; 1 = none)",
+                            lambda v: v >= 1.0, "x >= 1", research_only=True),
     "head_budget": Param(str, "uniform", "per-head (adaptive, AdaKV) or per-layer "
                          "(pyramid, PyramidKV) budgets; the engine serves uniform only",
                          lambda v: v in BUDGET_MODES, " | ".join(BUDGET_MODES),
@@ -266,7 +270,7 @@ def parse_method(name: str) -> tuple[str, bool]:
 
 def method_params(name: str) -> tuple[str, ...]:
     base, merges = parse_method(name)
-    own = _factories()[base].params + ("head_budget", "offload")
+    own = _factories()[base].params + ("head_budget", "offload", "promote_margin")
     return tuple(dict.fromkeys(own + (_SEMANTIC_PARAMS if merges else ())))
 
 

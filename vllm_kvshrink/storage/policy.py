@@ -183,6 +183,7 @@ def plan_tiers(
     current: torch.Tensor | None = None,
     bf16_free: bool = True,
     available: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> TierPlan:
     """Assign every token a level so the bytes held fit ``budget_bytes``.
 
@@ -199,6 +200,10 @@ def plan_tiers(
         available: ``[L, H, N]`` bool, the tokens that exist (``None``: all);
             the others are evicted whatever their score (the promotion view
             spans every logical position).
+        weight: ``[L, H, N]`` factors (> 0) on each token's score after the
+            scores of its row are shifted to start at 0 (``None``: 1); the
+            promotion view uses it for a margin a token must clear to come
+            back from eviction.
 
     Returns:
         :class:`TierPlan`.  Raises ``ValueError`` if the protected tokens alone
@@ -222,6 +227,10 @@ def plan_tiers(
     free = ~protect
     if available is not None and not bool(available[:, :, protect].all()):
         raise ValueError("a protected token (sink or recent) is not available")
+    if weight is not None:  # rank by the weighted, shifted scores
+        z = scores.float().nan_to_num(nan=0.0, neginf=0.0, posinf=0.0)
+        base = z if available is None else z.masked_fill(~available, float("inf"))
+        scores = (z - base.amin(-1, keepdim=True)).clamp_min(0.0) * weight
     s = scores.float().nan_to_num(nan=0.0)[:, :, free]  # [L, H, M]
     have = None if available is None else available[:, :, free]
     low = s if have is None else s.masked_fill(~have, float("inf"))
@@ -283,7 +292,8 @@ def plan_tiers(
 def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: int,
                sink_tokens: int, recent_tokens: int, values: torch.Tensor,
                current: torch.Tensor | None, bf16_free: bool = True,
-               carry: torch.Tensor | None = None) -> TierPlan:
+               carry: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None) -> TierPlan:
     """One tiered compression event of one request: score with ``method``
     (any importance method), measure each form's distortion on this cache,
     plan the forms, carry the method's state to the kept tokens (or to
@@ -301,7 +311,8 @@ def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: in
     if dist is None:  # query-free scorers: the K/V error itself
         dist = measure_distortion(obs.keys, values, levels)
     plan = plan_tiers(scores, levels, budget_bytes, d, sink_tokens, recent_tokens, dist,
-                      current=current, bf16_free=bf16_free, available=obs.key_mask)
+                      current=current, bf16_free=bf16_free, available=obs.key_mask,
+                      weight=weight)
     method.update(state, plan.keep() if carry is None else carry)
     return plan
 
