@@ -58,7 +58,7 @@ def _full_pass(model, ids):
     from vllm_kvshrink.config import KVShrinkConfig
     from vllm_kvshrink.hf.research import ResearchRunner
 
-    runner = ResearchRunner(model, KVShrinkConfig(obs_window=len(ids)))
+    runner = ResearchRunner(model, KVShrinkConfig(obs_window=len(ids), recent_tokens=len(ids)))
     attn: dict[int, torch.Tensor] = {}
     res = runner.run(ids, on_attention=lambda li, p: attn.__setitem__(li, p.mean(dim=1)))
     c = res.cache
