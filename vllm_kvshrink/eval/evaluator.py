@@ -162,21 +162,16 @@ class ResearchEvaluator:
         known = available_methods()
         for m in dict.fromkeys(methods + [m for t in tasks for m in t.get("methods", [])]):
             method, storage, _ = parse_row(m)
-            if row_args(m)[1]:
-                try:
-                    KVShrinkConfig(method=method, storage=storage or "bf16", budget=0.5,
-                                   method_args=_method_args(m),
-                                   source={"method_args": f"methods[{m!r}]"})
-                except ValueError as e:
-                    raise EvalError(str(e)) from None
             if method not in known:
                 raise EvalError(f"methods: {m!r} is not a known method; allowed: "
                                 f"{', '.join(known + list(STORAGE_BASELINES))}, "
                                 f"'<method>/<forms>' or 'uniform:<form>'")
-            if storage is not None:
-                try:
-                    KVShrinkConfig(method=method, storage=storage, budget=0.5,
-                                   source={"storage": f"methods[{m!r}]"})
+            if storage is not None or row_args(m)[1]:
+                try:  # the plugin's own checks of the forms and the arguments
+                    KVShrinkConfig(method=method, storage=storage or "bf16", budget=0.5,
+                                   method_args=_method_args(m),
+                                   source={"storage": f"methods[{m!r}]",
+                                           "method_args": f"methods[{m!r}]"})
                 except ValueError as e:
                     raise EvalError(str(e)) from None
         self.methods = ["none"] + [m for m in dict.fromkeys(methods) if m != "none"]
@@ -434,9 +429,8 @@ class ResearchEvaluator:
                   "promoted_per_token", "scan_per_token", "offload_stats"):
             if k in run:
                 out[k] = run[k]
-        for name in ("adaptive",):
-            if name in run["stats"]:
-                out[name] = run["stats"][name]
+        if "adaptive" in run["stats"]:  # its choices per candidate
+            out["adaptive"] = run["stats"]["adaptive"]
         pred = run["stats"].get("predictor")
         if pred:
             out["predictor"] = pred

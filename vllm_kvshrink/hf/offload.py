@@ -13,7 +13,7 @@ precise form, or back from eviction, from its original bits.  The new
 offload copy is then the highest-scored demoted and evicted tokens whose
 originals are known, up to the bound; the rest are dropped for good.
 
-Three byte counts are kept apart from the resident bytes the budget bounds:
+Four byte counts are kept apart from the resident bytes the budget bounds:
 
 * ``offload_bytes`` -- originals held in the copy (16-bit K and V);
 * ``promoted_bytes`` -- originals read back for promoted tokens (K + V);
@@ -120,7 +120,7 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
     current = torch.where(original, torch.zeros_like(res_level), res_level)
     current = current.masked_fill(~exists, 0)
 
-    obs = runner._observation_over(cache, keys, logical)
+    obs = runner._observation(cache, logical, keys)
     obs.key_mask = exists
     every = torch.arange(p).expand(l, h, p)
     weight = None
@@ -161,8 +161,5 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
         cache.values[layer] = new_v_res[layer].to(cache.values[layer].dtype)
     cache.logical = keep.to(cache.logical.dtype)
     cache.level = new_level.gather(2, keep)
-    return {"logical_len": logical, "old_len": k, "keep": keep.shape[-1],
-            "method": cfg.method, "kept": cache.logical.tolist(),
-            "storage": list(cache.levels), "counts": plan.counts,
-            "level": cache.level.tolist(), "bytes": plan.nbytes, "budget_bytes": budget,
-            "offload_bytes": off.nbytes(), "promoted": int(up.sum()), "_merged": 0}
+    return runner._tier_record(cache, logical, k, plan, budget,
+                               offload_bytes=off.nbytes(), promoted=int(up.sum()))

@@ -405,26 +405,30 @@ class ResearchRunner:
                 cache.keys[layer], cache.values[layer])
         cache.store_active = True
 
-    def _observation(self, cache: ResearchCache, logical: int) -> Observation:
-        keys = torch.stack(cache.keys)  # [L, H, N, D]
+    def _observation(self, cache: ResearchCache, logical: int,
+                     keys: torch.Tensor | None = None) -> Observation:
+        """The observation of an event over the stored keys, or over
+        ``keys`` ``[L, H, P, D]`` (the promotion view: one index per logical
+        position).  Either way the newest tokens end the key axis, so a
+        query's index is its distance back from the end."""
+        keys = torch.stack(cache.keys) if keys is None else keys  # [L, H, N, D]
         q = qpos = None
         if self.method.needs_queries:
             q = torch.stack([qq for _, qq in cache.qring], dim=2)  # [L, Hq, m, D]
             pos = torch.tensor([p for p, _ in cache.qring])
-            qpos = cache.length - (logical - pos)
+            qpos = keys.shape[2] - (logical - pos)
         return Observation(keys, q, qpos, list(cache.scales),
                            rope_inv_freq=self._inv_freq())
 
-    def _observation_over(self, cache: ResearchCache, keys: torch.Tensor,
-                          logical: int) -> Observation:
-        """An observation over ``keys`` ``[L, H, P, D]`` indexed by logical
-        position (the promotion view): a query's index is its position."""
-        q = qpos = None
-        if self.method.needs_queries:
-            q = torch.stack([qq for _, qq in cache.qring], dim=2)
-            qpos = torch.tensor([p for p, _ in cache.qring])
-        return Observation(keys, q, qpos, list(cache.scales),
-                           rope_inv_freq=self._inv_freq())
+    def _tier_record(self, cache: ResearchCache, logical: int, old_len: int, plan,
+                     budget: int, **extra) -> dict:
+        """The record of a tier event, as the engine writes it (after the
+        cache was rewritten)."""
+        return {"logical_len": logical, "old_len": old_len, "keep": cache.logical.shape[-1],
+                "method": self.cfg.method, "kept": cache.logical.tolist(),
+                "storage": list(cache.levels), "counts": plan.counts,
+                "level": cache.level.tolist(), "bytes": plan.nbytes,
+                "budget_bytes": budget, **extra, "_merged": 0}
 
     def _inv_freq(self) -> torch.Tensor | None:
         """The model's RoPE frequencies where it uses plain rotate-half RoPE
@@ -465,11 +469,7 @@ class ResearchRunner:
             cache.keys[layer], cache.values[layer] = keys[layer], vals[layer]
         cache.logical = cache.logical.gather(2, keep)
         cache.level = plan.level.gather(2, keep)
-        return {"logical_len": logical, "old_len": n, "keep": keep.shape[-1],
-                "method": cfg.method, "kept": cache.logical.tolist(),
-                "storage": list(cache.levels), "counts": plan.counts,
-                "level": cache.level.tolist(), "bytes": plan.nbytes,
-                "budget_bytes": budget, "_merged": 0}
+        return self._tier_record(cache, logical, n, plan, budget)
 
     def _maybe_compress(self, cache: ResearchCache, state: dict, logical: int,
                         prompt_len: int) -> dict | None:
