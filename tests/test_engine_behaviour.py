@@ -19,6 +19,14 @@ def _llm(model_path, **kw):
     return base
 
 
+#: Tests that compare a compressing engine's uncompressed requests with stock
+#: run in fp32: in bf16 vLLM's CPU kernel splits work by the whole batch's
+#: sequence lengths (a neighbour's compacted cache changes the rounding), and
+#: on AMX CPUs a compressing engine runs vLLM's 'vec' kernel where stock runs
+#: 'amx' (attention/cpu.py) -- a greedy flip would then be noise, not a leak.
+FP32 = {"dtype": "float32"}
+
+
 def _spec(model_path, prompts, max_tokens=32, **kw):
     return {
         "llm": _llm(model_path, **kw.pop("llm", {})),
@@ -36,10 +44,11 @@ def test_off_is_stock(model_path, essay_prompts):
     """Plugin absent, plugin with method none, and every request opting out of
     an active method: greedy tokens identical."""
     prompts = essay_prompts[:4]
-    absent = run_engine(_spec(model_path, prompts), {"VLLM_PLUGINS": "no-such-plugin"})
-    none = run_engine(_spec(model_path, prompts), {"VLLM_KVSHRINK_METHOD": "none"})
+    absent = run_engine(_spec(model_path, prompts, llm=FP32),
+                        {"VLLM_PLUGINS": "no-such-plugin"})
+    none = run_engine(_spec(model_path, prompts, llm=FP32), {"VLLM_KVSHRINK_METHOD": "none"})
     opted_out = run_engine(
-        _spec(model_path, prompts,
+        _spec(model_path, prompts, llm=FP32,
               per_request_extra={i: {"method": "none"} for i in range(len(prompts))}),
         {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64"},
     )
@@ -90,10 +99,10 @@ def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts):
     p = essay_prompts[0]
     prompts = [p, p, p, essay_prompts[1]]
     extra = {0: {"method": "none"}, 2: {"method": "none"}}
-    stock = run_engine(_spec(model_path, prompts, max_tokens=48, arrival=1),
+    stock = run_engine(_spec(model_path, prompts, max_tokens=48, arrival=1, llm=FP32),
                        {"VLLM_KVSHRINK_METHOD": "none"})
     result = run_engine(
-        _spec(model_path, prompts, max_tokens=48, per_request_extra=extra, arrival=1,
+        _spec(model_path, prompts, max_tokens=48, per_request_extra=extra, arrival=1, llm=FP32,
               check_invariants=True),
         {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "128",
          "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_KVSHRINK_STRICT": "1"})
@@ -108,11 +117,12 @@ def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts):
 
 def test_per_request_budget_and_fallback(model_path, essay_prompts):
     """Request 0 fails inside compaction (injected): it is served uncompressed,
-    identical to stock, and counted.  Request 1 asks for a bigger budget."""
+    identical to stock, and counted.  Request 1 asks for a bigger budget.
+    fp32: see FP32."""
     prompts = essay_prompts[:3]
-    stock = run_engine(_spec(model_path, prompts), {"VLLM_KVSHRINK_METHOD": "none"})
+    stock = run_engine(_spec(model_path, prompts, llm=FP32), {"VLLM_KVSHRINK_METHOD": "none"})
     result = run_engine(
-        _spec(model_path, prompts, per_request_extra={1: {"budget": 400}}),
+        _spec(model_path, prompts, llm=FP32, per_request_extra={1: {"budget": 400}}),
         {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64",
          "VLLM_KVSHRINK_INJECT_FAULT": "0-", "VLLM_KVSHRINK_RECORD_DIR": "",
          "VLLM_KVSHRINK_SLACK_TOKENS": "16"})

@@ -98,10 +98,12 @@ def test_engine_matches_dequantized_replay(model_path, hf_model, prompts, storag
         assert len(evs) >= 2
         packed_seen |= any(sum(e["counts"][1:]) > 0 for e in evs)
         logits = replay_tier_logits(hf_model, tokens, evs)
-        verdict = compare_greedy(logits, tokens, len(p))
+        # Compiled mode: inductor's fused kernels reorder fp32 reductions
+        # (1.4e-3 logit gap seen at a flip on an AVX-512 Xeon); eager: 1e-4.
+        verdict = compare_greedy(logits, tokens, len(p), tie_margin=1e-4 if eager else 5e-3)
         assert verdict["mismatch"] is None or verdict["tie"], (
             f"request {i}: engine token at {verdict['mismatch']} differs from the "
-            f"dequantized replay ({len(evs)} events)")
+            f"dequantized replay ({len(evs)} events; logit gap {verdict['gap']:.2e})")
         # Teeth: the forms change the logits beyond noise (a mask-only replay
         # is measurably different from the dequantized one).
         masked = replay_logits(hf_model, tokens, evs)
@@ -167,6 +169,9 @@ def test_engine_refuses_forms_it_cannot_page(model_path):
         run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
                    {"VLLM_KVSHRINK_STORAGE": "bf16,int4_tok"})
     assert "VLLM_KVSHRINK_METHOD is 'none'" in str(err.value)
+    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
+        pytest.skip("the fp8 half needs vLLM's CPU fp8 KV cache (AVX-512 or AMX); "
+                    "without it vLLM itself refuses kv_cache_dtype='fp8' first")
     fp8 = _spec(model_path, [[1, 2, 3]], dtype="bfloat16", llm={"kv_cache_dtype": "fp8"})
     with pytest.raises(RuntimeError) as err:
         run_engine(fp8, _env("bf16,int4_tok", "0.25"))

@@ -80,7 +80,7 @@ def test_no_eviction_is_exactly_the_full_cache(tmp_path, model_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"preset": "fast"}, r"preset='fast' is not known; allowed: smoke, quick, tiers, full"),
+    ({"preset": "fast"}, r"preset='fast' is not known; allowed: smoke, quick, tiers, ours, full"),
     ({"methods": ["h2oo"]}, r"methods: 'h2oo' is not a known method; allowed: none"),
     ({"budgets": [1.5]}, r"budgets=1.5 is out of range"),
     ({"budgets": []}, r"budgets: none given"),

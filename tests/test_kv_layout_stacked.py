@@ -11,7 +11,9 @@ from vllm_kvshrink.worker.kv_layout import (
     move_tokens_stacked,
     read_keys,
     read_keys_stacked,
+    read_values_stacked,
     stack_layers,
+    write_tokens_stacked,
 )
 
 
@@ -59,6 +61,40 @@ def test_stacked_equals_per_layer(kind, dtype):
         move_tokens(c, lay, table[keep[i] // bs], keep[i] % bs, region[dst // bs], dst % bs,
                     fast=False)
     assert torch.equal(stack_src, torch.cat([c.flatten() for c in per_layer]))
+
+
+@pytest.mark.parametrize("kind", ["k_transposed", "row_major", "generic"])
+def test_values_and_writes_follow_the_index_maps(kind):
+    """Reading values and writing new tokens (merges, tier pages) agree with a
+    plain element-by-element walk of the layout's index maps -- the generic
+    path is the one vLLM's AMX layout takes."""
+    layers, nb, h, bs, d = 3, 6, 2, 32, 16
+    lay = _layout(kind, bs, d)
+    caches = [c.view(nb, h, bs, 2 * d) for c in torch.randn(layers * nb * h * bs * 2 * d)
+              .to(torch.bfloat16).chunk(layers)]
+    stack = stack_layers(caches)
+    g = torch.Generator().manual_seed(2)
+    blocks, offs = torch.randint(0, nb, (9,), generator=g), torch.randint(0, bs, (9,), generator=g)
+    flat = stack.reshape(layers, nb, h, 2 * bs * d)
+    want = torch.empty(layers, h, 9, d, dtype=stack.dtype)
+    for li in range(layers):
+        for hi in range(h):
+            for n in range(9):
+                want[li, hi, n] = flat[li, blocks[n], hi, lay.value_index[offs[n]]]
+    assert torch.equal(read_values_stacked(stack, lay, blocks, offs), want)
+    dst_b = torch.tensor([1, 1, 4, 5])
+    dst_o = torch.tensor([0, 7, 31, 3])
+    keys = torch.randn(layers, h, 4, d, generator=g)
+    vals = torch.randn(layers, h, 4, d, generator=g)
+    before = flat.clone()
+    write_tokens_stacked(stack, lay, keys, vals, dst_b, dst_o)
+    expect = before.clone()
+    for li in range(layers):
+        for hi in range(h):
+            for n in range(4):
+                expect[li, dst_b[n], hi, lay.key_index[dst_o[n]]] = keys[li, hi, n].bfloat16()
+                expect[li, dst_b[n], hi, lay.value_index[dst_o[n]]] = vals[li, hi, n].bfloat16()
+    assert torch.equal(flat, expect)
 
 
 def test_stack_refuses_non_adjacent_layers():

@@ -142,7 +142,8 @@ def compare_greedy(
 ) -> dict:
     """Check that each generated token is the replay's argmax.
 
-    Returns ``{"checked": n, "mismatch": index or None, "tie": bool}``; a
+    Returns ``{"checked": n, "mismatch": index or None, "tie": bool, "gap":
+    replay's top logit minus the engine token's}``; a
     mismatch where the replay's top-2 logits are within ``tie_margin`` is a
     numerical tie, after which the sequences may legitimately diverge.
     """
@@ -153,6 +154,6 @@ def compare_greedy(
         checked += 1
         if pred != token_ids[pos]:
             top = torch.topk(row, 2).values
-            tie = float(top[0] - row[token_ids[pos]]) < tie_margin
-            return {"checked": checked, "mismatch": pos, "tie": tie}
-    return {"checked": checked, "mismatch": None, "tie": False}
+            gap = float(top[0] - row[token_ids[pos]])
+            return {"checked": checked, "mismatch": pos, "tie": gap < tie_margin, "gap": gap}
+    return {"checked": checked, "mismatch": None, "tie": False, "gap": 0.0}

@@ -136,9 +136,16 @@ def read_keys(
     """
     if fast and layout.kind != "generic":
         return read_keys_stacked(cache[None], layout, blocks, offsets)[0]
+    return _gather(cache, layout.key_index, blocks, offsets)
+
+
+def _gather(cache: torch.Tensor, index: torch.Tensor, blocks: torch.Tensor,
+            offsets: torch.Tensor) -> torch.Tensor:
+    """Index-map read of one half (``index``: the layout's key or value map):
+    ``[num_kv_heads, n, head_size]``."""
     nb, h = cache.shape[:2]
-    flat = cache.view(nb, h, layout.region_size)
-    idx = layout.key_index[offsets]  # [n, D]
+    flat = cache.view(nb, h, -1)
+    idx = index[offsets]  # [n, D]
     # [n, 1, D] block x [1, H, 1] head -> [n, H, D]
     heads = torch.arange(h)[None, :, None]
     out = flat[blocks[:, None, None], heads, idx[:, None, :]]
@@ -274,8 +281,8 @@ def read_values_stacked(
     stack: torch.Tensor, layout: TokenLayout, blocks: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
     """Values of the given tokens in every layer: ``[L, H, n, D]`` (storage dtype)."""
-    if layout.kind == "generic":
-        raise NotImplementedError("reading values needs a known in-block layout")
+    if layout.kind == "generic":  # e.g. the AMX layout: index maps, layer by layer
+        return torch.stack([_gather(c, layout.value_index, blocks, offsets) for c in stack])
     _, v = _stacked_halves(stack, layout)
     return v[:, blocks, :, offsets].permute(1, 2, 0, 3)
 
@@ -297,8 +304,17 @@ def write_tokens_stacked(
     """Write per-(layer, head) keys and values ``[L, H, k, D]`` to the slots
     ``dst_blocks, dst_offsets`` ``[k]`` of every layer (new content, e.g.
     merged tokens; values are cast to the cache's dtype)."""
-    if layout.kind == "generic":
-        raise NotImplementedError("writing tokens needs a known in-block layout")
+    if layout.kind == "generic":  # e.g. the AMX layout: index maps, layer by layer
+        nb, h = stack.shape[1:3]
+        heads = torch.arange(h)[:, None, None]  # [H, 1, 1]
+        kidx = layout.key_index[dst_offsets][None]  # [1, k, D]
+        vidx = layout.value_index[dst_offsets][None]
+        db = dst_blocks[None, :, None]
+        for i, c in enumerate(stack):
+            flat = c.view(nb, h, layout.region_size)
+            flat[db, heads, kidx] = _to_storage(keys[i], stack.dtype)
+            flat[db, heads, vidx] = _to_storage(values[i], stack.dtype)
+        return
     l, _, h = stack.shape[:3]
     k, v = _stacked_halves(stack, layout)
     li = torch.arange(l)[:, None, None]
