@@ -3,6 +3,18 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engine_runs_forked():
+    """Engine runs fork from one process that imported torch and vLLM once
+    (vllm_kvshrink/bench/forkserver.py): the suite's engine tests start a
+    few dozen engines, and the import is most of a short run."""
+    from vllm_kvshrink.bench import launch
+
+    launch.FORK_SERVER = True
+    yield
+    launch.FORK_SERVER = False
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from vllm_kvshrink.assets import default_model_path

@@ -143,3 +143,22 @@ def test_max_model_len_is_logical(model_path, essay_prompts):
     assert ours["kvshrink"]["compactions"] > 0
     n = len(ours["outputs"]["0"]["token_ids"])
     assert n == len(stock["outputs"]["0"]["token_ids"]) == 512 - 400
+
+
+def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkeypatch):
+    """The suite forks engine runs from one process that imported torch and
+    vLLM (bench/forkserver.py): a forked run must be the run a fresh
+    interpreter makes -- same tokens, same plugin counters, plugin registered
+    from the child's own settings."""
+    from vllm_kvshrink.bench import launch
+
+    spec = _spec(model_path, essay_prompts[:2], llm=FP32)
+    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64"}
+    forked = run_engine(spec, env)
+    monkeypatch.setattr(launch, "FORK_SERVER", False)
+    fresh = run_engine(spec, env)
+    stock = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
+    assert forked["pid"] != fresh["pid"]
+    assert forked["scheduler_cls"] == fresh["scheduler_cls"] == "KVShrinkScheduler"
+    assert _tokens(forked) == _tokens(fresh) != _tokens(stock)
+    assert forked["kvshrink"]["compactions"] == fresh["kvshrink"]["compactions"] > 0

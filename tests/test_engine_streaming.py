@@ -1,6 +1,8 @@
 """Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream;
 vLLM re-adds the live request to extend it): refused with a clear error when
-compression is on for the session, and served as stock when it opts out."""
+compression is on for the session, and served as stock when it opts out.
+fp32: on AMX CPUs a compressing engine runs vLLM's 'vec' kernel where stock
+runs 'amx' (vllm_kvshrink/attention/cpu.py), equal only up to rounding in bf16."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ async def session(llm, rid, extra):
     return {"outputs": out}
 
 async def main():
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="bfloat16", max_model_len=512,
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", max_model_len=512,
         kv_cache_memory_bytes=32 << 20, block_size=32, max_num_seqs=4, enforce_eager=True))
     try:
         res = {"on": await session(llm, "s-on", None),

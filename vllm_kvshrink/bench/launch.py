@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -38,6 +39,15 @@ def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1
         spec_path = Path(tmp, "spec.json")
         out_path = Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
+        forkable = quiet and not spec.get("progress") and all(map(_forkable, env or {}))
+        server = _fork_server(full) if forkable else None
+        if server is not None:
+            err_path = Path(tmp, "stderr.txt")
+            rc = server.run(str(spec_path), str(out_path), str(err_path), full, timeout)
+            if rc != 0 or not out_path.exists():
+                raise RuntimeError(f"engine run failed (exit {rc}):\n"
+                                   + err_path.read_text(errors="replace")[-8000:])
+            return json.loads(out_path.read_text())
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_kvshrink.bench.engine_run", str(spec_path),
              str(out_path)],
@@ -60,6 +70,45 @@ def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1
                 f"engine run failed (exit {proc.returncode}):\n" + "".join(tail)[-8000:]
             )
         return json.loads(out_path.read_text())
+
+
+#: Tests turn this on (conftest.py): engine runs are then forked from one
+#: process that imported torch and vLLM once (:mod:`.forkserver`) instead of a
+#: fresh interpreter each; benchmarks keep fresh interpreters.
+FORK_SERVER = False
+_SERVER = None
+
+
+def _fork_server(base_env: dict[str, str]):
+    """The fork server for runs that differ from ``base_env`` in plugin
+    settings only (``None`` when off)."""
+    global _SERVER
+    if not FORK_SERVER:
+        return None
+    server_env = {k: v for k, v in base_env.items()
+                  if not _forkable(k) and k not in _PER_CALL_ENV}
+    if _SERVER is None or not _SERVER.alive() or _SERVER.env != server_env:
+        from vllm_kvshrink.bench.forkserver import ForkServer
+
+        if _SERVER is not None:
+            _SERVER.close()
+        _SERVER = ForkServer(server_env)
+        atexit.register(_SERVER.close)
+    return _SERVER
+
+
+#: vLLM variables read when an engine starts (not at import), which a forked
+#: run may set itself, besides the plugin's own
+_ENGINE_START_ENV = ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
+#: variables that change from call to call without bearing on the import
+#: (pytest names the running test in one)
+_PER_CALL_ENV = ("PYTEST_CURRENT_TEST",)
+
+
+def _forkable(key: str) -> bool:
+    return key.startswith("VLLM_KVSHRINK_") or key in _ENGINE_START_ENV
 
 
 def run_side_by_side(spec: dict, configs: list[tuple[str, dict[str, str]]]) -> dict:
