@@ -51,14 +51,16 @@ def _child(req: dict) -> int:
     return rc
 
 
-def serve() -> None:
-    import torch  # noqa: F401
-    import vllm  # noqa: F401
-    from vllm import LLM, SamplingParams  # noqa: F401
-    import vllm.v1.engine.llm_engine  # noqa: F401
-    import vllm.v1.worker.cpu_worker  # noqa: F401
-    import transformers  # noqa: F401
+#: what a short engine run spends most of its time importing
+PRELOAD = ("torch", "transformers", "vllm", "vllm.entrypoints.llm",
+           "vllm.v1.engine.llm_engine", "vllm.v1.worker.cpu_worker")
 
+
+def serve() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
     out = sys.stdout
     print(json.dumps({"ready": True}), file=out, flush=True)
     for line in sys.stdin:
