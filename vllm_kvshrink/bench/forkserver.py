@@ -24,6 +24,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import traceback
 
 
@@ -79,10 +80,11 @@ class ForkServer:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = dict(env)
+        self._buf = b""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_kvshrink.bench.forkserver"], env=self.env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, bufsize=1)
+            bufsize=0)
         if self._read(timeout=300).get("ready") is not True:
             raise RuntimeError("the engine fork server did not start")
 
@@ -90,13 +92,20 @@ class ForkServer:
         return self.proc.poll() is None
 
     def _read(self, timeout: float) -> dict:
+        """The next answer line; buffered here, not in a file object, so that
+        ``select`` never waits on a line already read off the pipe."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the engine fork server exited")
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError("the engine fork server exited")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
     def run(self, spec_path: str, out_path: str, err_path: str, env: dict[str, str],
@@ -104,8 +113,7 @@ class ForkServer:
         """Run one engine; returns its exit code (-9 when killed at ``timeout``)."""
         assert self.proc.stdin is not None
         req = {"spec": spec_path, "out": out_path, "err": err_path, "env": env}
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
         pid = self._read(timeout=60)["pid"]
         try:
             return self._read(timeout=timeout)["rc"]
