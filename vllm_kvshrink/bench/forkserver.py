@@ -1,8 +1,8 @@
 """Engine runs forked from one process that imported torch and vLLM once.
 
 Each engine run is its own process (the plugin's settings are per process),
-and importing torch and vLLM is most of a short run's time (about 9 s of 14 s
-on 2 cores).  :class:`ForkServer` keeps one process that has imported them and
+and importing torch and vLLM is a large share of a short run's time (6 to 9 s
+of about 14 s, measured on 2 cores).  :class:`ForkServer` keeps one process that has imported them and
 forks a child per run; the child takes the run's environment and runs
 :func:`vllm_kvshrink.bench.engine_run.main` exactly as ``python -m`` would.
 Nothing of the plugin is imported before the fork, so every child registers

@@ -44,32 +44,36 @@ def run_engine(spec: dict, env: dict[str, str] | None = None, timeout: float = 1
         if server is not None:
             err_path = Path(tmp, "stderr.txt")
             rc = server.run(str(spec_path), str(out_path), str(err_path), full, timeout)
-            if rc != 0 or not out_path.exists():
-                raise RuntimeError(f"engine run failed (exit {rc}):\n"
-                                   + err_path.read_text(errors="replace")[-8000:])
-            return json.loads(out_path.read_text())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_kvshrink.bench.engine_run", str(spec_path),
-             str(out_path)],
-            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        tail: list[str] = []
-        try:
-            assert proc.stderr is not None
-            for line in proc.stderr:  # show progress lines as they come
-                if spec.get("progress") and line.startswith("  step "):
-                    print(line, end="", file=sys.stderr, flush=True)
-                tail.append(line)
-                del tail[:-200]
-            proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(
-                f"engine run failed (exit {proc.returncode}):\n" + "".join(tail)[-8000:]
-            )
+            tail = err_path.read_text(errors="replace")
+        else:
+            rc, tail = _run_fresh(spec, spec_path, out_path, full, timeout)
+        if rc != 0 or not out_path.exists():
+            raise RuntimeError(f"engine run failed (exit {rc}):\n" + tail[-8000:])
         return json.loads(out_path.read_text())
+
+
+def _run_fresh(spec: dict, spec_path: Path, out_path: Path, env: dict[str, str],
+               timeout: float) -> tuple[int, str]:
+    """:mod:`engine_run` in a fresh interpreter: its exit code and the last
+    lines of its stderr (progress lines are shown as they come)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_kvshrink.bench.engine_run", str(spec_path),
+         str(out_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    tail: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if spec.get("progress") and line.startswith("  step "):
+                print(line, end="", file=sys.stderr, flush=True)
+            tail.append(line)
+            del tail[:-200]
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(tail)
 
 
 #: Tests turn this on (conftest.py): engine runs are then forked from one
