@@ -31,7 +31,7 @@ demo: assets
 	$(BIN)/python -m vllm_kvshrink.demo
 
 test: assets
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python tests/run.py
 
 bench: assets
 	$(BIN)/python benchmarks/bench_throughput.py

@@ -12,16 +12,13 @@ exactly), so only the order of fp32 sums differs: 1e-4 absolute (2e-4 for
 the Triton kernel, whose sums are ordered by ``tl.dot``).
 
 The Triton interpreter has to be switched on before triton is imported
-(see tests/test_kernels.py); when something imported it earlier, the Triton
-tests run in a subprocess instead.
+(see tests/kernels/test_kernels.py); when something imported it earlier, the
+Triton tests fail and say so.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 _PREVIOUS = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -235,8 +232,8 @@ def test_unavailable_reason_when_sources_missing(monkeypatch, tmp_path):
 @pytest.fixture
 def interpreter():
     if not IN_PROCESS:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; "
-                    "test_triton_in_subprocess runs these tests instead")
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run the "
+                    "kernels group in its own process (python tests/run.py kernels)")
     mp = pytest.MonkeyPatch()
     mp.setenv("TRITON_INTERPRET", "1")
     assert interpreting()
@@ -278,13 +275,3 @@ def test_triton_dispatch_and_errors(interpreter):
           reference(q, cache, "cpu_row_major", batch, 0.2), ATOL_TRITON)
     with pytest.raises(ValueError, match="precision"):
         triton_packed.packed_attention(q, cache, "cpu_row_major", batch, 0.2, precision="x")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the Triton tests run in this process")
-def test_triton_in_subprocess():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
-         __file__], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

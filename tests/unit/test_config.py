@@ -16,7 +16,7 @@ from vllm_kvshrink.config import EXTRA_ARGS_KEY, KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
 from vllm_kvshrink.methods import available_methods
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 P = envs.PREFIX
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 from vllm_kvshrink import kernels as K
 from vllm_kvshrink.kernels import _launch, aot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _nvidia_backend_usable() -> bool:

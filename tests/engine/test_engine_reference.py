@@ -13,6 +13,8 @@ import pytest
 from vllm_kvshrink.bench.launch import run_engine
 from vllm_kvshrink.hf.replay import compare_greedy, load_events, replay_logits
 
+from engine_checks import check_evictions
+
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 40
@@ -32,36 +34,18 @@ def _spec(model_path, prompts, block_size, max_batched=None):
     }
 
 
-def _check_against_replay(result, events, hf_model, prompts, min_events=1):
-    assert len(result["outputs"]) == len(prompts)
-    compressed = 0
-    for i, p in enumerate(prompts):
-        out = result["outputs"][str(i)]
-        tokens = p + out["token_ids"]
-        evs = events.get(str(i), [])
-        compressed += bool(evs)
-        logits = replay_logits(hf_model, tokens, evs)
-        verdict = compare_greedy(logits, tokens, len(p))
-        assert verdict["mismatch"] is None or verdict["tie"], (
-            f"request {i}: engine token at {verdict['mismatch']} differs from the "
-            f"masked replay ({len(evs)} events)")
-    assert compressed >= min_events
-    return compressed
-
-
 @pytest.mark.parametrize(
-    "method,block_size,budget,max_batched,eager",
+    "method,block_size,budget,max_batched",
     [
-        ("snapkv", 32, "96", None, True),       # token-level, small blocks
-        ("streaming", 128, "0.25", None, True),  # big blocks, fractional budget
-        ("snapkv", 32, "0.25", 256, True),       # compaction between prefill chunks
-        ("knorm", 32, "128", None, True),        # query-free, per-head scores
-        # vLLM's default mode (torch.compile, as `vllm serve` and the README run)
-        ("snapkv", 32, "0.25", 256, False),
+        ("snapkv", 32, "96", None),       # token-level, small blocks
+        ("streaming", 128, "0.25", None),  # big blocks, fractional budget
+        ("snapkv", 32, "0.25", 256),       # compaction between prefill chunks
+        ("knorm", 32, "128", None),        # query-free, per-head scores
+        # vLLM's default mode (torch.compile): test_engine_compiled.py
     ],
 )
 def test_engine_matches_masked_replay(tmp_path, model_path, hf_model, essay_prompts,
-                                      method, block_size, budget, max_batched, eager):
+                                      method, block_size, budget, max_batched):
     prompts = essay_prompts[:5]
     env = {
         "VLLM_KVSHRINK_METHOD": method,
@@ -73,11 +57,10 @@ def test_engine_matches_masked_replay(tmp_path, model_path, hf_model, essay_prom
         "VLLM_KVSHRINK_STRICT": "1",
     }
     spec = _spec(model_path, prompts, block_size, max_batched)
-    spec["llm"]["enforce_eager"] = eager
     result = run_engine(spec, env)
     assert result["scheduler_cls"] == "KVShrinkScheduler"
     events = load_events(tmp_path)
-    n = _check_against_replay(result, events, hf_model, prompts, min_events=3)
+    n = check_evictions(result, events, hf_model, prompts, min_events=3)
     # The short prompt (61 tokens) stays under budget + slack for a while.
     assert result["kvshrink"]["compactions"] >= n
     assert result["kvshrink"]["fallbacks"] == 0
@@ -123,7 +106,7 @@ def test_multiprocess_engine_matches_replay(tmp_path, model_path, hf_model, essa
     assert result["plugin_active_here"]
     assert result["pid"] not in pids
     assert os.getpid() not in pids
-    _check_against_replay(result, load_events(tmp_path), hf_model, prompts, min_events=3)
+    check_evictions(result, load_events(tmp_path), hf_model, prompts, min_events=3)
 
 
 def test_worker_in_its_own_process_matches_replay(tmp_path, model_path, hf_model,
@@ -145,7 +128,7 @@ def test_worker_in_its_own_process_matches_replay(tmp_path, model_path, hf_model
     result = run_engine(spec, env)
     pids = {int(f.stem.split("-")[1]) for f in tmp_path.glob("events-*.jsonl")}
     assert pids and result["pid"] not in pids  # compacted in the worker process
-    n = _check_against_replay(result, load_events(tmp_path), hf_model, prompts,
+    n = check_evictions(result, load_events(tmp_path), hf_model, prompts,
                               min_events=3)
     # The results came back: the scheduler counted every compaction and freed
     # the blocks it planned to free.
@@ -182,7 +165,7 @@ def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
     assert sum(e["logical_len"] < len(ids) for e in events) >= 4  # between chunks
     assert result["free_blocks_end"] == result["total_blocks"]
     assert result["total_blocks"] * 32 < len(ids)
-    _check_against_replay(result, {"0": events}, hf_model, [ids])
+    check_evictions(result, {"0": events}, hf_model, [ids])
     spec["per_request_extra"] = {0: {"method": "none"}}
     with pytest.raises(RuntimeError, match="does not fit the KV pool"):
         run_engine(spec, env)

@@ -8,6 +8,8 @@ import pytest
 
 from vllm_kvshrink.bench.launch import run_engine
 
+from engine_checks import stock_tokens
+
 pytestmark = pytest.mark.engine
 
 
@@ -40,23 +42,26 @@ def _tokens(result):
     return {k: v["token_ids"] for k, v in result["outputs"].items()}
 
 
-def test_off_is_stock(model_path, essay_prompts):
-    """Plugin absent, plugin with method none, and every request opting out of
-    an active method: greedy tokens identical."""
+def _stock(stock, n, requests):
+    return {str(i): stock_tokens(stock, i, n) for i in requests}
+
+
+def test_off_is_stock(model_path, essay_prompts, stock):
+    """Plugin absent, plugin with method none (the shared stock run), and
+    every request opting out of an active method: greedy tokens identical."""
     prompts = essay_prompts[:4]
     absent = run_engine(_spec(model_path, prompts, llm=FP32),
                         {"VLLM_PLUGINS": "no-such-plugin"})
-    none = run_engine(_spec(model_path, prompts, llm=FP32), {"VLLM_KVSHRINK_METHOD": "none"})
     opted_out = run_engine(
         _spec(model_path, prompts, llm=FP32,
               per_request_extra={i: {"method": "none"} for i in range(len(prompts))}),
         {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64"},
     )
     assert absent["scheduler_cls"] == "Scheduler"
-    assert none["scheduler_cls"] == "Scheduler"  # nothing patched with 'none'
+    assert stock["scheduler_cls"] == "Scheduler"  # nothing patched with 'none'
     assert opted_out["scheduler_cls"] == "KVShrinkScheduler"
     assert opted_out["kvshrink"]["compactions"] == 0
-    assert _tokens(absent) == _tokens(none) == _tokens(opted_out)
+    assert _tokens(absent) == _stock(stock, 32, range(4)) == _tokens(opted_out)
 
 
 def test_bad_setting_stops_engine_start(model_path):
@@ -90,7 +95,7 @@ def test_blocks_return_under_preemption_and_abort(model_path, essay_prompts):
         assert len(out["token_ids"]) == 160, i
 
 
-def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts):
+def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts, stock):
     """Request 0 (uncompressed) caches prompt P; request 1 (compressed) hits that
     cache and is compacted while sharing the blocks (copy on write); request 2
     (uncompressed) arrives later and hits the cache again.  Requests 0 and 2
@@ -99,14 +104,12 @@ def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts):
     p = essay_prompts[0]
     prompts = [p, p, p, essay_prompts[1]]
     extra = {0: {"method": "none"}, 2: {"method": "none"}}
-    stock = run_engine(_spec(model_path, prompts, max_tokens=48, arrival=1, llm=FP32),
-                       {"VLLM_KVSHRINK_METHOD": "none"})
     result = run_engine(
         _spec(model_path, prompts, max_tokens=48, per_request_extra=extra, arrival=1, llm=FP32,
               check_invariants=True),
         {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "128",
          "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_KVSHRINK_STRICT": "1"})
-    want = stock["outputs"]["0"]["token_ids"]
+    want = stock_tokens(stock, 0, 48)
     assert result["outputs"]["0"]["token_ids"] == want
     assert result["outputs"]["2"]["token_ids"] == want
     assert result["outputs"]["1"]["token_ids"][:1] == want[:1]  # prefill unchanged
@@ -115,37 +118,36 @@ def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts):
     assert result["free_blocks_end"] == result["total_blocks"]
 
 
-def test_per_request_budget_and_fallback(model_path, essay_prompts):
+def test_per_request_budget_and_fallback(model_path, essay_prompts, stock):
     """Request 0 fails inside compaction (injected): it is served uncompressed,
     identical to stock, and counted.  Request 1 asks for a bigger budget.
     fp32: see FP32."""
     prompts = essay_prompts[:3]
-    stock = run_engine(_spec(model_path, prompts, llm=FP32), {"VLLM_KVSHRINK_METHOD": "none"})
     result = run_engine(
         _spec(model_path, prompts, llm=FP32, per_request_extra={1: {"budget": 400}}),
         {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64",
          "VLLM_KVSHRINK_INJECT_FAULT": "0-", "VLLM_KVSHRINK_RECORD_DIR": "",
          "VLLM_KVSHRINK_SLACK_TOKENS": "16"})
-    assert result["outputs"]["0"]["token_ids"] == stock["outputs"]["0"]["token_ids"]
+    assert result["outputs"]["0"]["token_ids"] == stock_tokens(stock, 0, 32)
     assert result["kvshrink"]["fallbacks"] == 1
     assert result["kvshrink"]["compactions"] >= 2
     assert result["free_blocks_end"] == result["total_blocks"]
 
 
 def test_max_model_len_is_logical(model_path, essay_prompts):
-    """Stop at max_model_len counts logical tokens, not the compacted cache."""
+    """Stop at max_model_len counts logical tokens, not the compacted cache:
+    a 400-token prompt under max_model_len 512 gets 112 tokens, as in stock
+    vLLM, although the cache never holds more than about 64."""
     p = essay_prompts[1][:400]
     spec = _spec(model_path, [p], max_tokens=600, llm={"max_model_len": 512})
     spec["sampling"]["ignore_eos"] = True
-    stock = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
     ours = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "streaming",
                              "VLLM_KVSHRINK_BUDGET": "64"})
     assert ours["kvshrink"]["compactions"] > 0
-    n = len(ours["outputs"]["0"]["token_ids"])
-    assert n == len(stock["outputs"]["0"]["token_ids"]) == 512 - 400
+    assert len(ours["outputs"]["0"]["token_ids"]) == 512 - 400
 
 
-def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkeypatch):
+def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkeypatch, stock):
     """The suite forks engine runs from one process that imported torch and
     vLLM (bench/forkserver.py): a forked run must be the run a fresh
     interpreter makes -- same tokens, same plugin counters, plugin registered
@@ -157,8 +159,7 @@ def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkey
     forked = run_engine(spec, env)
     monkeypatch.setattr(launch, "FORK_SERVER", False)
     fresh = run_engine(spec, env)
-    stock = run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
     assert forked["pid"] != fresh["pid"]
     assert forked["scheduler_cls"] == fresh["scheduler_cls"] == "KVShrinkScheduler"
-    assert _tokens(forked) == _tokens(fresh) != _tokens(stock)
+    assert _tokens(forked) == _tokens(fresh) != _stock(stock, 32, range(2))
     assert forked["kvshrink"]["compactions"] == fresh["kvshrink"]["compactions"] > 0

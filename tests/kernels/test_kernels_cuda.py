@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc") or next(
     (p for p in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc") if Path(p).exists()), None)
 CUDA_INCLUDE = next((p for p in (Path(NVCC).resolve().parents[1] / "include" if NVCC else None,

@@ -21,8 +21,9 @@ import torch
 
 from vllm_kvshrink.bench.agreement import compare
 from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import compare_greedy, load_events, replay_logits
-from vllm_kvshrink.hf.replay_tiers import replay_tier_logits
+from vllm_kvshrink.hf.replay import load_events
+
+from engine_checks import check_tiers, stock_tokens
 
 pytestmark = pytest.mark.engine
 
@@ -71,45 +72,25 @@ def test_engine_and_research_path_hold_the_same_forms(model_path, hf_model, prom
 
 
 @pytest.mark.parametrize(
-    "storage,budget,block_size,max_batched,eager",
+    "storage,budget,block_size,max_batched",
     [
-        (MIX, "0.15", 32, None, True),               # three levels and eviction
-        ("int8_tok,int2_tok_rot", "0.12", 128, None, True),  # no bf16 beyond sinks/recent
-        ("bf16,k4v2_tok", "0.25", 32, 256, True),     # events between prefill chunks
-        (MIX, "0.15", 32, None, False),              # compiled mode (vLLM's default)
+        (MIX, "0.15", 32, None),               # three levels and eviction
+        ("int8_tok,int2_tok_rot", "0.12", 128, None),  # no bf16 beyond sinks/recent
+        ("bf16,k4v2_tok", "0.25", 32, 256),     # events between prefill chunks
+        # compiled mode (vLLM's default): test_engine_compiled.py
     ],
 )
 def test_engine_matches_dequantized_replay(model_path, hf_model, prompts, storage,
-                                           budget, block_size, max_batched, eager):
+                                           budget, block_size, max_batched):
     with tempfile.TemporaryDirectory() as rec:
         extra = {"max_num_batched_tokens": max_batched} if max_batched else {}
-        extra["enforce_eager"] = eager
         result = run_engine(_spec(model_path, prompts[:3], block_size=block_size,
                                   check_invariants=True, llm=extra),
                             _env(storage, budget, VLLM_KVSHRINK_RECORD_DIR=rec))
         events = load_events(rec)
     k = result["kvshrink"]
     assert k["fallbacks"] == 0 and k["tier_events"] >= 3
-    packed_seen = False
-    quantization_matters = False
-    for i, p in enumerate(prompts[:3]):
-        tokens = p + result["outputs"][str(i)]["token_ids"]
-        evs = events.get(str(i), [])
-        assert len(evs) >= 2
-        packed_seen |= any(sum(e["counts"][1:]) > 0 for e in evs)
-        logits = replay_tier_logits(hf_model, tokens, evs)
-        # Compiled mode: inductor's fused kernels reorder fp32 reductions
-        # (1.4e-3 logit gap seen at a flip on an AVX-512 Xeon); eager: 1e-4.
-        verdict = compare_greedy(logits, tokens, len(p), tie_margin=1e-4 if eager else 5e-3)
-        assert verdict["mismatch"] is None or verdict["tie"], (
-            f"request {i}: engine token at {verdict['mismatch']} differs from the "
-            f"dequantized replay ({len(evs)} events; logit gap {verdict['gap']:.2e})")
-        # Teeth: the forms change the logits beyond noise (a mask-only replay
-        # is measurably different from the dequantized one).
-        masked = replay_logits(hf_model, tokens, evs)
-        gen = slice(len(p) - 1, len(tokens) - 1)
-        quantization_matters |= float((masked[gen] - logits[gen]).abs().max()) > 1e-2
-    assert packed_seen and quantization_matters
+    check_tiers(result, events, hf_model, prompts[:3], tie_margin=1e-4)
     assert result["free_blocks_end"] == result["total_blocks"]
     held = result["peak_bytes_held"]
     assert set(held) - {"bf16"}, held  # packed forms were held, in bytes
@@ -133,7 +114,7 @@ def test_packed_blocks_return_under_preemption_and_abort(model_path, essay_promp
         assert len(out["token_ids"]) == 160, i
 
 
-def test_prefix_cache_fallback_and_opt_out(model_path, essay_prompts):
+def test_prefix_cache_fallback_and_opt_out(model_path, essay_prompts, stock):
     """Request 1 shares request 0's cached prompt and is packed; request 2
     (uncompressed) hits the cache later and must equal stock; request 3 fails
     inside its tier event (injected) and continues on its bf16 blocks, equal
@@ -144,16 +125,14 @@ def test_prefix_cache_fallback_and_opt_out(model_path, essay_prompts):
     p = essay_prompts[0]
     prompts = [p, p, p, essay_prompts[1]]
     extra = {0: {"method": "none"}, 2: {"method": "none"}}
-    stock = run_engine(_spec(model_path, prompts, max_tokens=48, arrival=1),
-                       {"VLLM_KVSHRINK_METHOD": "none"})
     result = run_engine(
         _spec(model_path, prompts, max_tokens=48, arrival=1,
               per_request_extra=extra, check_invariants=True),
         _env(MIX, "0.25", VLLM_KVSHRINK_INJECT_FAULT="3-", VLLM_KVSHRINK_STRICT="0"))
-    want = stock["outputs"]["0"]["token_ids"]
+    want = stock_tokens(stock, 0, 48)
     assert result["outputs"]["0"]["token_ids"] == want
     assert result["outputs"]["2"]["token_ids"] == want
-    assert result["outputs"]["3"]["token_ids"] == stock["outputs"]["3"]["token_ids"]
+    assert result["outputs"]["3"]["token_ids"] == stock_tokens(stock, 1, 48)
     k = result["kvshrink"]
     assert k["tier_events"] >= 2 and k["fallbacks"] == 1
     assert result["free_blocks_end"] == result["total_blocks"]

@@ -4,20 +4,16 @@ How triton 3.9 reads ``TRITON_INTERPRET``: when ``@triton.jit`` decorates a
 function.  That happens for this package's kernels at their import (the
 package re-reads the variable at each launch, ``kernels._launch``) but also
 for Triton's own ``tl.max`` / ``tl.sum`` ... at ``import triton``.  So the
-variable is set here before the first import; if something in the session
-imported triton earlier (vLLM does), the in-process tests skip and
-``test_whole_module_in_subprocess`` runs this file in a fresh interpreter.
-The variable is restored after the imports and set only while these tests
+variable is set here before the first import (and by the kernels group's
+conftest.py); if something in the process imported triton earlier (vLLM
+does), the tests fail and say so: the group runs in its own process
+(``tests/run.py``).  The variable is restored after the imports and set only while these tests
 run, so other test files see the environment they expect.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 _PREVIOUS = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -58,25 +54,11 @@ def triton_interpreter():
 
 @pytest.fixture(autouse=True)
 def needs_interpreter(request):
-    if request.node.name != "test_whole_module_in_subprocess":
-        if not IN_PROCESS:
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; "
-                        "test_whole_module_in_subprocess runs this file instead")
-        assert interpreting() and use_triton(torch.empty(0))
+    if not IN_PROCESS:
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run the "
+                    "kernels group in its own process (python tests/run.py kernels)")
+    assert interpreting() and use_triton(torch.empty(0))
     yield
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
-def test_whole_module_in_subprocess():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    # only this test skips there
-    assert re.search(r"\d+ passed, 1 skipped", proc.stdout.splitlines()[-1]), proc.stdout[-2000:]
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pytest
 
 from vllm_kvshrink import assets as A
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,31 @@
+"""The stock run the engine tests compare with, made once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_kvshrink.bench.launch import run_engine
+
+from engine_checks import STOCK_TOKENS
+
+
+@pytest.fixture(scope="session")
+def stock(model_path, essay_prompts):
+    """Stock vLLM (``VLLM_KVSHRINK_METHOD=none``: nothing patched), fp32,
+    greedy, ``essay_prompts[:4]``, :data:`STOCK_TOKENS` tokens each.
+
+    fp32: in bf16 vLLM's CPU kernel splits its work by the whole batch's
+    sequence lengths (a neighbour's compacted cache changes the rounding), so
+    a request's tokens there depend on its neighbours; in fp32 they do not
+    beyond ties, and one stock run serves every comparison of requests on
+    these prompts (alone, opted out, beside compressed or prefix-sharing
+    neighbours)."""
+    spec = {
+        "llm": dict(model=model_path, dtype="float32", max_model_len=2048,
+                    kv_cache_memory_bytes=256 << 20, block_size=32, max_num_seqs=8,
+                    enforce_eager=True, seed=0),
+        "prompts": [{"prompt_token_ids": p} for p in essay_prompts[:4]],
+        "sampling": {"max_tokens": STOCK_TOKENS, "temperature": 0.0, "ignore_eos": True},
+    }
+    return run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
+
