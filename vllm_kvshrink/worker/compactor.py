@@ -285,8 +285,8 @@ class Compactor:
 
     def queries_for(self, req_id: str, n: int, logical_len: int):
         """The observation window of a request holding ``n`` tokens in cache
-        order: ``(queries [L, Hq, m, D], their index in the cache [m])``.
-        (:func:`~vllm_kvshrink.policy.observation.query_index`)."""
+        order: ``(queries [L, Hq, m, D], their index in the cache [m])``, the
+        index by :func:`~vllm_kvshrink.policy.observation.query_index`."""
         q, pos = self.window(req_id)
         if q.shape[2] == 0:
             raise RuntimeError("no queries captured for this request")
