@@ -21,7 +21,8 @@ import torch
 
 from vllm_kvshrink.bench.agreement import compare
 from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import compare_greedy, load_events, replay_logits
+from vllm_kvshrink.hf.replay import compare_greedy, replay_logits
+from vllm_kvshrink.policy.record import load_events
 from vllm_kvshrink.hf.replay_tiers import replay_tier_logits
 
 pytestmark = pytest.mark.engine
