@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Kept-token agreement between the engine and the research path, fp32 and bf16.
 
-    python benchmarks/bench_agreement.py [--json docs/agreement.json]
+    python benchmarks/bench_agreement.py [--json docs/results/agreement.json]
     python benchmarks/bench_agreement.py --storage bf16,int4_tok_rot,int2_tok_rot \
-        --budget 0.2 --json docs/agreement_tiers.json      # tiered storage
+        --budget 0.2 --json docs/results/agreement_tiers.json      # tiered storage
 
 For each served method: the share of kept (layer, KV head, position) entries
 the two paths have in common per compression event (min and mean), with

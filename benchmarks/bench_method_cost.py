@@ -11,7 +11,7 @@ sequence with the same context, in the same run.  Also times the two
 micro-targets of the issue at Llama-3-8B shapes (8 KV heads): the predictor
 over 4k tokens of one layer, and the semantic grouping of 512 tokens.
 
-    python benchmarks/bench_method_cost.py [--json docs/method_cost.json]
+    python benchmarks/bench_method_cost.py [--json docs/results/method_cost.json]
     python benchmarks/bench_method_cost.py --micro-only [--json F]   # e.g. on a GPU
 """
 

@@ -363,7 +363,8 @@ def main() -> int:
                     help="interleaved rounds over the kernels of a case")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="torch threads (default: the machine's cores)")
-    ap.add_argument("--json", default=str(REPO / "docs" / "bench_packed_attention.json"))
+    ap.add_argument("--json",
+                    default=str(REPO / "docs" / "results" / "bench_packed_attention.json"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -531,7 +532,7 @@ def main() -> int:
         share.append(f"{sh['label']} has {sh['layers']} layers: a decode step's attention is "
                      f"about {sh['layers']} x these times; the rest of the step (projections, "
                      f"MLP, sampling, scheduling) is not covered")
-    mc = REPO / "docs" / "method_cost.json"
+    mc = REPO / "docs" / "results" / "method_cost.json"
     step_ms = None
     if mc.is_file():
         try:
@@ -543,7 +544,7 @@ def main() -> int:
     if step_ms and base:
         att = base["stock"]["median_us"] * base["layers"] / 1e3
         share.append(f"stock vLLM decode step, SmolLM2-135M, 1 sequence, 1024 tokens: "
-                     f"{step_ms:.1f} ms (docs/method_cost.json, measured by "
+                     f"{step_ms:.1f} ms (docs/results/method_cost.json, measured by "
                      f"bench_method_cost.py); its 30 layers of attention here: {att:.2f} ms "
                      f"= {100 * att / step_ms:.0f}% of it")
         meta["decode_step_ms"] = step_ms

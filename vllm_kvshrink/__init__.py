@@ -26,13 +26,9 @@ def register() -> None:
 
     _declare_env_vars()
     cfg = KVShrinkConfig.from_env()
-    if cfg.tiered and not cfg.enabled:  # never silently ignored
-        from vllm_kvshrink import envs
+    from vllm_kvshrink.policy.checks import check_storage_method
 
-        raise envs.KVShrinkConfigError(
-            f"{envs.PREFIX}STORAGE={','.join(cfg.storage)!r} needs an importance method "
-            f"to choose each token's form, but {envs.PREFIX}METHOD is 'none'; allowed: "
-            f"set {envs.PREFIX}METHOD (e.g. snapkv, temporal) or leave STORAGE at 'bf16'")
+    check_storage_method(cfg)  # a storage never silently ignored
     if cfg.enabled:
         from vllm_kvshrink import compat, patches
 

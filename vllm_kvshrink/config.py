@@ -253,7 +253,7 @@ class KVShrinkConfig:
     def check_servable(self) -> None:
         """Refuse what the engine cannot serve (research-path-only methods and
         arguments), naming the setting."""
-        from vllm_kvshrink.methods import PARAMS, is_servable
+        from vllm_kvshrink.methods import is_servable, param_table
 
         where = self.source.get("method", envs.PREFIX + "METHOD")
         if not is_servable(self.method):
@@ -280,8 +280,9 @@ class KVShrinkConfig:
                     f"token-axis forms (int8_tok, int4_tok, int2_tok, k4v2_tok, each "
                     f"also with _rot)")
         wa = self.source.get("method_args", envs.PREFIX + "METHOD_ARGS")
+        table = param_table()
         for key, value in self.args.items():
-            p = PARAMS[key]
+            p = table[key]
             if p.research_only and value != p.default:
                 raise KVShrinkConfigError(
                     f"{wa}[{key!r}]={value!r} is supported in the research path only "

@@ -54,7 +54,7 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
     bad per-request settings, and requests that cannot fit the KV pool."""
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_kvshrink.config import request_overrides
+    from vllm_kvshrink.policy.checks import request_config
 
     original = InputProcessor._validate_params
     original_process = InputProcessor.process_inputs
@@ -65,11 +65,7 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
         extra = getattr(params, "extra_args", None)
         if extra:
             try:
-                from vllm_kvshrink.core.tiers import check_cache_dtype
-
-                req_cfg = cfg.with_overrides(request_overrides(extra))
-                req_cfg.check_servable()
-                check_cache_dtype(req_cfg, self.vllm_config.cache_config.cache_dtype)
+                request_config(cfg, extra, self.vllm_config.cache_config.cache_dtype)
             except KVShrinkConfigError as e:
                 # A client error: the OpenAI server answers 400 with this text.
                 raise VLLMValidationError(str(e), parameter="extra_args") from e
@@ -89,22 +85,16 @@ def _install_request_validation(cfg: KVShrinkConfig) -> None:
 
 
 def _check_streaming(cfg: KVShrinkConfig, request) -> None:
-    """Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream)
-    re-add a live request to extend it; a compacted cache cannot be extended
-    that way yet, so such sessions must opt out."""
+    """A streaming-input session (``request.resumable``) under the settings
+    it runs with (:func:`~vllm_kvshrink.policy.checks.check_streaming`)."""
     from vllm_kvshrink.config import request_overrides
+    from vllm_kvshrink.policy.checks import check_streaming
 
     if not getattr(request, "resumable", False):
         return
     sp = getattr(request, "sampling_params", None)
     req_cfg = cfg.with_overrides(request_overrides(sp.extra_args if sp else None))
-    if req_cfg.enabled:
-        raise KVShrinkConfigError(
-            f"streaming-input sessions are not supported with KV compression "
-            f"(method {req_cfg.method!r}): a session extends a cache that has been "
-            f"compacted; allowed: opt the session out with "
-            f"extra_args={{'kvshrink': {{'method': 'none'}}}} or run without "
-            f"VLLM_KVSHRINK_METHOD")
+    check_streaming(req_cfg, True)
 
 
 def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
@@ -130,32 +120,32 @@ def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
             f"uncompressed, and it sets method 'none'; allowed: keep compression "
             f"on for it (drop the per-request method) or shorten it"
         )
-    chunk = vllm_config.scheduler_config.max_num_batched_tokens
-    if req_cfg.tiered:  # blocks by form, as the scheduler counts them
-        from vllm_kvshrink.core.tiers import TierGeometry
+    from vllm_kvshrink.policy.nbytes import TierGeometry, request_peak_blocks
 
+    chunk = vllm_config.scheduler_config.max_num_batched_tokens
+    geo = None
+    if req_cfg.tiered:
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         geo = TierGeometry(mc.get_num_layers(pc), mc.get_num_kv_heads(pc),
                            mc.get_head_size(), bs, mc.dtype.itemsize)
-        need = geo.peak_blocks(req_cfg, total, chunk)
-        if need > cache.num_gpu_blocks - 1:
-            raise KVShrinkConfigError(
-                f"request of {total} tokens needs up to {need} KV blocks even with "
-                f"tiered storage (budget {req_cfg.budget!r} of its bf16 bytes in "
-                f"{','.join(req_cfg.storage)}, + slack {req_cfg.slack_tokens} + one "
-                f"prefill chunk of {chunk}), more than the KV pool "
-                f"({cache.num_gpu_blocks - 1} blocks); allowed: a smaller budget, "
-                f"smaller max_num_batched_tokens, or a larger pool")
+    need = request_peak_blocks(req_cfg, total, bs, chunk, geo)
+    if need <= cache.num_gpu_blocks - 1:
         return
-    peak = req_cfg.peak_tokens(total, bs, chunk)
-    if peak > pool:
+    if req_cfg.tiered:  # blocks by form, as the scheduler counts them
         raise KVShrinkConfigError(
-            f"request of {total} tokens needs up to {peak} cached tokens even "
-            f"compressed (budget {req_cfg.budget!r} + slack {req_cfg.slack_tokens} + "
-            f"one prefill chunk of {chunk}),"
-            f" more than the KV pool ({pool} tokens); allowed: a smaller budget, "
-            f"smaller max_num_batched_tokens, or a larger pool"
-        )
+            f"request of {total} tokens needs up to {need} KV blocks even with "
+            f"tiered storage (budget {req_cfg.budget!r} of its bf16 bytes in "
+            f"{','.join(req_cfg.storage)}, + slack {req_cfg.slack_tokens} + one "
+            f"prefill chunk of {chunk}), more than the KV pool "
+            f"({cache.num_gpu_blocks - 1} blocks); allowed: a smaller budget, "
+            f"smaller max_num_batched_tokens, or a larger pool")
+    raise KVShrinkConfigError(
+        f"request of {total} tokens needs up to {req_cfg.peak_tokens(total, bs, chunk)} "
+        f"cached tokens even compressed (budget {req_cfg.budget!r} + slack "
+        f"{req_cfg.slack_tokens} + one prefill chunk of {chunk}),"
+        f" more than the KV pool ({pool} tokens); allowed: a smaller budget, "
+        f"smaller max_num_batched_tokens, or a larger pool"
+    )
 
 
 def _install_memory_check(cfg: KVShrinkConfig) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import load_events
+from vllm_kvshrink.policy.record import load_events
 
 from engine_checks import check_evictions, check_tiers
 

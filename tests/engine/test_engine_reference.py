@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import compare_greedy, load_events, replay_logits
+from vllm_kvshrink.hf.replay import compare_greedy, replay_logits
+from vllm_kvshrink.policy.record import load_events
 
 from engine_checks import check_evictions
 
@@ -177,7 +178,7 @@ def test_preempted_requests_match_the_replay_of_each_recomputation(
     scratch and compressed again.  Every token it sampled is checked against
     a replay of the epoch it was sampled in (the events of that recomputation
     only), so the recomputed requests are compared with a reference too."""
-    from vllm_kvshrink.hf.replay import load_epochs
+    from vllm_kvshrink.policy.record import load_epochs
 
     prompts = [p[:400] for p in (essay_prompts * 2)[:8]]
     spec = _spec(model_path, prompts, 32)

@@ -21,7 +21,7 @@ import torch
 
 from vllm_kvshrink.bench.agreement import compare
 from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import load_events
+from vllm_kvshrink.policy.record import load_events
 
 from engine_checks import check_tiers, stock_tokens
 

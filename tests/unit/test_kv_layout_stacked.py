@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_kvshrink.kernels.layouts import stack_layers
 from vllm_kvshrink.worker.kv_layout import (
     TokenLayout,
     move_tokens,
@@ -12,7 +13,6 @@ from vllm_kvshrink.worker.kv_layout import (
     read_keys,
     read_keys_stacked,
     read_values_stacked,
-    stack_layers,
     write_tokens_stacked,
 )
 
@@ -41,7 +41,7 @@ def test_stacked_equals_per_layer(kind, dtype):
     per_layer = [c.view(nb, h, bs, 2 * d) for c in base.clone().chunk(layers)]
     stack_src = base.clone()
     stacked_caches = [c.view(nb, h, bs, 2 * d) for c in stack_src.chunk(layers)]
-    stack = stack_layers(stacked_caches)
+    stack = stack_layers(stacked_caches, contiguous=True)
     assert stack is not None and stack.shape == (layers, nb, h, bs, 2 * d)
     blocks = torch.randint(0, nb, (77,))
     offs = torch.randint(0, bs, (77,))
@@ -72,7 +72,7 @@ def test_values_and_writes_follow_the_index_maps(kind):
     lay = _layout(kind, bs, d)
     caches = [c.view(nb, h, bs, 2 * d) for c in torch.randn(layers * nb * h * bs * 2 * d)
               .to(torch.bfloat16).chunk(layers)]
-    stack = stack_layers(caches)
+    stack = stack_layers(caches, contiguous=True)
     g = torch.Generator().manual_seed(2)
     blocks, offs = torch.randint(0, nb, (9,), generator=g), torch.randint(0, bs, (9,), generator=g)
     flat = stack.reshape(layers, nb, h, 2 * bs * d)
@@ -100,4 +100,4 @@ def test_values_and_writes_follow_the_index_maps(kind):
 def test_stack_refuses_non_adjacent_layers():
     a = torch.zeros(4, 3, 32, 128)
     b = torch.zeros(4, 3, 32, 128)
-    assert stack_layers([a, b]) is None
+    assert stack_layers([a, b], contiguous=True) is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvshrink import schedule
+from vllm_kvshrink.policy import cadence
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
 from vllm_kvshrink.storage import form_names, get_form, parse_storage
@@ -228,18 +228,18 @@ def test_apply_tiers_holds_each_level_as_its_form():
 def test_schedule_tokens_and_bytes():
     cfg = KVShrinkConfig(method="snapkv", budget=0.25, slack_tokens=64)
     # 1000 tokens: budget 250 -> 256 (blocks of 32); due only past 256 + 64
-    assert schedule.tokens_to_keep(cfg, 320, 1000, 1000, 32) is None
-    assert schedule.tokens_to_keep(cfg, 321, 1000, 1000, 32) == 256
+    assert cadence.tokens_to_keep(cfg, 320, 1000, 1000, 32) is None
+    assert cadence.tokens_to_keep(cfg, 321, 1000, 1000, 32) == 256
     t = KVShrinkConfig(method="snapkv", budget=0.25, slack_tokens=64, storage="int4")
     tb = 100
-    assert schedule.budget_bytes(t, 1000, tb) == 25000
-    assert schedule.bytes_due(t, 25000 + 64 * tb, 1000, 1000, tb) is None
-    assert schedule.bytes_due(t, 25000 + 64 * tb + 1, 1000, 1000, tb) == 25000
+    assert cadence.budget_bytes(t, 1000, tb) == 25000
+    assert cadence.bytes_due(t, 25000 + 64 * tb, 1000, 1000, tb) is None
+    assert cadence.bytes_due(t, 25000 + 64 * tb + 1, 1000, 1000, tb) == 25000
     # no bf16 in the storage: loose bf16 tokens past the slack are packed
     # even under budget (KIVI's residual)
     full = KVShrinkConfig(method="streaming", budget=1.0, slack_tokens=64, storage="int4")
-    assert schedule.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=64) is None
-    assert schedule.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=65) == 100000
+    assert cadence.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=64) is None
+    assert cadence.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=65) == 100000
 
 
 def test_list_shows_forms_at_the_models_shape(capsys, model_path):

@@ -17,7 +17,7 @@ import torch
 
 from vllm_kvshrink.bench.launch import run_engine
 from vllm_kvshrink.config import KVShrinkConfig
-from vllm_kvshrink.hf.replay import load_events
+from vllm_kvshrink.policy.record import load_events
 from vllm_kvshrink.hf.research import ResearchRunner, kept_agreement
 
 #: Learned methods run frozen here: online training makes each path's

@@ -23,9 +23,14 @@ def build_workload(tokenizer, n: int, min_len: int, max_len: int, seed: int):
 
 
 def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int:
+    """One token's K + V over every layer and KV head of the model at
+    ``model_path`` (its ``config.json``), at ``dtype_bytes`` per element."""
+    from vllm_kvshrink.policy.nbytes import token_bytes
+
     cfg = json.loads(Path(model_path, "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * dtype_bytes
+    return token_bytes(cfg["num_hidden_layers"] * cfg["num_key_value_heads"], head_dim,
+                       dtype_bytes)
 
 
 def greedy_spec(model: str, prompts: list[list[int]], output_len: int, pool_tokens: int,

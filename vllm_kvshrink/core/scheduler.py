@@ -33,11 +33,12 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvshrink import compat
 from vllm_kvshrink import plan as plan_mod
-from vllm_kvshrink import schedule
-from vllm_kvshrink.config import KVShrinkConfig, request_overrides
+from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
-from vllm_kvshrink.core.tiers import TierGeometry, check_cache_dtype
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
+from vllm_kvshrink.policy import cadence
+from vllm_kvshrink.policy.checks import check_cache_dtype, check_streaming, request_config
+from vllm_kvshrink.policy.nbytes import TierGeometry, request_peak_blocks
 
 logger = logging.getLogger("vllm.kvshrink")
 
@@ -174,16 +175,16 @@ class KVShrinkScheduler(Scheduler):
             return super().add_request(request)
         sp = getattr(request, "sampling_params", None)
         try:
-            overrides = request_overrides(sp.extra_args if sp is not None else None)
-            cfg = self.kvs_config.with_overrides(overrides)
-            cfg.check_servable()
-            check_cache_dtype(cfg, self.kvs_cache_dtype)
+            cfg = request_config(self.kvs_config, sp.extra_args if sp is not None else None,
+                                 self.kvs_cache_dtype)
         except KVShrinkConfigError as e:
             # The front-end validates first; this is a second line of defence.
             logger.error("request %s: %s; serving it uncompressed",
                          request.request_id, e)
             cfg = self.kvs_config.with_overrides({"method": "none"})
-        if getattr(request, "resumable", False) and cfg.enabled:
+        try:
+            check_streaming(cfg, getattr(request, "resumable", False))
+        except KVShrinkConfigError:
             # Second line of defence as above (patches._check_streaming).
             logger.error("request %s: streaming-input session; serving it "
                          "uncompressed", request.request_id)
@@ -217,11 +218,8 @@ class KVShrinkScheduler(Scheduler):
     def _kvs_remaining_blocks(self, request, st: _ReqState) -> int:
         num_tokens = min(request.num_tokens, self.max_model_len)
         chunk = self.scheduler_config.max_num_batched_tokens
-        if st.cfg.tiered:
-            peak_blocks = self.kvs_tiers.peak_blocks(st.cfg, num_tokens, chunk)
-        else:
-            peak = st.cfg.peak_tokens(num_tokens, self.kvs_block_size, chunk)
-            peak_blocks = cdiv(peak, self.kvs_block_size)
+        peak_blocks = request_peak_blocks(st.cfg, num_tokens, self.kvs_block_size, chunk,
+                                          self.kvs_tiers)
         have = len(self._kvs_single.req_to_blocks.get(request.request_id, ()))
         return max(0, peak_blocks - have - len(st.packed))
 
@@ -248,7 +246,7 @@ class KVShrinkScheduler(Scheduler):
                 continue
             logical = request.num_computed_tokens
             physical = logical - st.offset
-            keep = schedule.tokens_to_keep(cfg, physical, logical,
+            keep = cadence.tokens_to_keep(cfg, physical, logical,
                                            request.num_prompt_tokens, bs)
             if keep is None:
                 continue
@@ -296,7 +294,7 @@ class KVShrinkScheduler(Scheduler):
 
     def _kvs_plan_tier(self, request, st: _ReqState) -> plan_mod.TierEvent | None:
         """A tier event for ``request`` if its bytes are due (the rule of
-        :func:`vllm_kvshrink.schedule.bytes_due`, as in the research path)."""
+        :func:`vllm_kvshrink.policy.cadence.bytes_due`, as in the research path)."""
         geo, cfg, bs = self.kvs_tiers, st.cfg, self.kvs_block_size
         logical = request.num_computed_tokens
         plain = logical - st.offset

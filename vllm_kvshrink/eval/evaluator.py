@@ -36,6 +36,7 @@ from vllm_kvshrink.eval.presets import (
     row_args,
     unbudgeted,
 )
+from vllm_kvshrink.policy.nbytes import token_bytes
 
 #: Learned methods run with their shipped weights frozen, so that a cell's
 #: numbers do not depend on which cells ran before it in the same process
@@ -397,7 +398,8 @@ class ResearchEvaluator:
                "stats": res.stats}
         if res.offload_bytes:  # promotion: the offload copy, apart
             off = np.asarray(res.offload_bytes, dtype=float)
-            token = full.max() / len(res.token_ids)  # one token's bf16 K+V
+            hkv, _, d = res.cache.keys[0].shape
+            token = token_bytes(len(res.cache.keys) * hkv, d)  # one token's bf16 K+V
             st = res.stats["offload"]
             out["offload_mean_ratio"] = float(np.mean(off / full))
             out["offload_peak_bytes"] = int(off.max())

@@ -64,7 +64,8 @@ def _full_pass(model, ids):
     c = res.cache
     queries = torch.stack([q for _, q in c.qring], dim=2)
     return (torch.stack([attn[i] for i in range(runner.num_layers)]), torch.stack(c.keys),
-            torch.stack(c.values), queries, list(c.scales), runner._inv_freq())
+            torch.stack(c.values), queries, list(c.scales),
+            runner._inv_freq(c.keys[0].shape[-1]))
 
 
 def _expected_attention(keys, values, queries, scales, inv_freq, t: int) -> torch.Tensor:

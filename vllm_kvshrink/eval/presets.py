@@ -198,7 +198,7 @@ PRESETS: dict[str, dict] = {
         "prefill_chunk": 256, "forced_chunk": 32, "slack_tokens": 32,
         "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
     },
-    # The tiered-storage report in docs/eval/tiers/: vLLM's formats, uniform
+    # The tiered-storage report in docs/results/eval/tiers/: vLLM's formats, uniform
     # forms, eviction, eviction + int4 and tiers with each scorer, 24 windows
     # of each corpus at 4k context, budgets 25% and 12.5% of the bf16 bytes.
     "tiers": {
@@ -208,7 +208,7 @@ PRESETS: dict[str, dict] = {
         "prefill_chunk": 512, "forced_chunk": 64, "slack_tokens": 64,
         "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
     },
-    # Our own contributions, docs/eval/ours/: the tiers preset's windows and
+    # Our own contributions, docs/results/eval/ours/: the tiers preset's windows and
     # rows (reused from its files) plus ours, and a decode task whose events
     # recur every 32 tokens (promotion pays only when events recur).
     "ours": {
@@ -219,7 +219,7 @@ PRESETS: dict[str, dict] = {
         "prefill_chunk": 512, "forced_chunk": 64, "slack_tokens": 64,
         "recent_tokens": 32, "block_size": 32, "n_boot": 2000,
     },
-    # The report in docs/eval/: every method at 4k context and 25% budget (the
+    # The report in docs/results/eval/: every method at 4k context and 25% budget (the
     # headline comparison), budget curves at 1k, copy-back in the research path
     # and in the engine.  About 40 minutes on two idle CPU cores.
     "full": {

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_kvshrink.methods.params import Param
+from vllm_kvshrink.policy.nbytes import token_bytes
 from vllm_kvshrink.storage.policy import EVICTED, apply_tiers, tier_event
 
 
@@ -65,7 +67,7 @@ class Offload:
         """Bytes of the originals held (16-bit K and V)."""
         if self.held is None:
             return 0
-        return int(self.held.sum()) * 2 * self.keys.shape[-1] * 2
+        return int(self.held.sum()) * token_bytes(1, self.keys.shape[-1])
 
     def capacity(self, logical: int) -> int:
         """Most tokens per (layer, KV head) the copy may hold."""
@@ -135,10 +137,10 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
     # Traffic: a kept token more precise than it was held (or back from
     # eviction) was read from the copy.
     up = (new_level >= 0) & ((res_level < 0) | (new_level < res_level)) & held
-    tok = 2 * d * 2  # one token's 16-bit K + V of one (layer, head)
+    tok = token_bytes(1, d)  # one token's 16-bit K + V of one (layer, head)
     off.stats["promoted_tokens"] += int(up.sum())
     off.stats["promoted_bytes"] += int(up.sum()) * tok
-    off.stats["scan_bytes"] += int(held.sum()) * d * 2
+    off.stats["scan_bytes"] += int(held.sum()) * (tok // 2)  # the keys alone
     # The new copy: demoted or evicted tokens whose originals are known,
     # highest score first, up to the bound.
     cap = off.capacity(logical)
@@ -163,3 +165,19 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
     cache.level = new_level.gather(2, keep)
     return runner._tier_record(cache, logical, k, plan, budget,
                                offload_bytes=off.nbytes(), promoted=int(up.sum()))
+
+
+#: Framework parameters of every method (gathered by the registry,
+#: :mod:`vllm_kvshrink.methods`): promotion needs tiered storage (the config
+#: refuses ``offload`` without it) and runs in the research path only.
+PARAMS = {
+    "offload": Param(float, 0.0, "tiered storage: keep the originals of up to this "
+                     "fraction of the sequence's tokens (per layer and KV head) outside "
+                     "the budget and promote the ones the scorer expects to matter "
+                     "(research path only; 0 = demotion for good)",
+                     lambda v: 0.0 <= v <= 1.0, "0 <= x <= 1", research_only=True),
+    "promote_margin": Param(float, 1.0, "promotion: an evicted token's score is "
+                            "divided by this before it competes with resident ones "
+                            "(research path only; 1 = none)",
+                            lambda v: v >= 1.0, "x >= 1", research_only=True),
+}

@@ -6,67 +6,20 @@ exactly ``kept_E`` plus every token from ``E`` up to itself -- and its hidden
 states depend on nothing else.  So one transformers forward pass over the whole
 sequence with a per-layer, per-head mask built from the events reproduces the
 engine's logits at every position, without any KV cache.  Positions ids stay
-logical, as the engine's RoPE does.
+logical, as the engine's RoPE does.  Records are read with
+:func:`vllm_kvshrink.policy.record.load_events` (or ``load_epochs``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from vllm_kvshrink.policy.record import by_logical_len
+
 _IMPL = "kvshrink_replay"
 _MASKS: dict[int, torch.Tensor] = {}  # layer -> [Hkv, T, T] bool (True: visible)
-
-
-def load_events(record_dir: str | Path, external_ids: bool = True) -> dict[str, list[dict]]:
-    """``req_id -> events`` (in order) from every ``events-*.jsonl`` file.
-
-    vLLM appends ``-<8 hex>`` to the id a caller gives a request; with
-    ``external_ids`` the events are keyed by the caller's id.
-    """
-    events: dict[str, list[dict]] = {}
-    for path in sorted(Path(record_dir).glob("events-*.jsonl")):
-        for line in path.read_text().splitlines():
-            e = json.loads(line)
-            if "restart_at" in e:  # an epoch marker (see load_epochs)
-                continue
-            key = e["req_id"]
-            if external_ids and "-" in key:
-                key = key.rsplit("-", 1)[0]
-            events.setdefault(key, []).append(e)
-    for evs in events.values():
-        evs.sort(key=lambda e: e["logical_len"])
-    return events
-
-
-def load_epochs(record_dir: str | Path, external_ids: bool = True) -> dict[str, list[dict]]:
-    """``req_id -> epochs``: a request preempted ``n`` times was computed
-    ``n + 1`` times from scratch, each time with its own events.  Each epoch is
-    ``{"start": index of its first sampled token (None: the prompt's end),
-    "events": [...]}``; the tokens sampled in an epoch are replayed with its
-    events alone."""
-    out: dict[str, list[dict]] = {}
-    for path in sorted(Path(record_dir).glob("events-*.jsonl")):
-        for line in path.read_text().splitlines():
-            e = json.loads(line)
-            key = e["req_id"]
-            if external_ids and "-" in key:
-                key = key.rsplit("-", 1)[0]
-            epochs = out.setdefault(key, [{"start": None, "events": []}])
-            n = e.get("epoch", 0)
-            while len(epochs) <= n:
-                epochs.append({"start": None, "events": []})
-            if "restart_at" in e:
-                epochs[n]["start"] = e["restart_at"]
-            else:
-                epochs[n]["events"].append(e)
-    for epochs in out.values():
-        for ep in epochs:
-            ep["events"].sort(key=lambda e: e["logical_len"])
-    return out
 
 
 def build_masks(
@@ -75,7 +28,7 @@ def build_masks(
     """Per layer ``[Hkv, T, T]`` visibility: causal, minus what was evicted."""
     causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
     masks = [causal.expand(num_kv_heads, -1, -1).clone() for _ in range(num_layers)]
-    events = sorted(events, key=lambda e: e["logical_len"])
+    events = by_logical_len(events)
     for i, e in enumerate(events):
         start = e["logical_len"]
         end = events[i + 1]["logical_len"] if i + 1 < len(events) else num_tokens

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from vllm_kvshrink.policy.record import by_logical_len
 from vllm_kvshrink.storage import get_form
 
 _IMPL = "kvshrink_replay_tiers"
@@ -90,7 +91,7 @@ def replay_tier_logits(model, token_ids: list[int], events: Iterable[dict]) -> t
 
     AttentionInterface.register(_IMPL, _attention)
     previous = model.config._attn_implementation
-    _EVENTS[:] = sorted(events, key=lambda e: e["logical_len"])
+    _EVENTS[:] = by_logical_len(events)
     try:
         model.set_attn_implementation(_IMPL)
         t = len(token_ids)

@@ -29,6 +29,9 @@ import torch
 
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.methods import Observation, build_method, compress_event
+from vllm_kvshrink.policy import cadence, record
+from vllm_kvshrink.policy.nbytes import token_bytes
+from vllm_kvshrink.policy.observation import plain_rope_inv_freq, query_index
 
 _IMPL = "kvshrink_research"
 _ACTIVE: list["ResearchCache"] = []
@@ -91,7 +94,7 @@ class ResearchCache:
             return held_bytes(self.level, self.levels, d)
         if self.store_forms is not None and self.store_active:
             return hkv * sum(f.nbytes(n, d) for f in self.store_forms)
-        elem = 2
+        norms = token_bytes(1, 1)  # a shared token's K and V norms
         total = 0
         for layer in range(self.num_layers):
             vis = torch.ones(hkv, n, dtype=torch.bool)
@@ -100,8 +103,8 @@ class ResearchCache:
             full = vis
             if self.shared is not None:
                 full = vis & ~self.shared[layer]
-                total += int((vis & self.shared[layer]).sum()) * 2 * elem
-            total += int(full.sum()) * 2 * d * elem
+                total += int((vis & self.shared[layer]).sum()) * norms
+            total += int(full.sum()) * token_bytes(1, d)
         return total
 
 
@@ -368,7 +371,7 @@ class ResearchRunner:
         """One token's K+V over every layer and KV head in 16 bits: what
         stock vLLM holds per token."""
         hkv, _, d = cache.keys[0].shape
-        return self.num_layers * hkv * 2 * d * 2
+        return token_bytes(self.num_layers * hkv, d)
 
     def _full_bytes(self, cache: ResearchCache, logical: int) -> int:
         return logical * self._token_bytes(cache)
@@ -409,49 +412,49 @@ class ResearchRunner:
                      keys: torch.Tensor | None = None) -> Observation:
         """The observation of an event over the stored keys, or over
         ``keys`` ``[L, H, P, D]`` (the promotion view: one index per logical
-        position).  Either way the newest tokens end the key axis, so a
-        query's index is its distance back from the end."""
+        position).  Either way the newest tokens end the key axis
+        (:func:`~vllm_kvshrink.policy.observation.query_index`)."""
         keys = torch.stack(cache.keys) if keys is None else keys  # [L, H, N, D]
         q = qpos = None
         if self.method.needs_queries:
             q = torch.stack([qq for _, qq in cache.qring], dim=2)  # [L, Hq, m, D]
             pos = torch.tensor([p for p, _ in cache.qring])
-            qpos = keys.shape[2] - (logical - pos)
+            qpos = query_index(keys.shape[2], logical, pos)
         return Observation(keys, q, qpos, list(cache.scales),
-                           rope_inv_freq=self._inv_freq())
+                           rope_inv_freq=self._inv_freq(keys.shape[-1]))
 
     def _tier_record(self, cache: ResearchCache, logical: int, old_len: int, plan,
                      budget: int, **extra) -> dict:
-        """The record of a tier event, as the engine writes it (after the
-        cache was rewritten)."""
-        return {"logical_len": logical, "old_len": old_len, "keep": cache.logical.shape[-1],
-                "method": self.cfg.method, "kept": cache.logical.tolist(),
-                "storage": list(cache.levels), "counts": plan.counts,
-                "level": cache.level.tolist(), "bytes": plan.nbytes,
-                "budget_bytes": budget, **extra, "_merged": 0}
+        """The record of a tier event, as the engine writes it
+        (:func:`~vllm_kvshrink.policy.record.tier_record`, after the cache was
+        rewritten), plus ``extra`` fields."""
+        rec = record.tier_record(logical, old_len, cache.logical.shape[-1], self.cfg.method,
+                                 cache.logical.tolist(), cache.level.tolist(), cache.levels,
+                                 plan.counts, plan.nbytes, budget)
+        return {**rec, **extra, "_merged": 0}
 
-    def _inv_freq(self) -> torch.Tensor | None:
+    def _inv_freq(self, head_size: int) -> torch.Tensor | None:
         """The model's RoPE frequencies where it uses plain rotate-half RoPE
-        (read by ``expected_attention`` to average future rotations)."""
+        (:func:`~vllm_kvshrink.policy.observation.plain_rope_inv_freq`; read by
+        ``expected_attention`` to average future rotations).  transformers'
+        ``rotary_emb`` rotates halves; RoPE over part of the head is accepted
+        here, as before (the engine's rule refuses it)."""
         rot = getattr(getattr(self.model, "model", None), "rotary_emb", None)
-        inv = getattr(rot, "inv_freq", None)
-        if inv is None or getattr(rot, "rope_type", "default") != "default":
-            return None
-        return inv.detach().float()
+        return plain_rope_inv_freq(getattr(rot, "inv_freq", None), head_size,
+                                   scaled=getattr(rot, "rope_type", "default") != "default",
+                                   partial=True)
 
     def _maybe_tier(self, cache: ResearchCache, state: dict, logical: int,
                     prompt_len: int) -> dict | None:
-        from vllm_kvshrink import schedule
         from vllm_kvshrink.storage.policy import apply_tiers, tier_event
 
         cfg = self.cfg
         n = cache.length
-        token_bytes = self._token_bytes(cache)
         held = cache.kv_bytes()
-        loose = int((cache.level[0, 0, cfg.sink_tokens:max(cfg.sink_tokens,
-                                                             n - cfg.recent_tokens)]
-                     == 0).sum())
-        budget = schedule.bytes_due(cfg, held, logical, prompt_len, token_bytes, loose)
+        # Every (layer, head) holds the same number of bf16 tokens.
+        loose = cadence.loose_bf16(cfg, int((cache.level[0, 0] == 0).sum()), n)
+        budget = cadence.bytes_due(cfg, held, logical, prompt_len, self._token_bytes(cache),
+                                   loose)
         if budget is None:
             return None
         if cache.offload is not None:
@@ -473,13 +476,11 @@ class ResearchRunner:
 
     def _maybe_compress(self, cache: ResearchCache, state: dict, logical: int,
                         prompt_len: int) -> dict | None:
-        from vllm_kvshrink import schedule
-
         if self.cfg.tiered:
             return self._maybe_tier(cache, state, logical, prompt_len)
         cfg, bs = self.cfg, self.block_size
         physical = cache.length
-        keep = schedule.tokens_to_keep(cfg, physical, logical, prompt_len, bs)
+        keep = cadence.tokens_to_keep(cfg, physical, logical, prompt_len, bs)
         if keep is None:
             return None
         obs = self._observation(cache, logical)
@@ -504,9 +505,8 @@ class ResearchRunner:
             cache.hidden = cache.hidden.gather(2, res.keep)
         if self.cfg.args.get("mass_correction") and hasattr(self.method, "log_mass"):
             cache.bias = self.method.log_mass(state)
-        return {"logical_len": logical, "old_len": physical, "keep": keep,
-                "method": self.cfg.method, "kept": cache.logical.tolist(),
-                "_merged": res.merged}
+        return {**record.eviction_record(logical, physical, keep, self.cfg.method,
+                                         cache.logical.tolist()), "_merged": res.merged}
 
     def _minicache(self, cache: ResearchCache) -> None:
         n = cache.length

@@ -78,13 +78,22 @@ def kv_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tens
     return k, v
 
 
-def stack_layers(caches: list[torch.Tensor]) -> torch.Tensor | None:
+def stack_layers(caches: list[torch.Tensor], contiguous: bool = False
+                 ) -> torch.Tensor | None:
     """One ``[L, ...]`` view of per-layer caches that are equally shaped slices
     of one allocation at a constant stride (as vLLM allocates them), so a
-    single launch reaches every layer; ``None`` when they are not."""
+    single launch (or one gather / scatter) reaches every layer; ``None`` when
+    they are not.
+
+    ``contiguous``: also require every layer contiguous and the layers back to
+    back (no gap between them), so the whole stack is one contiguous block --
+    what the worker's token moves (:mod:`vllm_kvshrink.worker.kv_layout`)
+    reshape; the kernels take any constant stride."""
     if not caches:
         raise ValueError("caches must hold at least one layer, got an empty list")
     c0 = caches[0]
+    if contiguous and not c0.is_contiguous():
+        return None
     storage = c0.untyped_storage().data_ptr()
     step = caches[1].storage_offset() - c0.storage_offset() if len(caches) > 1 else c0.numel()
     for i, c in enumerate(caches):
@@ -97,7 +106,7 @@ def stack_layers(caches: list[torch.Tensor]) -> torch.Tensor | None:
             or c.storage_offset() != c0.storage_offset() + i * step
         ):
             return None
-    if step <= 0:
+    if step <= 0 or (contiguous and step != c0.numel()):
         return None
     return torch.as_strided(
         c0, (len(caches),) + tuple(c0.shape), (step,) + c0.stride(), c0.storage_offset()

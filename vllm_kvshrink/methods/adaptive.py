@@ -52,6 +52,7 @@ from typing import Any, Sequence
 import torch
 
 from vllm_kvshrink.methods.base import Observation, ScoringMethod
+from vllm_kvshrink.methods.params import Param, unit
 
 #: Registry names that may not be candidates (no scorer, not an importance
 #: method, or adaptive itself).
@@ -285,3 +286,57 @@ class AdaptiveSelect(ScoringMethod):
     def stats(self) -> dict[str, Any]:
         """:meth:`summary` (the hook a runner's stats can call)."""
         return self.summary()
+
+
+#: What ``adaptive_scorers`` may name: every importance method of the registry
+#: but :data:`EXCLUDED` (checked against the registry by
+#: :func:`vllm_kvshrink.methods.adaptive_candidates`).  The parameters of these
+#: methods also apply to ``adaptive``, each when its candidate is listed.
+CANDIDATES = ("streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal",
+              "expected_attention")
+
+
+def _scorers_ok(value) -> bool:
+    from vllm_kvshrink.methods import adaptive_candidates
+
+    try:
+        parse_scorers(value, adaptive_candidates())
+    except ValueError:
+        return False
+    return True
+
+
+#: adaptive's own parameters (gathered by the registry, :mod:`vllm_kvshrink.methods`).
+PARAMS = {
+    "adaptive_scorers": Param(str, "snapkv,expected_attention,ema", "adaptive: the "
+                              "candidate scorers, comma-separated, in priority order "
+                              "(ties go to the first)", _scorers_ok,
+                              "distinct, comma-separated names of " + ", ".join(CANDIDATES)),
+    "adaptive_decay": Param(float, 0.5, "adaptive: weight of the past in each "
+                            "candidate's running held-out coverage", unit, "0 < x < 1"),
+    "adaptive_frac": Param(float, 0.25, "adaptive: share of the measured tokens the "
+                           "held-out check counts as kept", unit, "0 < x < 1"),
+    "adaptive_sink": Param(int, 4, "adaptive: first tokens left out of the held-out "
+                           "check (the event keeps them anyway)", lambda v: v >= 0,
+                           "a whole number >= 0"),
+}
+
+
+def build(cfg) -> AdaptiveSelect:
+    """The candidates built by the registry's own factories (their arguments
+    and defaults apply); ``temporal`` offline unless ``online`` is given."""
+    from types import SimpleNamespace
+
+    from vllm_kvshrink.methods import adaptive_candidates, build_method
+
+    a = cfg.args
+    given = getattr(cfg, "method_args", None) or {}
+    names = parse_scorers(a["adaptive_scorers"], adaptive_candidates())
+    sub_cfg = SimpleNamespace(method=None, pool_kernel=cfg.pool_kernel,
+                              args={**a, "online": bool(given.get("online", False))})
+    cands = []
+    for n in names:
+        sub_cfg.method = n
+        cands.append((n, build_method(sub_cfg)))
+    return AdaptiveSelect(cands, decay=a["adaptive_decay"], frac=a["adaptive_frac"],
+                          sink=a["adaptive_sink"])

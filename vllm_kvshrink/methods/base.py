@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from vllm_kvshrink.policy.softmax import window_probs
+
 
 @dataclass
 class Observation:
@@ -82,22 +84,13 @@ class Observation:
 
     def probs(self) -> torch.Tensor:
         """``[L, Hkv, G, W, N]`` float32 softmax attention of each window query
-        (``G`` query heads per KV head), causal by :attr:`query_pos`."""
+        (``G`` query heads per KV head), causal by :attr:`query_pos`
+        (:func:`~vllm_kvshrink.policy.softmax.window_probs`)."""
         if self._probs is None:
             if self.queries is None or self.queries.shape[2] == 0:
                 raise ValueError("this method needs an observation window of queries")
-            l, hkv, n, d = self.keys.shape
-            hq, w = self.queries.shape[1:3]
-            if hq % hkv:
-                raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
-            q = self.queries.to(torch.float32).view(l, hkv, hq // hkv, w, d)
-            logits = torch.einsum("lhgwd,lhnd->lhgwn", q, self.keys.to(torch.float32))
-            logits *= self.scale_tensor().view(l, 1, 1, 1, 1)
-            visible = torch.arange(n)[None, :] <= self.query_pos[:, None]
-            logits.masked_fill_(~visible, float("-inf"))
-            if self.key_mask is not None:
-                logits.masked_fill_(~self.key_mask[:, :, None, None, :], float("-inf"))
-            self._probs = torch.softmax(logits, dim=-1)
+            self._probs = window_probs(self.queries, self.keys, self.query_pos,
+                                       self.scale_tensor(), self.key_mask)
         return self._probs
 
     def attention(self) -> torch.Tensor:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvshrink.methods.params import Param
+
 MODES = ("uniform", "adaptive", "pyramid")
 
 
@@ -42,3 +44,12 @@ def head_budgets(scores: torch.Tensor, num_keep: int, floor: int, mode: str) -> 
                 1, top, 1).view(l, h, n).sum(-1)
         return counts.clamp(max=n)
     raise ValueError(f"head_budget={mode!r}; allowed: {', '.join(MODES)}")
+
+
+#: Framework parameter of every method (gathered by the registry,
+#: :mod:`vllm_kvshrink.methods`).
+PARAMS = {
+    "head_budget": Param(str, "uniform", "per-head (adaptive, AdaKV) or per-layer "
+                         "(pyramid, PyramidKV) budgets; the engine serves uniform only",
+                         lambda v: v in MODES, " | ".join(MODES), research_only=True),
+}

@@ -14,6 +14,7 @@ import torch
 
 from vllm_kvshrink.methods.base import ScoringMethod, extend_state
 from vllm_kvshrink.methods.h2o import new_query_mask
+from vllm_kvshrink.methods.params import Param, unit
 
 
 def ema_update(prev: torch.Tensor, attn: torch.Tensor, decay: float) -> torch.Tensor:
@@ -48,3 +49,10 @@ class EMAAttention(ScoringMethod):
     def update(self, state, keep):
         state["ema"] = state.pop("_ema").gather(2, keep)
         state["n"] = keep.shape[2]
+
+
+#: ema's parameters (gathered by the registry, :mod:`vllm_kvshrink.methods`).
+PARAMS = {
+    "ema_decay": Param(float, 0.9, "ema: weight of the past per observed query", unit,
+                       "0 < x < 1"),
+}

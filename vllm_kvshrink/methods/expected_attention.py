@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvshrink.methods.base import ScoringMethod
+from vllm_kvshrink.methods.params import Param
 
 
 def rope_frequencies(theta: float, head_dim: int) -> torch.Tensor:
@@ -208,3 +209,35 @@ class ExpectedAttention(ScoringMethod):
             n_future=self.n_future, n_sink=self.n_sink,
             inv_freq=None if not self.rope_theta
             else rope_frequencies(self.rope_theta, keys.shape[-1]))
+
+
+#: expected_attention's parameters (gathered by the registry,
+#: :mod:`vllm_kvshrink.methods`), kvpress's names in brackets in each doc.
+PARAMS = {
+    "ea_cov": Param(bool, True, "expected_attention: add the query covariance term "
+                    "0.5 * scale^2 * k'Sigma k (kvpress use_covariance)"),
+    "ea_vnorm": Param(bool, True, "expected_attention: multiply by the value norm "
+                      "||v|| (kvpress use_vnorm)"),
+    "ea_epsilon": Param(float, 0.0, "expected_attention: added to the expected "
+                        "attention before the value-norm product (kvpress epsilon)",
+                        lambda v: v >= 0, "x >= 0"),
+    "ea_future": Param(int, 512, "expected_attention: future positions the RoPE "
+                       "rotation is averaged over (kvpress n_future_positions)",
+                       lambda v: v >= 1, "a whole number >= 1"),
+    "ea_sink": Param(int, 4, "expected_attention: first tokens left out of the query "
+                     "statistics and the softmax, always kept (kvpress n_sink)",
+                     lambda v: v >= 0, "a whole number >= 0"),
+    "ea_rope_theta": Param(float, 0.0, "expected_attention: RoPE base of the model "
+                           "(plain RoPE over the whole head), used when the caller gives "
+                           "no RoPE frequencies (0 = none: window statistics without "
+                           "future rotation)",
+                           lambda v: v == 0 or v > 1, "0 or x > 1"),
+}
+
+
+def build(cfg) -> ExpectedAttention:
+    """The method from resolved arguments ``cfg.args``."""
+    a = cfg.args
+    return ExpectedAttention(use_cov=a["ea_cov"], vnorm=a["ea_vnorm"],
+                             epsilon=a["ea_epsilon"], n_future=a["ea_future"],
+                             n_sink=a["ea_sink"], rope_theta=a["ea_rope_theta"])

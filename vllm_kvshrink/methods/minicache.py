@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_kvshrink.methods.params import Param
+
 
 def slerp_merge(a: torch.Tensor, b: torch.Tensor, retain_cos: float):
     """Merged ``(a', b', merged_mask)`` for two layers' vectors ``[..., D]``."""
@@ -68,3 +70,15 @@ class MiniCache:
             values[b].copy_(torch.where(mm, vb, values[b].float()))
             shared[b] = m
         return shared
+
+
+#: minicache's parameters (gathered by the registry, :mod:`vllm_kvshrink.methods`).
+PARAMS = {
+    "minicache_start": Param(float, 0.5, "minicache: first merged layer, as a "
+                             "fraction of depth", lambda v: 0 <= v < 1, "0 <= x < 1",
+                             research_only=True),
+    "minicache_retain_cos": Param(float, 0.0, "minicache: tokens whose two layers' "
+                                  "directions have a lower cosine stay unmerged",
+                                  lambda v: -1 <= v <= 1, "-1 <= x <= 1",
+                                  research_only=True),
+}

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_kvshrink.methods.base import ScoringMethod, extend_state
+from vllm_kvshrink.methods.params import ONLINE_LEARNING, Param
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "semantic.pt"
 
@@ -233,3 +234,19 @@ class SemanticMerge(ScoringMethod):
         """``[L, H, K]`` attention-logit bias for merged slots (research path)."""
         c = state.get("count")
         return None if c is None else torch.log(c)
+
+
+#: semantic's parameters (gathered by the registry, :mod:`vllm_kvshrink.methods`);
+#: they apply to every ``<method>+semantic``.  ``online`` and ``lr`` are shared
+#: with temporal.
+PARAMS = {
+    "merge_threshold": Param(float, 0.5, "semantic: least cosine similarity (learned "
+                             "key embedding) at which an evicted token merges",
+                             lambda v: -1 <= v <= 1, "-1 <= x <= 1"),
+    "embed_path": Param(str, "", "semantic: key-embedding checkpoint ('' = shipped "
+                        "or random orthogonal)"),
+    **ONLINE_LEARNING,
+    "mass_correction": Param(bool, False, "semantic: add log(count) to merged slots' "
+                             "attention logits (research path only)",
+                             research_only=True),
+}

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_kvshrink.methods.base import ScoringMethod
+from vllm_kvshrink.policy.softmax import window_probs
 
 
 def window_attention(
@@ -25,19 +26,12 @@ def window_attention(
         query_pos: ``[W]``, query ``w`` attends keys ``0..query_pos[w]``.
 
     Returns:
-        ``[Hkv, Hq // Hkv, W, N]`` float32 probabilities.
+        ``[Hkv, Hq // Hkv, W, N]`` float32 probabilities: one layer of
+        :func:`~vllm_kvshrink.policy.softmax.window_probs`.
     """
-    hkv, n, d = keys.shape
-    hq, w, _ = queries.shape
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
-    scale = d**-0.5 if scale is None else scale
-    q = queries.to(torch.float32).view(hkv, hq // hkv, w, d)
-    k = keys.to(torch.float32)
-    logits = torch.einsum("hgwd,hnd->hgwn", q, k) * scale
-    visible = torch.arange(n, device=keys.device)[None, :] <= query_pos[:, None]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    scale = keys.shape[-1] ** -0.5 if scale is None else scale
+    scales = torch.tensor([scale], dtype=torch.float32, device=keys.device)
+    return window_probs(queries[None], keys[None], query_pos, scales)[0]
 
 
 class SnapKV(ScoringMethod):

@@ -36,6 +36,7 @@ from torch import nn
 from vllm_kvshrink.methods.base import ScoringMethod, extend_state
 from vllm_kvshrink.methods.ema import ema_update
 from vllm_kvshrink.methods.h2o import new_query_mask
+from vllm_kvshrink.methods.params import ONLINE_LEARNING, Param
 
 #: Weights warmed up offline on the essays with SmolLM2-135M (see hf/warmup.py).
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "temporal.pt"
@@ -336,3 +337,25 @@ class TemporalImportance(ScoringMethod):
             state["train_rows"] = rows
             state["train_hist"] = kh[rows]
             state["train_static"] = ks[rows]
+
+
+#: temporal's parameters (gathered by the registry, :mod:`vllm_kvshrink.methods`);
+#: ``online`` and ``lr`` are shared with semantic.
+PARAMS = {
+    "predictor_path": Param(str, "", "temporal: checkpoint to load ('' = the shipped "
+                            "weights warmed up on the essays)"),
+    "predictor_save": Param(str, "", "temporal: save the online-trained weights here "
+                            "every 50 updates ('' = never)"),
+    **ONLINE_LEARNING,
+    "train_rows": Param(int, 1024, "temporal: training rows sampled per event",
+                        lambda v: v >= 1, "a whole number >= 1"),
+}
+
+
+def build(cfg) -> TemporalImportance:
+    """The method from resolved arguments ``cfg.args``; requests sharing a
+    checkpoint and learning rate share one predictor."""
+    a = cfg.args
+    return TemporalImportance(shared_predictor(a["predictor_path"], a["lr"]),
+                              online=a["online"], train_rows=a["train_rows"],
+                              save_path=a["predictor_save"])

@@ -23,6 +23,8 @@ from typing import ClassVar
 
 import torch
 
+from vllm_kvshrink.policy.nbytes import token_bytes
+
 
 class StorageForm:
     """One way to hold cached K/V.  Subclasses set the class attributes and
@@ -50,7 +52,7 @@ class StorageForm:
     def tokens_per_page(self, head_dim: int, block_size: int, elem_bytes: int = 2) -> int:
         """Most tokens whose :meth:`nbytes` fit one vLLM page of one KV head
         (``block_size`` tokens x K and V x ``head_dim`` x ``elem_bytes``)."""
-        page = block_size * 2 * head_dim * elem_bytes
+        page = block_size * token_bytes(1, head_dim, elem_bytes)
         per = self.bytes_per_token(head_dim)
         if per <= 0:
             raise ValueError(f"form {self.name!r} holds no bytes")

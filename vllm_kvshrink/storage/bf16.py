@@ -8,6 +8,7 @@ so a cache held entirely in this form is exactly the full cache.
 
 from __future__ import annotations
 
+from vllm_kvshrink.policy.nbytes import token_bytes
 from vllm_kvshrink.storage.base import StorageForm
 
 
@@ -17,7 +18,7 @@ class BF16(StorageForm):
     bits = 16
 
     def nbytes(self, n_tokens: int, head_dim: int) -> int:
-        return n_tokens * 2 * head_dim * 2
+        return n_tokens * token_bytes(1, head_dim)
 
     def roundtrip(self, keys, values):
         return keys, values

@@ -57,6 +57,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvshrink.kernels import ops
+from vllm_kvshrink.policy import nbytes as policy_nbytes
 from vllm_kvshrink.storage.base import StorageForm
 from vllm_kvshrink.storage.quantized import PARAM_BYTES, IntForm
 
@@ -127,7 +128,7 @@ class LowRankForm(StorageForm):
     def tokens_per_page(self, head_dim: int, block_size: int, elem_bytes: int = 2) -> int:
         """Most tokens whose :meth:`nbytes` fit one page's bytes (a bound on
         the bytes only: the engine cannot hold this form)."""
-        page = block_size * 2 * head_dim * elem_bytes
+        page = block_size * policy_nbytes.token_bytes(1, head_dim, elem_bytes)
         return max(0, (page - self.row_bytes(head_dim)) // self.token_bytes(head_dim))
 
     def describe(self, head_dim: int | None = None, block_size: int | None = None) -> str:

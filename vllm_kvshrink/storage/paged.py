@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 
 from vllm_kvshrink.kernels import ops
+from vllm_kvshrink.policy.nbytes import token_bytes
 from vllm_kvshrink.storage import get_form
 from vllm_kvshrink.storage.hadamard import rotate
 
@@ -119,7 +120,7 @@ def paged_form(name: str, head_dim: int, block_size: int, elem_bytes: int) -> Pa
             f"its keys share parameters across tokens ({why}); "
             f"allowed in the engine: bf16 and the token-axis forms (*_tok, *_tok_rot)")
     pf = PagedForm(name, f.bits, f.value_bits, f.rotate, head_dim,
-                   2 * block_size * head_dim * elem_bytes)
+                   block_size * token_bytes(1, head_dim, elem_bytes))
     if pf.capacity != f.tokens_per_page(head_dim, block_size, elem_bytes):
         raise AssertionError(f"{name}: page capacity disagrees with the form's bytes")
     if pf.capacity < 1:

@@ -40,6 +40,7 @@ import math
 
 import torch
 
+from vllm_kvshrink.policy.softmax import window_probs
 from vllm_kvshrink.storage import FULL, get_form
 
 EVICTED = -1
@@ -128,20 +129,15 @@ def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
     protect[max(0, n - recent_tokens):] = True
     if bool(protect.all()):
         return None
-    hq, w = obs.queries.shape[1:3]
-    q = obs.queries[pick].float().view(l, h, hq // h, w, d)
-    scale = obs.scale_tensor()[pick].view(l, 1, 1, 1, 1)
-    visible = torch.arange(n)[None, :] <= obs.query_pos[:, None]  # [W, N]
-    exists = (None if obs.key_mask is None else
-              obs.key_mask[pick][:, :, None, None, :])  # tokens that are held
+    q = obs.queries[pick]
+    scale = obs.scale_tensor()[pick]
+    exists = None if obs.key_mask is None else obs.key_mask[pick]  # tokens that are held
 
     def out(k, v, mask=None):
-        logits = torch.einsum("lhgwd,lhnd->lhgwn", q, k.float()) * scale
-        vis = visible if mask is None else visible & mask[None, :]
-        logits = logits.masked_fill(~vis, float("-inf"))
-        if exists is not None:
-            logits = logits.masked_fill(~exists, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
+        held = exists
+        if mask is not None:
+            held = mask.expand(l, h, n) if held is None else held & mask
+        p = window_probs(q, k, obs.query_pos, scale, held)
         return torch.einsum("lhgwn,lhnd->lhgwd", p, v.float())
 
     ref = out(keys, values)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +18,10 @@ import torch
 
 from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
+from vllm_kvshrink.kernels.layouts import stack_layers
 from vllm_kvshrink.methods import Observation, build_method, compress_event, select_keep
+from vllm_kvshrink.policy import record
+from vllm_kvshrink.policy.observation import query_index
 from vllm_kvshrink.worker.kv_layout import (
     TokenLayout,
     move_tokens_stacked,
@@ -27,7 +29,6 @@ from vllm_kvshrink.worker.kv_layout import (
     read_keys_stacked,
     read_values_stacked,
     row_slots,
-    stack_layers,
     write_tokens_stacked,
 )
 
@@ -112,7 +113,7 @@ class Compactor:
         self.ring_misses: set[str] = set()
         # All layers as one tensor when vLLM allocated them back to back (it
         # does): one gather / scatter per compaction instead of one per layer.
-        stack = stack_layers(self.caches)
+        stack = stack_layers(self.caches, contiguous=True)
         #: (stacked ``[L', NB, H, bs, 2D]`` view, its layers' slice of [L]) pairs:
         #: one for all layers when allocated back to back, else one per layer.
         self.stacks = ([(stack, slice(None))] if stack is not None else
@@ -284,16 +285,12 @@ class Compactor:
 
     def queries_for(self, req_id: str, n: int, logical_len: int):
         """The observation window of a request holding ``n`` tokens in cache
-        order: ``(queries [L, Hq, m, D], their index in the cache [m])``.
-        Queries belong to the newest tokens, which are never evicted: their
-        index is their distance from the end."""
+        order: ``(queries [L, Hq, m, D], their index in the cache [m])``, the
+        index by :func:`~vllm_kvshrink.policy.observation.query_index`."""
         q, pos = self.window(req_id)
         if q.shape[2] == 0:
             raise RuntimeError("no queries captured for this request")
-        qpos = torch.from_numpy(n - (logical_len - pos))
-        if (qpos < 0).any() or (qpos >= n).any():
-            raise RuntimeError("captured queries fall outside the cache")
-        return q, qpos
+        return q, query_index(n, logical_len, pos)
 
     def select(self, comp: plan_mod.Compaction, old_blocks: list[int]):
         """Score (and merge): ``(keep [L, H, K] ascending, merged keys, merged
@@ -368,9 +365,8 @@ class Compactor:
         r = self._req(ev.req_id)
         if r is None:
             raise RuntimeError("no worker slot for this request")
-        res, r.tier, record = apply_event(self, ev, r)
-        self._write_record({"req_id": ev.req_id, "logical_len": ev.logical_len,
-                            "old_len": ev.old_len, "method": ev.method, **record})
+        res, r.tier, rec = apply_event(self, ev, r)
+        self._write_record({"req_id": ev.req_id, **rec})
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         return res
@@ -415,30 +411,21 @@ class Compactor:
         full = tail if r.logical is None else torch.cat([r.logical, tail], dim=-1)
         r.logical = full.gather(-1, keep)  # keep: [L, H, K]
         r.kept = comp.keep
-        self._write_record({
-            "req_id": comp.req_id,
-            "logical_len": comp.logical_len,
-            "old_len": comp.old_len,
-            "keep": comp.keep,
-            "method": comp.method,
-            "kept": r.logical.tolist(),
-        })
+        self._write_record({"req_id": comp.req_id, **record.eviction_record(
+            comp.logical_len, comp.old_len, comp.keep, comp.method, r.logical.tolist())})
 
-    def _write_record(self, record: dict) -> None:
+    def _write_record(self, rec: dict) -> None:
         """Append one line to this process's record file, tagged with the
         request's epoch (how many times it was restarted by preemption)."""
         if not self.config.record_dir:
             return
-        record["epoch"] = self.epochs.get(record["req_id"], 0)
-        os.makedirs(self.config.record_dir, exist_ok=True)
-        path = os.path.join(self.config.record_dir, f"events-{os.getpid()}.jsonl")
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        rec["epoch"] = self.epochs.get(rec["req_id"], 0)
+        record.append_record(self.config.record_dir, rec)
 
     def restart(self, req_id: str, num_tokens: int) -> None:
         """A preempted request will be recomputed from scratch: a new epoch,
         whose first sampled token is at index ``num_tokens`` (recorded as a
         ``restart_at`` line for the replays)."""
         self.epochs[req_id] = self.epochs.get(req_id, 0) + 1
-        self._write_record({"req_id": req_id, "restart_at": num_tokens})
+        self._write_record(record.restart_record(req_id, num_tokens))
         self.drop(req_id)

@@ -192,29 +192,6 @@ def row_slots(
     return table[positions // block_size], positions % block_size
 
 
-def stack_layers(caches: list[torch.Tensor]) -> torch.Tensor | None:
-    """One ``[L, num_blocks, H, block_size, 2D]`` view of per-layer caches that
-    are consecutive, equally shaped slices of one allocation (as vLLM lays
-    them out), so every layer is read and moved in one op; ``None`` otherwise."""
-    c0 = caches[0]
-    if not c0.is_contiguous():
-        return None
-    step = c0.numel()
-    storage = c0.untyped_storage().data_ptr()
-    for i, c in enumerate(caches):
-        if (
-            c.shape != c0.shape
-            or c.stride() != c0.stride()
-            or c.dtype != c0.dtype
-            or c.untyped_storage().data_ptr() != storage
-            or c.storage_offset() != c0.storage_offset() + i * step
-        ):
-            return None
-    return torch.as_strided(
-        c0, (len(caches),) + tuple(c0.shape), (step,) + c0.stride(), c0.storage_offset()
-    )
-
-
 def _stacked_halves(stack: torch.Tensor, layout: TokenLayout):
     l, nb, h = stack.shape[:3]
     bs, d = layout.block_size, layout.head_size
@@ -229,7 +206,8 @@ def read_keys_stacked(
     """Keys of the given tokens in every layer: ``[L, H, n, D]``.
 
     Args:
-        stack: ``[L, num_blocks, H, block_size, 2D]`` from :func:`stack_layers`.
+        stack: ``[L, num_blocks, H, block_size, 2D]`` from
+            :func:`~vllm_kvshrink.kernels.layouts.stack_layers` (``contiguous=True``).
         blocks, offsets: ``[n]``.
     """
     if layout.kind == "generic":

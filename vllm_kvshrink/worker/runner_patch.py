@@ -78,18 +78,20 @@ def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
 
 def _rope_inv_freq(runner, head_size: int) -> torch.Tensor | None:
     """The model's RoPE frequencies when it uses plain rotate-half RoPE over
-    the whole head (what ``expected_attention`` can average over future
-    positions); ``None`` for scaled or partial variants."""
+    the whole head (:func:`~vllm_kvshrink.policy.observation.plain_rope_inv_freq`);
+    ``None`` for scaled or partial variants."""
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    from vllm_kvshrink.policy.observation import plain_rope_inv_freq
 
     model = getattr(runner, "model", None)
     if model is None:
         return None
     for mod in model.modules():
+        # vLLM's scaled variants are subclasses: only the plain class counts.
         if type(mod) is RotaryEmbedding:
-            if not mod.is_neox_style or mod.rotary_dim != head_size:
-                return None
-            return mod._compute_inv_freq(mod.base).float().cpu()
+            return plain_rope_inv_freq(mod._compute_inv_freq(mod.base), head_size,
+                                       rotate_half=mod.is_neox_style)
     return None
 
 

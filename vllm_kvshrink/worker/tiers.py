@@ -22,6 +22,7 @@ import torch
 from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink.kernels.packed_attention import PackedBatch
 from vllm_kvshrink.methods import Observation
+from vllm_kvshrink.policy.record import tier_record
 from vllm_kvshrink.storage import FULL
 from vllm_kvshrink.storage.paged import pack, paged_form, unpack
 from vllm_kvshrink.storage.policy import levels_for, tier_event
@@ -107,7 +108,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
                 ) -> tuple[plan_mod.TierResult, TierState, dict]:
     """Run one tier event (see the module docstring); returns the result for
     the scheduler, the request's new :class:`TierState` and the event's
-    record (kept logical positions and their levels, cache order)."""
+    record (:func:`~vllm_kvshrink.policy.record.tier_record`)."""
     comp.check_fault(ev.req_id)
     levels = levels_for(ev.storage)
     d, bs, eb = _geometry(comp)
@@ -195,10 +196,9 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
         plain_blocks=plain_ids, segments=segments,
         counts={name: plan.counts[i] for i, name in enumerate(levels)},
         demoted=demoted, evicted=float(n - keep.shape[-1]))
-    record = {"kept": kpos.tolist(), "level": lev.tolist(), "counts": plan.counts,
-              "storage": list(levels), "bytes": plan.nbytes,
-              "budget_bytes": ev.budget_bytes}
-    return res, new_state, record
+    rec = tier_record(ev.logical_len, ev.old_len, keep.shape[-1], ev.method, kpos.tolist(),
+                      lev.tolist(), levels, plan.counts, plan.nbytes, ev.budget_bytes)
+    return res, new_state, rec
 
 
 def packed_batch(comp, req_ids, num_computed, num_scheduled, row_of) -> PackedBatch | None:

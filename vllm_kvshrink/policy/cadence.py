@@ -62,6 +62,23 @@ def bytes_due(cfg, held: int, logical: int, prompt_len: int, token_bytes: int,
     return budget if over or unpacked else None
 
 
+def loose_bf16(cfg, plain: int, held: int) -> int:
+    """Tokens held in bf16 outside the sinks and the recent window: what a
+    tier event may demote (``loose_bf16`` of :func:`bytes_due`).
+
+    ``plain``: tokens held in bf16; ``held``: tokens held in any form.
+
+    Why ``plain - min(held, sinks + recent)``: after every tier event the
+    sinks (the first ``sink_tokens`` held, in cache order) and the recent
+    window (the last ``recent_tokens``) are in bf16 -- the tier policy refuses
+    a plan that would demote them (:func:`~vllm_kvshrink.storage.policy.plan_tiers`)
+    -- tokens appended since are bf16 too, and every (layer, KV head) holds
+    the same number of tokens in each form.  So the bf16 tokens outside both
+    regions are the bf16 count less the tokens the two regions cover, and
+    counting them per (layer, head) in cache order gives the same number."""
+    return max(0, plain - min(held, cfg.sink_tokens + cfg.recent_tokens))
+
+
 def tier_block_bound(budget: int, forms: list[tuple[int, float]], rows: int) -> int:
     """Most blocks a tiered request holding at most ``budget`` bytes occupies:
     ``forms`` lists ``(tokens per block, bytes per token of one (layer, KV
