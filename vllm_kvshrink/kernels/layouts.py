@@ -76,29 +76,3 @@ def kv_views(cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tens
     k = torch.as_strided(cache, (l, nb, h, bs, d), k_strides, off)
     v = torch.as_strided(cache, (l, nb, h, bs, d), (s_l, s_b, s_h, d, 1), off + half)
     return k, v
-
-
-def stack_layers(caches: list[torch.Tensor]) -> torch.Tensor | None:
-    """One ``[L, ...]`` view of per-layer caches that are equally shaped slices
-    of one allocation at a constant stride (as vLLM allocates them), so a
-    single launch reaches every layer; ``None`` when they are not."""
-    if not caches:
-        raise ValueError("caches must hold at least one layer, got an empty list")
-    c0 = caches[0]
-    storage = c0.untyped_storage().data_ptr()
-    step = caches[1].storage_offset() - c0.storage_offset() if len(caches) > 1 else c0.numel()
-    for i, c in enumerate(caches):
-        if (
-            c.shape != c0.shape
-            or c.stride() != c0.stride()
-            or c.dtype != c0.dtype
-            or c.device != c0.device
-            or c.untyped_storage().data_ptr() != storage
-            or c.storage_offset() != c0.storage_offset() + i * step
-        ):
-            return None
-    if step <= 0:
-        return None
-    return torch.as_strided(
-        c0, (len(caches),) + tuple(c0.shape), (step,) + c0.stride(), c0.storage_offset()
-    )
