@@ -59,6 +59,7 @@ class PackedBatch:
 
     @property
     def num_reqs(self) -> int:
+        """``R``, the requests in the batch."""
         return int(self.q_len.shape[0])
 
     def form_table(self) -> torch.Tensor:
@@ -76,6 +77,7 @@ class PackedBatch:
         return self._rows
 
     def any_rotated(self) -> bool:
+        """Whether some form is Hadamard-rotated (queries and outputs rotate)."""
         return any(f.rotate for f in self.forms)
 
     @staticmethod

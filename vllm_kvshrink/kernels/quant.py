@@ -248,10 +248,12 @@ class PagedForm:
 
     @property
     def key_bytes(self) -> int:
+        """Bytes of one token's key codes (``D * k_bits / 8``)."""
         return self.head_dim * self.k_bits // 8
 
     @property
     def value_bytes(self) -> int:
+        """Bytes of one token's value codes (``D * v_bits / 8``)."""
         return self.head_dim * self.v_bits // 8
 
     @property
