@@ -207,7 +207,7 @@ SCHEDULER_PROBE = textwrap.dedent("""
     import vllm_kvshrink.policy.checks
     import vllm_kvshrink.policy.nbytes
     from vllm_kvshrink.config import KVShrinkConfig
-    from vllm_kvshrink.policy.nbytes import TierGeometry
+    from vllm_kvshrink.storage.geometry import TierGeometry
     from vllm_kvshrink.storage import get_form
     from vllm_kvshrink.storage.paged import pageable, paged_form
 
