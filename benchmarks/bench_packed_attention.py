@@ -9,7 +9,7 @@ query.  The stock side is what ``CPUAttentionBackendImpl.forward`` runs:
 ``CPUAttentionMetadataBuilder.build`` makes (``ops.cpu_attn_get_scheduler_
 metadata``), the ISA of ``_get_attn_isa``, the cache written with
 ``ops.cpu_attn_reshape_and_cache``.  The packed side holds all but the newest
-``--plain`` tokens in packed pages (``storage.paged.pack``) and those in bf16
+``--plain`` tokens in packed pages (``kernels.quant.pack``) and those in bf16
 in the stock layout (written by the same vLLM op), attended by
 ``kernels.packed_attention.packed_attention(..., impl="cpu")`` -- the call the
 engine makes per layer (``attention/cpu.py``).
@@ -26,7 +26,7 @@ plain tokens.  Scheduler metadata and the ``PackedBatch`` are built once per
 step in the engine and are not timed.
 
 Correctness, once per case: the packed kernel's rows of the first (up to) two
-requests against ``kernels.packed_attention.reference``; once per shape, the
+requests against ``kernels.packed_reference.reference``; once per shape, the
 stock kernel against plain PyTorch attention over the bf16 cache (checks that
 the stock call is driven right).  Requests alternate between two distinct
 data sets (so a wrong block table would show), copied block by block.  Each
@@ -237,8 +237,9 @@ def packed_cache(stock: Stock, shape: dict, data, b: int, form: str, plain: int)
     Returns ``(cache, PackedBatch, bytes per request)``."""
     import torch
 
-    from vllm_kvshrink.kernels.packed_attention import PackedBatch
-    from vllm_kvshrink.storage.paged import pack, paged_form, region_view
+    from vllm_kvshrink.kernels.packed_batch import PackedBatch
+    from vllm_kvshrink.kernels.quant import pack, region_view
+    from vllm_kvshrink.storage.paged import paged_form
 
     hkv, d, bs = shape["hkv"], shape["d"], shape["bs"]
     n = data[0][0].shape[1]
@@ -281,7 +282,7 @@ def packed_cache(stock: Stock, shape: dict, data, b: int, form: str, plain: int)
 
 def sub_batch(batch, r: int):
     """The first ``r`` requests of ``batch``."""
-    from vllm_kvshrink.kernels.packed_attention import PackedBatch
+    from vllm_kvshrink.kernels.packed_batch import PackedBatch
 
     s = int(batch.seg_start[r])
     return PackedBatch(q_start=batch.q_start[:r], q_len=batch.q_len[:r],
@@ -317,7 +318,7 @@ def raw_op(q, cache, batch, scale):
     rotated query included): what is left of ``packed`` without Python."""
     import torch
 
-    from vllm_kvshrink.kernels.packed_attention import LAYOUT_CODES, out_starts, rotated_query
+    from vllm_kvshrink.kernels.packed_batch import LAYOUT_CODES, out_starts, rotated_query
 
     i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
     qf = q.float().contiguous()
@@ -375,7 +376,8 @@ def main() -> int:
     import torch
 
     from vllm_kvshrink.kernels import cpu_ext
-    from vllm_kvshrink.kernels.packed_attention import packed_attention, reference
+    from vllm_kvshrink.kernels.packed_attention import packed_attention
+    from vllm_kvshrink.kernels.packed_reference import reference
     from vllm_kvshrink.storage.paged import paged_form
 
     torch.set_num_threads(args.threads)

@@ -120,7 +120,8 @@ def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
             f"uncompressed, and it sets method 'none'; allowed: keep compression "
             f"on for it (drop the per-request method) or shorten it"
         )
-    from vllm_kvshrink.policy.nbytes import TierGeometry, request_peak_blocks
+    from vllm_kvshrink.policy.nbytes import request_peak_blocks
+    from vllm_kvshrink.storage.geometry import TierGeometry
 
     chunk = vllm_config.scheduler_config.max_num_batched_tokens
     geo = None

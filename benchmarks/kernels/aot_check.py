@@ -36,8 +36,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from shapes import LLAMA3_8B  # noqa: E402
-from vllm_kvshrink import kernels as K  # noqa: E402
-from vllm_kvshrink.kernels import aot  # noqa: E402
+from vllm_kvshrink.kernels import aot, quant  # noqa: E402
+from vllm_kvshrink.lab.kernels import ops as lab  # noqa: E402
 
 # Kernel -> which widest access must be 128 bits on the benchmark shapes.
 WIDE = {"compact_kernel": ("ld", "st"), "quantize_kernel": ("ld",),
@@ -54,15 +54,15 @@ def _compaction(label, L, H, D, bs, n, keep, dtype, staged):
     src_table = torch.arange(n_req, dtype=torch.int32)
     idx = torch.arange(keep, dtype=torch.int32).expand(L, H, keep).contiguous()
     dst_table = src_table[: triton.cdiv(keep, bs)].clone()
-    return label, lambda: K.compact_kv(cache, src_table, idx, dst_table, "flash", staged=staged)
+    return label, lambda: lab.compact_kv(cache, src_table, idx, dst_table, "flash", staged=staged)
 
 
 def _quantization(label, rows, n, D, bits, gs, axis, dtype, param_dtype=None):
     x = torch.empty(rows, n, D, dtype=dtype)
 
     def run():
-        q = K.quantize(x, bits, gs, axis=axis, param_dtype=param_dtype)
-        K.dequantize(q, bits, gs, axis=axis, dtype=dtype)
+        q = quant.quantize(x, bits, gs, axis=axis, param_dtype=param_dtype)
+        quant.dequantize(q, bits, gs, axis=axis, dtype=dtype)
 
     return label, run
 
@@ -71,7 +71,7 @@ def _merge(label, H, n, D, groups, dtype):
     keys = torch.empty(H, n, D, dtype=dtype)
     w = torch.empty(H, n)
     grp = torch.zeros(H, n, dtype=torch.int64)
-    return label, lambda: K.merge_kv(keys, keys, w, grp, groups)
+    return label, lambda: lab.merge_kv(keys, keys, w, grp, groups)
 
 
 def _scoring(label, W, hq, hkv, D, bs, n, dtype, reduce, gqa_mean=True, causal=True, pool=1):
@@ -79,7 +79,7 @@ def _scoring(label, W, hq, hkv, D, bs, n, dtype, reduce, gqa_mean=True, causal=T
     cache = torch.empty(n_blocks, 2, bs, hkv, D, dtype=dtype)
     table = torch.arange(n_blocks, dtype=torch.int32)
     q = torch.empty(W, hq, D, dtype=dtype)
-    return label, lambda: K.window_scores(q, cache, table, n, "flash", reduce=reduce,
+    return label, lambda: lab.window_scores(q, cache, table, n, "flash", reduce=reduce,
                                           gqa_mean=gqa_mean, causal=causal, pool=pool)
 
 

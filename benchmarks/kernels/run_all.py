@@ -58,8 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from vllm_kvshrink import kernels as K  # noqa: E402
-from vllm_kvshrink.kernels import reference as ref  # noqa: E402
+from vllm_kvshrink.kernels import quant  # noqa: E402
+from vllm_kvshrink.kernels import reference as quant_ref  # noqa: E402
+from vllm_kvshrink.lab.kernels import ops as lab  # noqa: E402
+from vllm_kvshrink.lab.kernels import reference as ref  # noqa: E402
 
 from shapes import LLAMA3_8B, SMOKE  # noqa: E402
 
@@ -161,8 +163,8 @@ def bench_compaction(cuda_ext) -> None:
     def ref_fn():
         ref.compact_kv_ref(work, "flash", src_table, idx, dst_table)
 
-    variants = [("triton in-place", lambda c_: K.compact_kv(c_, src_table, idx, dst_table, "flash")),
-                ("triton staged", lambda c_: K.compact_kv(c_, src_table, idx, dst_table, "flash",
+    variants = [("triton in-place", lambda c_: lab.compact_kv(c_, src_table, idx, dst_table, "flash")),
+                ("triton staged", lambda c_: lab.compact_kv(c_, src_table, idx, dst_table, "flash",
                                                           staged=True))]
     if cuda_ext is not None:
         variants += [
@@ -186,14 +188,14 @@ def bench_quantization(cuda_ext) -> None:
     L, H, D, n, gs = c["layers"], c["kv_heads"], c["head_dim"], c["tokens"], c["group"]
     g = torch.Generator(device="cpu").manual_seed(1)
     x = (torch.randn(L * H, n, D, generator=g) * 2).to(DTYPE).to(DEV)
-    impls = [("triton", K.quantize, K.dequantize)]
+    impls = [("triton", quant.quantize, quant.dequantize)]
     if cuda_ext is not None:
         impls.append(("cuda", cuda_ext.quantize, cuda_ext.dequantize))
     for bits in (8, 4, 2):
         for axis in ("token", "channel"):
             x3 = x.transpose(1, 2) if axis == "channel" else x
-            exp = ref.quantize_ref(x3, bits, gs, DTYPE)
-            exp_x = ref.dequantize_ref(*exp, bits, gs, DTYPE)
+            exp = quant_ref.quantize_ref(x3, bits, gs, DTYPE)
+            exp_x = quant_ref.dequantize_ref(*exp, bits, gs, DTYPE)
             exp_x = exp_x.transpose(1, 2) if axis == "channel" else exp_x
             shape = f"[{L * H},{n},{D}] g{gs} {axis}"
             for name, qfn, dqfn in impls:
@@ -202,7 +204,7 @@ def bench_quantization(cuda_ext) -> None:
                 record("quantize", f"{name} int{bits} {axis}", shape,
                        lambda: qfn(x, bits, gs, axis=axis), nbytes(x, *q),
                        "bit-exact" if ok else "MISMATCH", ok,
-                       (lambda: ref.quantize_ref(x3, bits, gs, DTYPE)) if name == "triton" else None,
+                       (lambda: quant_ref.quantize_ref(x3, bits, gs, DTYPE)) if name == "triton" else None,
                        target=0.7)
                 out = dqfn(q, bits, gs, axis=axis, dtype=DTYPE)
                 err = (out.float() - exp_x.float()).abs().max().item()
@@ -211,7 +213,7 @@ def bench_quantization(cuda_ext) -> None:
                 record("dequantize", f"{name} int{bits} {axis}", shape,
                        lambda: dqfn(q, bits, gs, axis=axis, dtype=DTYPE), nbytes(out, *q),
                        check, ok,
-                       (lambda: ref.dequantize_ref(*q, bits, gs, DTYPE)) if name == "triton" else None)
+                       (lambda: quant_ref.dequantize_ref(*q, bits, gs, DTYPE)) if name == "triton" else None)
     del exp, exp_x
 
 
@@ -224,11 +226,11 @@ def bench_merge() -> None:
     values = torch.randn(H, n, D, generator=g).to(DTYPE).to(DEV)
     w = torch.rand(H, n, generator=g).to(DEV)
     grp = torch.randint(0, groups, (H, n), generator=g).to(DEV)
-    out = K.merge_kv(keys, values, w, grp, groups)
+    out = lab.merge_kv(keys, values, w, grp, groups)
     exp = ref.merge_kv_ref(keys, values, w, grp, groups)
     err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, exp))
     record("merge", "triton (one layer)", f"[{H},{n},{D}] -> {groups} groups",
-           lambda: K.merge_kv(keys, values, w, grp, groups), nbytes(keys, values, w, grp, *out),
+           lambda: lab.merge_kv(keys, values, w, grp, groups), nbytes(keys, values, w, grp, *out),
            f"max err {err:.1e}", err < 2e-2,
            lambda: ref.merge_kv_ref(keys, values, w, grp, groups))
 
@@ -243,7 +245,7 @@ def bench_scoring() -> None:
     table = torch.randperm(n_blocks, generator=g)[: triton.cdiv(n, bs)].to(torch.int32).to(DEV)
     q = torch.randn(wlen, hq, D, generator=g).to(DTYPE).to(DEV)
     for red, pool in (("sum", 1), ("max", 1), ("sum", 7)):
-        out = K.window_scores(q, cache, table, n, "flash", reduce=red, pool=pool)
+        out = lab.window_scores(q, cache, table, n, "flash", reduce=red, pool=pool)
 
         def reference(red=red, pool=pool):
             s = ref.window_scores_ref(q, cache, "flash", table, n, D**-0.5, red)
@@ -254,7 +256,7 @@ def bench_scoring() -> None:
         keys_bytes = n * hkv * D * cache.element_size()
         record("scoring", f"triton {red}, gqa mean" + (f", pool {pool}" if pool > 1 else ""),
                f"W{wlen} Hq{hq} Hkv{hkv} N{n}",
-               lambda red=red, pool=pool: K.window_scores(q, cache, table, n, "flash",
+               lambda red=red, pool=pool: lab.window_scores(q, cache, table, n, "flash",
                                                           reduce=red, pool=pool),
                keys_bytes + nbytes(q, out), f"max err {err:.1e}",
                err < 5e-3 * max(1.0, exp.abs().max().item()), reference)
@@ -320,7 +322,7 @@ def main() -> int:
     ARGS.out.mkdir(parents=True, exist_ok=True)
     cuda_ext, ext_note = None, "not built (--no-cuda-ext or no CUDA)"
     if DEV.type == "cuda" and not ARGS.no_cuda_ext:
-        from vllm_kvshrink.kernels import cuda_ext as ext
+        from vllm_kvshrink.lab.kernels import cuda_ext as ext
 
         try:
             t = time.time()

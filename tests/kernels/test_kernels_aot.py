@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvshrink import kernels as K
 from vllm_kvshrink.kernels import _launch, aot
+from vllm_kvshrink.lab.kernels import ops as lab
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,8 +85,8 @@ def test_recording_runs_nothing_and_uses_the_gpu_configuration():
     before = cache.clone()
     q = torch.randn(4, 4, 64, dtype=torch.float16)
     with aot.record_launches() as launches:
-        K.compact_kv(cache, table, idx, table[:1].clone(), "flash")
-        K.window_scores(q, cache[0], table, 20, "flash")
+        lab.compact_kv(cache, table, idx, table[:1].clone(), "flash")
+        lab.window_scores(q, cache[0], table, 20, "flash")
     assert not _launch.recording()
     assert torch.equal(cache, before)  # nothing ran
     names = [launch.kernel.__name__ for launch in launches]

@@ -27,8 +27,11 @@ def test_run_all_smoke(tmp_path):
 
 
 def test_kernels_import_without_vllm():
-    """The GPU machine has no vLLM: the kernels package must not need it."""
-    code = ("import sys; import vllm_kvshrink.kernels, vllm_kvshrink.kernels.cuda_ext; "
+    """The GPU machine has no vLLM: the kernels (the engine's and the lab's)
+    must not need it."""
+    code = ("import sys; import vllm_kvshrink.kernels.quant, vllm_kvshrink.kernels.triton_quant, "
+            "vllm_kvshrink.kernels.packed_attention, vllm_kvshrink.kernels.triton_packed, "
+            "vllm_kvshrink.lab.kernels.ops, vllm_kvshrink.lab.kernels.cuda_ext; "
             "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

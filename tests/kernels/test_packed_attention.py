@@ -1,8 +1,9 @@
 """The packed-attention kernels (C++: ``kernels.cpu_ext``; Triton, in the CPU
 interpreter: ``kernels.triton_packed``) against the dequantize-then-attend
-reference (``kernels.packed_attention.reference``).
+reference (``kernels.packed_reference.reference``), and the entry point that
+chooses between them (``kernels.packed_attention``).
 
-Every token-axis form the engine can page, written with ``storage.paged.pack``
+Every token-axis form the engine can page, written with ``kernels.quant.pack``
 into blocks of a random cache; plain regions in both CPU layouts; odd token
 counts, GQA, chunked prefill, mixed forms in one batch and in one request.
 
@@ -30,12 +31,11 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from vllm_kvshrink.kernels import cpu_ext, triton_packed  # noqa: E402
 from vllm_kvshrink.kernels._launch import interpreting  # noqa: E402
-from vllm_kvshrink.kernels.packed_attention import (  # noqa: E402
-    PackedBatch,
-    packed_attention,
-    reference,
-)
-from vllm_kvshrink.storage.paged import pack, paged_form, region_view  # noqa: E402
+from vllm_kvshrink.kernels.packed_attention import packed_attention  # noqa: E402
+from vllm_kvshrink.kernels.packed_batch import PackedBatch  # noqa: E402
+from vllm_kvshrink.kernels.packed_reference import reference  # noqa: E402
+from vllm_kvshrink.kernels.quant import pack, region_view  # noqa: E402
+from vllm_kvshrink.storage.paged import paged_form  # noqa: E402
 
 if _PREVIOUS is None:
     del os.environ["TRITON_INTERPRET"]

@@ -23,18 +23,18 @@ from vllm_kvshrink.methods import (
     method_params,
     param_table,
 )
-from vllm_kvshrink.methods.params import ONLINE_LEARNING, Param, gather
+from vllm_kvshrink.methods.params import ONLINE_LEARNING, PROMOTION, Param, gather
 
 
 def declarations() -> dict[str, dict[str, Param]]:
     """Every ``PARAMS`` table in the methods package, plus the framework's
-    (promotion's in hf/offload) and the shared online-learning one."""
+    (promotion's) and the shared online-learning one."""
     out = {}
     for info in pkgutil.iter_modules(methods_pkg.__path__):
         mod = importlib.import_module(f"vllm_kvshrink.methods.{info.name}")
         if isinstance(getattr(mod, "PARAMS", None), dict):
             out[mod.__name__] = mod.PARAMS
-    out["vllm_kvshrink.hf.offload"] = importlib.import_module("vllm_kvshrink.hf.offload").PARAMS
+    out["PROMOTION"] = PROMOTION
     out["ONLINE_LEARNING"] = ONLINE_LEARNING
     return out
 

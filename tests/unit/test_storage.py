@@ -10,8 +10,8 @@ import torch
 from vllm_kvshrink.policy import cadence
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
+from vllm_kvshrink.kernels.hadamard import hadamard, rotate
 from vllm_kvshrink.storage import form_names, get_form, parse_storage
-from vllm_kvshrink.storage.hadamard import hadamard, rotate
 from vllm_kvshrink.storage.policy import (
     EVICTED,
     apply_tiers,

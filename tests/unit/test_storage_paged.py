@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_kvshrink.kernels.quant import pack, unpack
 from vllm_kvshrink.storage import form_names, get_form
-from vllm_kvshrink.storage.paged import pack, pageable, paged_form, unpack
+from vllm_kvshrink.storage.paged import pageable, paged_form
 
 TOKEN_FORMS = [n for n in form_names() if n != "bf16" and pageable(n)]
 
@@ -39,7 +40,7 @@ def test_channel_forms_cannot_be_paged():
 
 
 def test_rotated_pages_store_the_rotated_space():
-    from vllm_kvshrink.storage.hadamard import rotate
+    from vllm_kvshrink.kernels.hadamard import rotate
 
     torch.manual_seed(1)
     pf = paged_form("int8_tok_rot", 64, 32, 2)

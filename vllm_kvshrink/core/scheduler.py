@@ -38,7 +38,8 @@ from vllm_kvshrink.envs import KVShrinkConfigError
 from vllm_kvshrink.metrics.counters import STATS_KEY, Counters
 from vllm_kvshrink.policy import cadence
 from vllm_kvshrink.policy.checks import check_cache_dtype, check_streaming, request_config
-from vllm_kvshrink.policy.nbytes import TierGeometry, request_peak_blocks
+from vllm_kvshrink.policy.nbytes import request_peak_blocks
+from vllm_kvshrink.storage.geometry import TierGeometry
 
 logger = logging.getLogger("vllm.kvshrink")
 

@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from vllm_kvshrink.eval.evaluator import _method_args, _write_atomic
+from vllm_kvshrink.eval.cells import write_atomic
+from vllm_kvshrink.eval.presets import method_args
 
 
 def lcs_recall(generated: list[int], reference: list[int]) -> float:
@@ -79,7 +80,7 @@ def _serve(ev, task, exs, todo, kv_dtype: str, budgets, label: str) -> list[dict
             i = len(prompts)
             prompts.append({"prompt_token_ids": ex.prompt})
             extra[str(i)] = ({"method": "none"} if m == "none" or kv_dtype != "auto" else
-                             {"method": m, "budget": b, "method_args": _method_args(m)})
+                             {"method": m, "budget": b, "method_args": method_args(m)})
             index.append((key, ex.index, False))
             if m == "none":  # chance level: the same prompt with another passage
                 prompts.append({"prompt_token_ids": ex.control_prompt})
@@ -130,7 +131,7 @@ def _serve(ev, task, exs, todo, kv_dtype: str, budgets, label: str) -> list[dict
                 "examples": rows[key], "key": key, "engine": True,
                 "kv_cache_dtype": kv_dtype,
                 "seconds": round(seconds / len(todo), 2)}
-        _write_atomic(path, cell)
+        write_atomic(path, cell)
         cells.append(cell)
     ev._log(f"{label}: engine served {len(prompts)} requests in {seconds:.1f} s "
             f"(startup {out.get('startup_s', 0):.1f} s)")

@@ -26,22 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_kvshrink.eval.cells import write_atomic
+from vllm_kvshrink.eval.engine import run_engine_task
 from vllm_kvshrink.eval.presets import (
+    FROZEN_ARGS,
     PRESETS,
     STORAGE_BASELINES,
     EvalError,
     check_task,
     TASK_SETTINGS,
+    method_args,
     parse_row,
     row_args,
     unbudgeted,
 )
 from vllm_kvshrink.policy.nbytes import token_bytes
-
-#: Learned methods run with their shipped weights frozen, so that a cell's
-#: numbers do not depend on which cells ran before it in the same process
-#: (the temporal predictor is shared process-wide) and resuming is exact.
-FROZEN_ARGS = {"online": False}
 
 COPY_INSTRUCTION = "\n\nNow repeat the passage to remember, word for word:\n"
 COPY_HEADER = "Here is a passage to remember:\n"
@@ -50,14 +49,6 @@ COPY_SEPARATOR = "\n\nSome unrelated reading follows.\n\n"
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _method_args(row: str) -> dict:
-    """A row's method arguments: learned methods frozen unless the row says
-    otherwise (``temporal[online=true]``), then the row's own."""
-    spec, own = row_args(row)
-    frozen = "temporal" in spec or "semantic" in spec
-    return {**(FROZEN_ARGS if frozen else {}), **own}
 
 
 def _fresh_predictors(cfg) -> None:
@@ -170,7 +161,7 @@ class ResearchEvaluator:
             if storage is not None or row_args(m)[1]:
                 try:  # the plugin's own checks of the forms and the arguments
                     KVShrinkConfig(method=method, storage=storage or "bf16", budget=0.5,
-                                   method_args=_method_args(m),
+                                   method_args=method_args(m),
                                    source={"storage": f"methods[{m!r}]",
                                            "method_args": f"methods[{m!r}]"})
                 except ValueError as e:
@@ -272,7 +263,7 @@ class ResearchEvaluator:
                               slack_tokens=s["slack_tokens"],
                               recent_tokens=s["recent_tokens"],
                               storage=storage or "bf16",
-                              method_args=_method_args(row))
+                              method_args=method_args(row))
 
     # ------------------------------------------------------------ examples
     def examples(self, task: dict) -> list[Example]:
@@ -498,7 +489,7 @@ class ResearchEvaluator:
                                 "prompt_tokens": len(ex.prompt),
                                 "scored_tokens": len(ex.target),
                                 **self._score(run, ref, ex.target, task["kind"])}})
-                    _write_atomic(path, got)  # row by row: resumable
+                    write_atomic(path, got)  # row by row: resumable
                 del pre, ref
                 computed += 1
             else:
@@ -564,13 +555,11 @@ class ResearchEvaluator:
             cell = self._run_cell(task, method, budget)
             cell["key"] = key
             cell["seconds"] = round(time.perf_counter() - t0, 2)
-            _write_atomic(path, cell)
+            write_atomic(path, cell)
             done.append(cell)
             computed += 1
             self._log(f"{label}: {_headline(cell)} ({cell['seconds']:.1f} s)")
         for j, task in enumerate(engine_tasks, len(plan) + 1):
-            from vllm_kvshrink.eval.engine import run_engine_task
-
             cells, c, r = run_engine_task(self, task, cells_dir,
                                           f"[eval {j}/{total}] {task['name']}")
             done.extend(cells)
@@ -596,9 +585,3 @@ def _headline(cell: dict) -> str:
     if rows and "control_copy_acc" in rows[0]:
         parts.append(f"control={np.mean([r['control_copy_acc'] for r in rows]):.3f}")
     return " ".join(parts)
-
-
-def _write_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)

@@ -69,6 +69,20 @@ def row_args(spec: str) -> tuple[str, dict]:
     return name + slash + storage, args
 
 
+#: Learned methods run with their shipped weights frozen, so that a cell's
+#: numbers do not depend on which cells ran before it in the same process
+#: (the temporal predictor is shared process-wide) and resuming is exact.
+FROZEN_ARGS = {"online": False}
+
+
+def method_args(row: str) -> dict:
+    """A row's method arguments: learned methods frozen unless the row says
+    otherwise (``temporal[online=true]``), then the row's own."""
+    spec, own = row_args(row)
+    frozen = "temporal" in spec or "semantic" in spec
+    return {**(FROZEN_ARGS if frozen else {}), **own}
+
+
 def parse_row(spec: str) -> tuple[str, str | None, str | None]:
     """An evaluation row -> ``(method, storage, store_form)``:
 

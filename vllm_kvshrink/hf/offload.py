@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvshrink.methods.params import Param
 from vllm_kvshrink.policy.nbytes import token_bytes
 from vllm_kvshrink.storage.policy import EVICTED, apply_tiers, tier_event
 
@@ -166,18 +165,3 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
     return runner._tier_record(cache, logical, k, plan, budget,
                                offload_bytes=off.nbytes(), promoted=int(up.sum()))
 
-
-#: Framework parameters of every method (gathered by the registry,
-#: :mod:`vllm_kvshrink.methods`): promotion needs tiered storage (the config
-#: refuses ``offload`` without it) and runs in the research path only.
-PARAMS = {
-    "offload": Param(float, 0.0, "tiered storage: keep the originals of up to this "
-                     "fraction of the sequence's tokens (per layer and KV head) outside "
-                     "the budget and promote the ones the scorer expects to matter "
-                     "(research path only; 0 = demotion for good)",
-                     lambda v: 0.0 <= v <= 1.0, "0 <= x <= 1", research_only=True),
-    "promote_margin": Param(float, 1.0, "promotion: an evicted token's score is "
-                            "divided by this before it competes with resident ones "
-                            "(research path only; 1 = none)",
-                            lambda v: v >= 1.0, "x >= 1", research_only=True),
-}

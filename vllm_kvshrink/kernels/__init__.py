@@ -1,37 +1,30 @@
-"""Hot-path kernels: compaction, merging, quantization and scoring of paged
-KV caches.
+"""Kernels the engine runs, by what they serve.  Importing the package
+imports nothing; each module is imported by name.
 
-Each op is a Triton kernel (:mod:`.triton_kernels`) behind a host wrapper that
-checks its arguments (:mod:`.ops`), registered as a ``kvshrink::`` torch
-custom op with a fake implementation, and has a plain PyTorch twin in
-:mod:`.reference`.  CUDA versions of compaction and quantization live in
-``csrc/`` (:mod:`.cuda_ext`).  Importing this package needs torch and triton
-only (no vLLM).
+Quantization and the page format:
+
+* :mod:`.quant` -- the quantizer (``kvshrink::quantize`` /
+  ``kvshrink::dequantize`` custom ops, :class:`~.quant.Quantized`) and the
+  packed page format (:class:`~.quant.PagedForm`, ``pack``, ``unpack``);
+  needs no Triton until a launch goes to it;
+* :mod:`.reference` -- the quantizer's PyTorch twins (define the rounding);
+* :mod:`.triton_quant` -- the quantizer's Triton launches (grids);
+* :mod:`.hadamard` -- the rotation of ``*_rot`` forms.
+
+Packed attention (one softmax over plain and packed tokens):
+
+* :mod:`.packed_attention` -- the entry point, choosing a backend;
+* :mod:`.packed_batch` -- :class:`~.packed_batch.PackedBatch`, the shared
+  check and the rotation of queries and outputs;
+* :mod:`.packed_reference` -- the PyTorch reference;
+* :mod:`.cpu_ext` -- the C++ kernel (``csrc/cpu``);
+* :mod:`.triton_packed` -- the Triton kernel's host side.
+
+Shared: :mod:`.triton_kernels` (every ``@triton.jit`` kernel above, nothing
+else), :mod:`._launch` (compiled or interpreted launches), :mod:`._checks`
+(argument checks), :mod:`.layouts` (vLLM's cache layouts as K/V views) and
+:mod:`.aot` (ahead-of-time compilation of the Triton kernels for a GPU).
+
+Kernels nothing in the engine calls (compaction, merging, window scoring,
+the CUDA extension) are in :mod:`vllm_kvshrink.lab.kernels`.
 """
-
-from vllm_kvshrink.kernels.layouts import LAYOUTS, kv_views, layout_from_kind, stack_layers
-from vllm_kvshrink.kernels.ops import (
-    Quantized,
-    compact_kv,
-    dequantize,
-    kivi_quantize,
-    merge_kv,
-    pool_scores,
-    quantize,
-    window_scores,
-)
-
-__all__ = [
-    "LAYOUTS",
-    "Quantized",
-    "compact_kv",
-    "dequantize",
-    "kivi_quantize",
-    "kv_views",
-    "layout_from_kind",
-    "merge_kv",
-    "pool_scores",
-    "quantize",
-    "stack_layers",
-    "window_scores",
-]

@@ -6,15 +6,19 @@ A process that imported the kernels before the variable was set (a test
 session collecting several files, say) would otherwise be stuck with the mode
 of the first import.  :func:`launchable` re-wraps the kernel's Python function
 when the modes differ, so the mode is read at each launch instead.
+
+Deciding whether a launch goes to Triton (:func:`use_triton`) does not import
+Triton: the quantizer's CPU path, which the scheduler's storage arithmetic
+sits beside, never loads it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
-import triton
 
 _CACHE: dict[tuple[int, bool], object] = {}
 # While :func:`vllm_kvshrink.kernels.aot.record_launches` is active: the list
@@ -58,7 +62,8 @@ def interpreting() -> bool:
     """Whether Triton kernels launched now run in the CPU interpreter."""
     if recording():
         return False
-    knobs = getattr(triton, "knobs", None)
+    # Before Triton is imported its knobs are unset: the variable decides.
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -70,12 +75,16 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def launchable(kernel):
+    """``kernel`` (a ``@triton.jit`` function) in the mode Triton is in now:
+    ``launchable(k)[grid](*args)`` runs it (or records it, see
+    :func:`recording`)."""
     if recording():
         return _Recorder(kernel)
     interpret = interpreting()
     key = (id(kernel), interpret)
     fn = _CACHE.get(key)
     if fn is None:
+        import triton
         from triton.runtime.interpreter import InterpretedFunction
 
         if isinstance(kernel, InterpretedFunction) == interpret:

@@ -9,7 +9,7 @@ needs and whether it spills.  Triton's NVIDIA backend (``ptxas`` ships in the
 wheel) compiles to a cubin for any ``sm_XY`` without a driver, so this is
 checked here:
 
-1. :func:`record_launches` runs the host wrappers of :mod:`.ops` on CPU
+1. :func:`record_launches` runs the host wrappers (the quantizer, the lab ops) on CPU
    tensors with the *GPU* configuration (block sizes as on CUDA) and records
    each launch (kernel, grid, arguments) instead of running it;
 2. :func:`compile_launch` turns one launch into Triton's ``ASTSource`` (the

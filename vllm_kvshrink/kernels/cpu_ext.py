@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvshrink.kernels.packed_attention import (
+from vllm_kvshrink.kernels.packed_batch import (
     LAYOUT_CODES,
     PackedBatch,
     check,
@@ -163,7 +163,7 @@ def _check_cpu(q: torch.Tensor, cache: torch.Tensor, batch: PackedBatch) -> None
 def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch,
                      scale: float) -> torch.Tensor:
     """The C++ kernel: same arguments and result as :func:`~vllm_kvshrink.
-    kernels.packed_attention.reference`."""
+    kernels.packed_reference.reference`."""
     # A step's batch is the same for every layer: check it and lay out its
     # index tensors once (per cache geometry), not once per layer.
     key = (tuple(q.shape), tuple(cache.shape), cache.dtype, layout)

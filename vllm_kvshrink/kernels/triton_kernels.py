@@ -1,6 +1,8 @@
-"""``@triton.jit`` kernels only (self-contained: no jit helpers, so each can be
-re-wrapped for the interpreter at launch); checks, allocation and grids live in
-:mod:`vllm_kvshrink.kernels.ops`.
+"""``@triton.jit`` kernels of the engine only (self-contained: no jit helpers,
+so each can be re-wrapped for the interpreter at launch): the quantizer
+(:mod:`.quant`, launched by :mod:`.triton_quant`) and packed attention
+(launched by :mod:`.triton_packed`).  Checks, allocation and grids live in
+those host modules.
 
 Index arithmetic that can exceed 2**31 elements (block id times block stride,
 layer times layer stride) is done in int64.
@@ -14,129 +16,6 @@ import triton.language as tl
 # Adding then subtracting 1.5 * 2**23 rounds an fp32 |v| < 2**22 to the nearest
 # integer, ties to even (IEEE round-to-nearest), exactly like torch.round.
 _ROUND_MAGIC = tl.constexpr(12582912.0)
-
-
-# --------------------------------------------------------------------------
-# compaction
-# --------------------------------------------------------------------------
-@triton.jit
-def compact_kernel(
-    src_k, src_v, dst_k, dst_v,
-    src_table, src_index, dst_table,
-    n_keep, n_heads,
-    sk_l, sk_b, sk_h, sk_t, sk_d,  # source K strides: layer, block, head, token, dim
-    sv_l, sv_b, sv_h, sv_t, sv_d,  # source V
-    dk_l, dk_b, dk_h, dk_t, dk_d,  # destination K
-    dv_l, dv_b, dv_h, dv_t, dv_d,  # destination V
-    si_l, si_h, si_k,  # src_index [L, H, K]
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    SRC_PAGED: tl.constexpr,
-    DST_PAGED: tl.constexpr,
-):
-    """Copy kept tokens ``i`` of (layer, head) ``program_id(0)``.
-
-    A paged side addresses token ``i`` through its block table (the source
-    through ``src_index`` first); an unpaged side is a staging buffer indexed
-    by ``i`` directly (its block stride is unused).  Programs along axis 1
-    take interleaved chunks; with one program there, chunks go in ascending
-    order and every chunk's loads finish (barrier) before its stores, which
-    is what makes in-place compaction safe (see ``ops.compact_kv``).
-    """
-    pid = tl.program_id(0)
-    layer = (pid // n_heads).to(tl.int64)
-    head = (pid % n_heads).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    mask_d = d < HEAD_DIM
-    src_k_base = src_k + layer * sk_l + head * sk_h
-    src_v_base = src_v + layer * sv_l + head * sv_h
-    dst_k_base = dst_k + layer * dk_l + head * dk_h
-    dst_v_base = dst_v + layer * dv_l + head * dv_h
-    for start in range(tl.program_id(1) * BLOCK_T, n_keep, tl.num_programs(1) * BLOCK_T):
-        i = start + tl.arange(0, BLOCK_T)
-        mask_t = i < n_keep
-        mask = mask_t[:, None] & mask_d[None, :]
-        if SRC_PAGED:
-            s = tl.load(src_index + layer * si_l + head * si_h + i * si_k, mask=mask_t, other=0)
-            s_blk = tl.load(src_table + s // BLOCK_SIZE, mask=mask_t, other=0).to(tl.int64)
-            s_off = (s % BLOCK_SIZE).to(tl.int64)
-            src_k_tok = s_blk * sk_b + s_off * sk_t
-            src_v_tok = s_blk * sv_b + s_off * sv_t
-        else:
-            src_k_tok = i.to(tl.int64) * sk_t
-            src_v_tok = i.to(tl.int64) * sv_t
-        k = tl.load(src_k_base + src_k_tok[:, None] + d[None, :] * sk_d, mask=mask)
-        v = tl.load(src_v_base + src_v_tok[:, None] + d[None, :] * sv_d, mask=mask)
-        if DST_PAGED:
-            d_blk = tl.load(dst_table + i // BLOCK_SIZE, mask=mask_t, other=0).to(tl.int64)
-            d_off = (i % BLOCK_SIZE).to(tl.int64)
-            dst_k_tok = d_blk * dk_b + d_off * dk_t
-            dst_v_tok = d_blk * dv_b + d_off * dv_t
-        else:
-            dst_k_tok = i.to(tl.int64) * dk_t
-            dst_v_tok = i.to(tl.int64) * dv_t
-        # Another thread of this program may store over a slot this chunk is
-        # still reading (in-place compaction): all loads land first.
-        tl.debug_barrier()
-        tl.store(dst_k_base + dst_k_tok[:, None] + d[None, :] * dk_d, k, mask=mask)
-        tl.store(dst_v_base + dst_v_tok[:, None] + d[None, :] * dv_d, v, mask=mask)
-
-
-# --------------------------------------------------------------------------
-# merge
-# --------------------------------------------------------------------------
-@triton.jit
-def merge_accumulate_kernel(
-    k_ptr, v_ptr, w_ptr, g_ptr,
-    acc_k, acc_v, acc_w, acc_n,
-    n_tokens, n_groups,
-    sk_h, sk_n, sk_d, sv_h, sv_n, sv_d, sw_h, sw_n, sg_h, sg_n,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Atomically add ``w * k``, ``w * v``, ``w`` and 1 of each token into its
-    group's fp32 accumulators (``[H * G, D]`` / ``[H * G]``)."""
-    head = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = n < n_tokens
-    g = tl.load(g_ptr + head * sg_h + n * sg_n, mask=mask_n, other=-1).to(tl.int64)
-    valid = mask_n & (g >= 0) & (g < n_groups)
-    w = tl.load(w_ptr + head * sw_h + n * sw_n, mask=valid, other=0.0).to(tl.float32)
-    d = tl.arange(0, BLOCK_D)
-    mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + head * sk_h + n[:, None] * sk_n + d[None, :] * sk_d, mask=mask, other=0.0)
-    v = tl.load(v_ptr + head * sv_h + n[:, None] * sv_n + d[None, :] * sv_d, mask=mask, other=0.0)
-    row = head * n_groups + g
-    dst = row[:, None] * HEAD_DIM + d[None, :]
-    tl.atomic_add(acc_k + dst, k.to(tl.float32) * w[:, None], mask=mask)
-    tl.atomic_add(acc_v + dst, v.to(tl.float32) * w[:, None], mask=mask)
-    tl.atomic_add(acc_w + row, w, mask=valid)
-    tl.atomic_add(acc_n + row, tl.full([BLOCK_N], 1, tl.int32), mask=valid)
-
-
-@triton.jit
-def merge_finalize_kernel(
-    acc_k, acc_v, acc_w, out_k, out_v,
-    n_rows,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    """``out = acc / weight_sum`` (0 where the sum is 0), in the output dtype."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = r < n_rows
-    d = tl.arange(0, BLOCK_D)
-    mask = mask_r[:, None] & (d < HEAD_DIM)[None, :]
-    w = tl.load(acc_w + r, mask=mask_r, other=0.0)
-    inv = tl.where(w > 0, 1.0 / tl.where(w > 0, w, 1.0), 0.0)
-    offs = r[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
-    k = tl.load(acc_k + offs, mask=mask, other=0.0) * inv[:, None]
-    v = tl.load(acc_v + offs, mask=mask, other=0.0) * inv[:, None]
-    tl.store(out_k + offs, k.to(out_k.dtype.element_ty), mask=mask)
-    tl.store(out_v + offs, v.to(out_v.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------
@@ -255,147 +134,155 @@ def dequantize_kernel(
 
 
 # --------------------------------------------------------------------------
-# scoring
+# packed attention
 # --------------------------------------------------------------------------
 @triton.jit
-def window_stats_kernel(
-    q_ptr, k_ptr, table_ptr, m_ptr, l_ptr,
-    seq_len, n_window, sm_scale,
-    sq_w, sq_h, sq_d, sk_b, sk_h, sk_t, sk_d,
-    GROUP: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+def packed_attention_kernel(
+    q_ptr, qr_ptr, out_ptr, outr_ptr,
+    cache_ptr, cache_u8, cache_i16,  # one storage: cache dtype, bytes, 16-bit words
+    q_start, q_len, plain_len, table, table_w,
+    seg_start, seg_block, seg_form, seg_n, forms, out_start,
+    s_b, s_h, esize, block_size, scale, n_kv_heads,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    K_COLS: tl.constexpr,  # keys transposed in the plain blocks (cpu_k_transposed)
+    CACHE_KIND: tl.constexpr,  # 0 float32, 1 bfloat16, 2 float16
+    HAS_ROT: tl.constexpr,
+    TQ: tl.constexpr,  # queries per program
+    BLOCK_M: tl.constexpr,  # rows: TQ * G, padded to a power of two
     BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Pass 1: running max ``m`` and sum of ``exp(s - m)`` of each window row
-    (query head ``program_id(0)``), over the keys of the paged cache."""
-    hq = tl.program_id(0)
-    hk = (hq // GROUP).to(tl.int64)
-    w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_w = w < n_window
-    d = tl.arange(0, BLOCK_D)
-    mask_d = d < HEAD_DIM
-    q = tl.load(q_ptr + w[:, None] * sq_w + hq * sq_h + d[None, :] * sq_d,
-                mask=mask_w[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    qpos = seq_len - n_window + w
-    m_i = tl.full([BLOCK_W], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_W], tl.float32)
-    for start in range(0, seq_len, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        mask_n = n < seq_len
-        blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        off = (n % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_ptr + blk[:, None] * sk_b + hk * sk_h + off[:, None] * sk_t
-                    + d[None, :] * sk_d, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-        valid = mask_n[None, :]
-        if CAUSAL:
-            valid = valid & (n[None, :] <= qpos[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-        m_i = m_new
-    tl.store(m_ptr + hq * n_window + w, m_i, mask=mask_w)
-    tl.store(l_ptr + hq * n_window + w, l_i, mask=mask_w)
+    pid = tl.program_id(0)
+    r = pid // n_kv_heads
+    h = (pid % n_kv_heads).to(tl.int64)
+    ql = tl.load(q_len + r)
+    q0 = tl.program_id(1) * TQ
+    if q0 >= ql:
+        return
+    pl = tl.load(plain_len + r)
+    m = tl.arange(0, BLOCK_M)
+    qi = q0 + m // G
+    head = h * G + m % G
+    row_ok = (m < TQ * G) & (qi < ql)
+    d = tl.arange(0, D)
+    q_rows = (tl.load(q_start + r) + qi).to(tl.int64)
+    q_offs = (q_rows * HQ + head)[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * scale
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if HAS_ROT:
+        qr = tl.load(qr_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * scale
+        acc_r = tl.zeros([BLOCK_M, D], tl.float32)
+    n_idx = tl.arange(0, BLOCK_N)
 
-
-@triton.jit
-def window_scores_kernel(
-    q_ptr, k_ptr, table_ptr, m_ptr, l_ptr, out_ptr,
-    seq_len, n_window, sm_scale,
-    sq_w, sq_h, sq_d, sk_b, sk_h, sk_t, sk_d,
-    GROUP: tl.constexpr,
-    HEADS_PER_OUT: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    REDUCE_MAX: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """Pass 2: for ``BLOCK_N`` keys, the normalised probabilities of every
-    window row reduced over the window (sum or max), then averaged over the
-    ``HEADS_PER_OUT`` query heads of output row ``program_id(0)``."""
-    o = tl.program_id(0)
-    hq0 = o * HEADS_PER_OUT
-    hk = (hq0 // GROUP).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = n < seq_len
-    d = tl.arange(0, BLOCK_D)
-    mask_d = d < HEAD_DIM
-    blk = tl.load(table_ptr + n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    off = (n % BLOCK_SIZE).to(tl.int64)
-    k = tl.load(k_ptr + blk[:, None] * sk_b + hk * sk_h + off[:, None] * sk_t
-                + d[None, :] * sk_d, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for hh in range(HEADS_PER_OUT):
-        hq = hq0 + hh
-        red = tl.zeros([BLOCK_N], tl.float32)
-        for w_start in range(0, n_window, BLOCK_W):
-            w = w_start + tl.arange(0, BLOCK_W)
-            mask_w = w < n_window
-            q = tl.load(q_ptr + w[:, None] * sq_w + hq * sq_h + d[None, :] * sq_d,
-                        mask=mask_w[:, None] & mask_d[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            m = tl.load(m_ptr + hq * n_window + w, mask=mask_w, other=float("inf"))
-            lsum = tl.load(l_ptr + hq * n_window + w, mask=mask_w, other=1.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-            valid = mask_w[:, None] & mask_n[None, :]
-            if CAUSAL:
-                valid = valid & (n[None, :] <= (seq_len - n_window + w)[:, None])
-            p = tl.where(valid, tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
-            if REDUCE_MAX:
-                red = tl.maximum(red, tl.max(p, axis=0))
+    # packed segments: every query sees all of their tokens
+    s_lo = tl.load(seg_start + r)
+    s_hi = tl.load(seg_start + r + 1)
+    for si in range(s_lo, s_hi):
+        blk = tl.load(seg_block + si).to(tl.int64)
+        f = tl.load(seg_form + si) * 7
+        n = tl.load(seg_n + si)
+        k_bits = tl.load(forms + f).to(tl.int32)
+        v_bits = tl.load(forms + f + 1).to(tl.int32)
+        rot = tl.load(forms + f + 2)
+        k_off = tl.load(forms + f + 4)
+        v_off = tl.load(forms + f + 5)
+        p_off = tl.load(forms + f + 6)
+        base = (blk * s_b + h * s_h) * esize  # the region's first byte
+        k_byte = (d * k_bits) // 8
+        k_shift = (d * k_bits) % 8
+        v_byte = (d * v_bits) // 8
+        v_shift = (d * v_bits) % 8
+        k_mask = (1 << k_bits) - 1
+        v_mask = (1 << v_bits) - 1
+        for t0 in range(0, n, BLOCK_N):
+            t = t0 + n_idx
+            t_ok = t < n
+            t64 = t.to(tl.int64)
+            kc = tl.load(cache_u8 + base + k_off + t64[:, None] * (D * k_bits // 8)
+                         + k_byte[None, :], mask=t_ok[:, None], other=0)
+            vc = tl.load(cache_u8 + base + v_off + t64[:, None] * (D * v_bits // 8)
+                         + v_byte[None, :], mask=t_ok[:, None], other=0)
+            par = (base + p_off) // 2 + t64 * 4  # 4 bf16 per token
+            ks = tl.load(cache_i16 + par, mask=t_ok, other=0).to(tl.int32)
+            kz = tl.load(cache_i16 + par + 1, mask=t_ok, other=0).to(tl.int32)
+            vs = tl.load(cache_i16 + par + 2, mask=t_ok, other=0).to(tl.int32)
+            vz = tl.load(cache_i16 + par + 3, mask=t_ok, other=0).to(tl.int32)
+            ks = ((ks & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            kz = ((kz & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            vs = ((vs & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            vz = ((vz & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            kq = ((kc.to(tl.int32) >> k_shift[None, :]) & k_mask).to(tl.float32)
+            vq = ((vc.to(tl.int32) >> v_shift[None, :]) & v_mask).to(tl.float32)
+            k = kq * ks[:, None] + kz[:, None]
+            v = vq * vs[:, None] + vz[:, None]
+            if HAS_ROT:
+                if rot != 0:
+                    s = tl.dot(qr, tl.trans(k), input_precision=PRECISION)
+                else:
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             else:
-                red = red + tl.sum(p, axis=0)
-        total = total + red
-    tl.store(out_ptr + o * seq_len + n, total / HEADS_PER_OUT, mask=mask_n)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = tl.where(row_ok[:, None] & t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = tl.dot(p, v, input_precision=PRECISION)
+            if HAS_ROT:
+                if rot != 0:
+                    acc = acc * alpha[:, None]
+                    acc_r = acc_r * alpha[:, None] + pv
+                else:
+                    acc = acc * alpha[:, None] + pv
+                    acc_r = acc_r * alpha[:, None]
+            else:
+                acc = acc * alpha[:, None] + pv
+            m_i = m_new
 
-
-@triton.jit
-def pool_scores_kernel(
-    x_ptr, out_ptr, n,
-    KERNEL: tl.constexpr,
-    MAX: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Pooling of per-token scores over ``KERNEL`` (odd) neighbours, centred,
-    row ``program_id(0)`` of ``x [rows, n]``: max, or the mean of the taps
-    inside the row (padding not counted)."""
-    row = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = i < n
-    HALF: tl.constexpr = KERNEL // 2
-    if MAX:
-        acc = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N], tl.float32)
-    count = tl.zeros([BLOCK_N], tl.float32)
-    for t in tl.static_range(KERNEL):
-        j = i + (t - HALF)
-        ok = mask & (j >= 0) & (j < n)
-        if MAX:
-            acc = tl.maximum(acc, tl.load(x_ptr + row * n + j, mask=ok, other=float("-inf")))
+    # plain region, causal: query i sees positions <= pl - ql + i
+    limit = pl - ql + qi  # per row
+    n_vis = pl - ql + tl.minimum(q0 + TQ, ql)
+    row_table = table + r.to(tl.int64) * table_w
+    for p0 in range(0, n_vis, BLOCK_N):
+        pos = p0 + n_idx
+        p_ok = pos < n_vis
+        blk = tl.load(row_table + pos // block_size, mask=p_ok, other=0).to(tl.int64)
+        slot = (pos % block_size).to(tl.int64)
+        reg = blk * s_b + h * s_h
+        if K_COLS:
+            k_offs = reg[:, None] + d[None, :] * block_size + slot[:, None]
         else:
-            acc = acc + tl.load(x_ptr + row * n + j, mask=ok, other=0.0)
-            count = count + ok.to(tl.float32)
-    if not MAX:
-        acc = acc / tl.maximum(count, 1.0)
-    tl.store(out_ptr + row * n + i, acc, mask=mask)
+            k_offs = (reg + slot * D)[:, None] + d[None, :]
+        v_offs = (reg + block_size * D + slot * D)[:, None] + d[None, :]
+        if CACHE_KIND == 1:
+            k = tl.load(cache_i16 + k_offs, mask=p_ok[:, None], other=0).to(tl.int32)
+            v = tl.load(cache_i16 + v_offs, mask=p_ok[:, None], other=0).to(tl.int32)
+            k = ((k & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+            v = ((v & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+        else:
+            k = tl.load(cache_ptr + k_offs, mask=p_ok[:, None], other=0.0).to(tl.float32)
+            v = tl.load(cache_ptr + v_offs, mask=p_ok[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        ok = row_ok[:, None] & p_ok[None, :] & (pos[None, :] <= limit[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        if HAS_ROT:
+            acc_r = acc_r * alpha[:, None]
+        m_i = m_new
 
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    o_rows = (tl.load(out_start + r) + qi).to(tl.int64)
+    o_offs = (o_rows * HQ + head)[:, None] * D + d[None, :]
+    tl.store(out_ptr + o_offs, acc * inv[:, None], mask=row_ok[:, None])
+    if HAS_ROT:
+        tl.store(outr_ptr + o_offs, acc_r * inv[:, None], mask=row_ok[:, None])

@@ -6,8 +6,8 @@ merger folds the rest into them); ``semantic`` alone is ``snapkv+semantic``.
 Method parameters come from ``VLLM_KVSHRINK_METHOD_ARGS`` (a JSON object) or a
 request's ``method_args``.  Each method module declares its own in a
 module-level ``PARAMS`` (see :mod:`vllm_kvshrink.methods.params`); the
-framework's (``head_budget``, ``offload``, ``promote_margin``) are declared by
-the pieces that read them, and :func:`param_table` gathers all of them into
+framework's (``head_budget`` with the head budgets, promotion's ``offload``
+and ``promote_margin`` in :mod:`~vllm_kvshrink.methods.params`), and :func:`param_table` gathers all of them into
 the one flat table the config validates against.
 
 Adding a method is one file plus one registry line: write its module (the
@@ -100,10 +100,10 @@ def _registry() -> dict[str, MethodSpec]:
 @functools.cache
 def _framework_params() -> dict[str, Param]:
     """Parameters of every method, declared by the framework pieces that read them."""
-    from vllm_kvshrink.hf import offload
     from vllm_kvshrink.methods import budgets
+    from vllm_kvshrink.methods.params import PROMOTION
 
-    return gather(budgets.PARAMS, offload.PARAMS)
+    return gather(budgets.PARAMS, PROMOTION)
 
 
 def _semantic_params() -> Mapping[str, Param]:

@@ -6,9 +6,10 @@ Each method module declares the parameters it reads in a module-level
 method's settings, defaults and checks are read and changed in one place.
 Parameters of a framework piece every method runs through are declared with
 that piece (``head_budget`` in :mod:`vllm_kvshrink.methods.budgets`,
-``offload`` and ``promote_margin`` in :mod:`vllm_kvshrink.hf.offload`), and
-the two that both learned methods read (temporal's predictor and semantic's
-key embedding) in :data:`ONLINE_LEARNING` here.  The registry
+promotion's ``offload`` and ``promote_margin``, read by
+:mod:`vllm_kvshrink.hf.offload`, in :data:`PROMOTION` here), and the two that
+both learned methods read (temporal's predictor and semantic's key embedding)
+in :data:`ONLINE_LEARNING` here.  The registry
 (:mod:`vllm_kvshrink.methods`) joins the declarations with :func:`gather`.
 
 Users pass the parameters as flat JSON keys, without naming the method, so a
@@ -59,3 +60,20 @@ def gather(*tables: Mapping[str, Param]) -> dict[str, Param]:
                                  f"parameters are flat JSON keys, so names must be "
                                  f"unique across methods")
     return out
+
+
+#: Promotion's parameters (read by :mod:`vllm_kvshrink.hf.offload`, for every
+#: method): promotion needs tiered storage (the config refuses ``offload``
+#: without it) and runs in the research path only.  Declared here rather than
+#: beside the research code so the registry never imports the research path.
+PROMOTION = {
+    "offload": Param(float, 0.0, "tiered storage: keep the originals of up to this "
+                     "fraction of the sequence's tokens (per layer and KV head) outside "
+                     "the budget and promote the ones the scorer expects to matter "
+                     "(research path only; 0 = demotion for good)",
+                     lambda v: 0.0 <= v <= 1.0, "0 <= x <= 1", research_only=True),
+    "promote_margin": Param(float, 1.0, "promotion: an evicted token's score is "
+                            "divided by this before it competes with resident ones "
+                            "(research path only; 1 = none)",
+                            lambda v: v >= 1.0, "x >= 1", research_only=True),
+}

@@ -1,4 +1,4 @@
-"""Bytes and blocks: per token, per request, and a request's peak.
+"""Bytes and blocks: per token, and a request's peak in blocks.
 
 Bytes are counted as vLLM holds a bf16 cache -- K and V, 2 bytes per element,
 whatever dtype a research run computes in -- and packed forms at their exact
@@ -9,9 +9,6 @@ cache's real element size.  No tensors: counts only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from vllm_kvshrink.policy import cadence
 
 #: bytes of one K or V element in the 16-bit cache vLLM serves
 BF16_BYTES = 2
@@ -26,95 +23,12 @@ def token_bytes(rows: int, head_dim: int, elem_bytes: int = BF16_BYTES) -> int:
     return rows * 2 * head_dim * elem_bytes
 
 
-@dataclass(frozen=True)
-class TierGeometry:
-    """The cache's shape as the scheduler sees it: ``num_layers`` x
-    ``num_kv_heads`` rows of ``head_dim`` elements, ``block_size`` tokens per
-    block, ``elem_bytes`` per element of the model dtype."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    elem_bytes: int
-
-    @staticmethod
-    def of(kv_cache_config, block_size: int) -> "TierGeometry":
-        """From vLLM's ``KVCacheConfig`` (its one full-attention group)."""
-        group = kv_cache_config.kv_cache_groups[0]
-        spec = group.kv_cache_spec
-        dtype = spec.dtype
-        return TierGeometry(len(group.layer_names), spec.num_kv_heads, spec.head_size,
-                            block_size, dtype.itemsize)
-
-    @property
-    def rows(self) -> int:
-        """(layer, KV head) pairs."""
-        return self.num_layers * self.num_kv_heads
-
-    @property
-    def token_bytes(self) -> int:
-        """One token's bf16 K+V over every layer and KV head."""
-        return token_bytes(self.rows, self.head_dim)
-
-    def capacity(self, form: str) -> int:
-        """Tokens one block holds in ``form``."""
-        from vllm_kvshrink.storage import FULL
-
-        if form == FULL:
-            return self.block_size
-        from vllm_kvshrink.storage.paged import paged_form
-
-        return paged_form(form, self.head_dim, self.block_size, self.elem_bytes).capacity
-
-    def held_bytes(self, plain: int, segments) -> int:
-        """Bytes held by ``plain`` bf16 tokens and the packed ``segments``
-        (``(block_id, form, n)``)."""
-        return sum(self.bytes_by_form(plain, segments).values())
-
-    def bytes_by_form(self, plain: int, segments) -> dict[str, int]:
-        """:meth:`held_bytes` per form."""
-        from vllm_kvshrink.storage import FULL, get_form
-
-        out = {FULL: self.rows * get_form(FULL).nbytes(plain, self.head_dim)}
-        for _, form, n in segments:
-            out[form] = out.get(form, 0) + n
-        return {f: (v if f == FULL else self.rows * get_form(f).nbytes(v, self.head_dim))
-                for f, v in out.items()}
-
-    def due(self, cfg, plain: int, segments, logical: int, prompt_len: int) -> int | None:
-        """The byte budget if the request is due for a tier event, else None
-        (the research path's rule: :func:`~vllm_kvshrink.policy.cadence.bytes_due`
-        with :func:`~vllm_kvshrink.policy.cadence.loose_bf16`)."""
-        n = plain + sum(s[2] for s in segments)
-        return cadence.bytes_due(cfg, self.held_bytes(plain, segments), logical,
-                                 prompt_len, self.token_bytes,
-                                 cadence.loose_bf16(cfg, plain, n))
-
-    def _forms(self, cfg) -> list[tuple[int, float]]:
-        from vllm_kvshrink.storage import get_form
-        from vllm_kvshrink.storage.policy import levels_for
-
-        return [(self.capacity(f), get_form(f).bytes_per_token(self.head_dim))
-                for f in levels_for(cfg.storage)]
-
-    def block_bound(self, cfg, budget: int) -> int:
-        """Most blocks a request holding at most ``budget`` bytes occupies
-        (:func:`~vllm_kvshrink.policy.cadence.tier_block_bound`)."""
-        return cadence.tier_block_bound(budget, self._forms(cfg), self.rows)
-
-    def peak_blocks(self, cfg, num_tokens: int, chunk_tokens: int) -> int:
-        """Most blocks a tiered request of ``num_tokens`` holds at once
-        (:func:`~vllm_kvshrink.policy.cadence.tier_peak_blocks`)."""
-        return cadence.tier_peak_blocks(cfg, num_tokens, self.block_size, chunk_tokens,
-                                        self._forms(cfg), self.rows, self.token_bytes)
-
-
 def request_peak_blocks(cfg, num_tokens: int, block_size: int, chunk_tokens: int,
-                        geometry: TierGeometry | None = None) -> int:
+                        geometry=None) -> int:
     """Most KV blocks a compressed request of ``num_tokens`` tokens holds at
     once: with tiered storage its byte budget's blocks by form
-    (:meth:`TierGeometry.peak_blocks`; ``geometry`` is then required), else
+    (:meth:`~vllm_kvshrink.storage.geometry.TierGeometry.peak_blocks`;
+    ``geometry`` is then required), else
     its token peak (:meth:`~vllm_kvshrink.config.KVShrinkConfig.peak_tokens`)
     in whole blocks of ``block_size``.  The front end's admission check and
     the scheduler's block reservation both use it."""

@@ -15,7 +15,7 @@ Per (layer, KV head) row of ``N`` keys ``k [N, D]``:
   ``B`` are rounded to bf16, so the reconstruction error is the residual
   quantizer's alone, quantized per token over the ``D`` channels with ``bits``
   (2, 4 or 8) asymmetric codes and a bf16 scale and zero point (the
-  quantizer of :mod:`vllm_kvshrink.kernels`, as :class:`~.quantized.IntForm`
+  quantizer of :mod:`vllm_kvshrink.kernels.quant`, as :class:`~.quantized.IntForm`
   uses it with ``key_axis="token"``).
 
 Keys are read back as ``mu + c @ B + dequantize(res)``.  Values are held per
@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvshrink.kernels import ops
+from vllm_kvshrink.kernels import quant
 from vllm_kvshrink.policy import nbytes as policy_nbytes
 from vllm_kvshrink.storage.base import StorageForm
 from vllm_kvshrink.storage.quantized import PARAM_BYTES, IntForm
@@ -159,13 +159,13 @@ class LowRankForm(StorageForm):
     def _keys(self, k: torch.Tensor) -> torch.Tensor:
         d = k.shape[-1]
         low, res, _ = self._fit(k)
-        q = ops.quantize(res.contiguous(), self.bits, d, "token", torch.bfloat16)
-        return low + ops.dequantize(q, self.bits, d, "token", torch.float32)
+        q = quant.quantize(res.contiguous(), self.bits, d, "token", torch.bfloat16)
+        return low + quant.dequantize(q, self.bits, d, "token", torch.float32)
 
     def _values(self, v: torch.Tensor) -> torch.Tensor:
         d = v.shape[-1]
-        q = ops.quantize(v.contiguous(), self.value_bits, d, "token", torch.bfloat16)
-        return ops.dequantize(q, self.value_bits, d, "token", torch.float32)
+        q = quant.quantize(v.contiguous(), self.value_bits, d, "token", torch.bfloat16)
+        return quant.dequantize(q, self.value_bits, d, "token", torch.float32)
 
     def roundtrip(self, keys, values):
         if keys.shape[1] == 0:

@@ -1,5 +1,5 @@
 """``int8`` / ``int4`` / ``int2``: asymmetric integer codes with a scale and
-a zero point, the quantizer of :mod:`vllm_kvshrink.kernels` (reference,
+a zero point, the quantizer of :mod:`vllm_kvshrink.kernels.quant` (reference,
 Triton and CUDA agree bit for bit; on CPU tensors the reference runs).
 
 * keys per channel over groups of ``key_group`` tokens (KIVI, Liu et al.
@@ -9,7 +9,7 @@ Triton and CUDA agree bit for bit; on CPU tensors the reference runs).
   as the keys or fewer (``k4v2``: values tolerate coarser codes, they are
   averaged, not exponentiated; cf. KIVI's and KVQuant's asymmetric choices);
 * ``rotate``: keys and values rotated per head by an orthonormal Hadamard
-  matrix first (:mod:`.hadamard`), rotated back when read;
+  matrix first (:mod:`vllm_kvshrink.kernels.hadamard`), rotated back when read;
 * scales and zero points stored in bf16 (2 bytes each).
 
 Exact bytes of ``n`` tokens of one (layer, KV head)::
@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvshrink.kernels import ops
+from vllm_kvshrink.kernels import quant
 from vllm_kvshrink.storage.base import StorageForm
-from vllm_kvshrink.storage.hadamard import rotate
+from vllm_kvshrink.kernels.hadamard import rotate
 
 PARAM_BYTES = 2  # scale and zero point in bf16
 
@@ -80,19 +80,19 @@ class IntForm(StorageForm):
     def _keys(self, k: torch.Tensor) -> torch.Tensor:
         a, n, d = k.shape
         if self.key_axis == "token":
-            q = ops.quantize(k, self.bits, d, "token", torch.bfloat16)
-            return ops.dequantize(q, self.bits, d, "token", torch.float32)
+            q = quant.quantize(k, self.bits, d, "token", torch.bfloat16)
+            return quant.dequantize(q, self.bits, d, "token", torch.float32)
         g = self.key_group
         pad = -n % g
         if pad:
             k = torch.cat([k, k[:, -1:].expand(a, pad, d)], dim=1)
-        q = ops.quantize(k.contiguous(), self.bits, g, "channel", torch.bfloat16)
-        return ops.dequantize(q, self.bits, g, "channel", torch.float32)[:, :n]
+        q = quant.quantize(k.contiguous(), self.bits, g, "channel", torch.bfloat16)
+        return quant.dequantize(q, self.bits, g, "channel", torch.float32)[:, :n]
 
     def _values(self, v: torch.Tensor) -> torch.Tensor:
         d = v.shape[-1]
-        q = ops.quantize(v, self.value_bits, d, "token", torch.bfloat16)
-        return ops.dequantize(q, self.value_bits, d, "token", torch.float32)
+        q = quant.quantize(v, self.value_bits, d, "token", torch.bfloat16)
+        return quant.dequantize(q, self.value_bits, d, "token", torch.float32)
 
     def roundtrip(self, keys, values):
         dt = keys.dtype

@@ -7,7 +7,7 @@ dequantized -- puts them in *cache order* (ascending logical position per
 policy as the research path (:func:`~vllm_kvshrink.storage.policy.
 tier_event`), and only then writes: the ``bf16`` tokens into the first
 destination blocks as a plain row, each packed level into the next blocks
-(:func:`~vllm_kvshrink.storage.paged.pack`, from the values the tokens hold
+(:func:`~vllm_kvshrink.kernels.quant.pack`, from the values the tokens hold
 now, as :func:`~vllm_kvshrink.storage.policy.apply_tiers` re-packs them).
 Nothing is written before everything is read and planned, so a failure
 leaves the request as it was.
@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvshrink import plan as plan_mod
-from vllm_kvshrink.kernels.packed_attention import PackedBatch
+from vllm_kvshrink.kernels.packed_batch import PackedBatch
+from vllm_kvshrink.kernels.quant import pack, unpack
 from vllm_kvshrink.methods import Observation
 from vllm_kvshrink.policy.record import tier_record
 from vllm_kvshrink.storage import FULL
-from vllm_kvshrink.storage.paged import pack, paged_form, unpack
+from vllm_kvshrink.storage.paged import paged_form
 from vllm_kvshrink.storage.policy import levels_for, tier_event
 from vllm_kvshrink.worker.kv_layout import row_slots, write_tokens_stacked
 

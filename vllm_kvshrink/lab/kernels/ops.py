@@ -1,31 +1,35 @@
-"""Host wrappers: argument checks, allocation, grids, and the ``kvshrink::``
-torch custom ops (with fake implementations, so the ops can sit in
-``torch.compile`` graphs such as vLLM's).
+"""Kernels the engine does not call: compaction, merging and window scoring
+of paged KV caches, and KIVI's quantization of keys and values.
 
-Each op runs its Triton kernel on CUDA tensors and on CPU tensors while Triton
-interprets (``TRITON_INTERPRET=1``); otherwise, on the CPU, it runs the PyTorch
-reference in :mod:`vllm_kvshrink.kernels.reference`.
+Host wrappers (argument checks, allocation, grids) registered as
+``kvshrink::`` torch custom ops with fake implementations; the
+``@triton.jit`` kernels are in :mod:`.triton_kernels`, the PyTorch twins in
+:mod:`.reference`, CUDA versions of compaction and quantization in
+:mod:`.cuda_ext`.  Each op runs its Triton kernel on CUDA tensors and on CPU
+tensors while Triton interprets (``TRITON_INTERPRET=1``); otherwise, on the
+CPU, it runs the reference.  The engine's worker moves kept tokens with
+:mod:`vllm_kvshrink.worker.kv_layout` and scores with the methods'
+PyTorch code; these kernels are the GPU versions of those steps, measured by
+``benchmarks/kernels`` and not wired into the serving path.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 
-from vllm_kvshrink.kernels import reference as ref
-from vllm_kvshrink.kernels import triton_kernels as tk
 from vllm_kvshrink.kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_choice,
-    check_positive,
     check_shape,
     check_tensor,
 )
 from vllm_kvshrink.kernels._launch import interpreting, launchable, targets_gpu, use_triton
 from vllm_kvshrink.kernels.layouts import LAYOUTS, cache_dims, kv_views, stack_layers
+from vllm_kvshrink.kernels.quant import Quantized, quantize
+from vllm_kvshrink.lab.kernels import reference as ref
+from vllm_kvshrink.lab.kernels import triton_kernels as tk
 
 CACHE_DTYPES = FLOAT_DTYPES + (
     torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2,
@@ -33,7 +37,6 @@ CACHE_DTYPES = FLOAT_DTYPES + (
 # Compaction copies raw elements: an integer view of the same width keeps
 # every bit (NaN payloads, fp8) and works in the interpreter.
 _RAW = {1: torch.int8, 2: torch.int16, 4: torch.int32}
-BITS = (2, 4, 8)
 REDUCTIONS = ("sum", "max")
 POOL_MODES = ("avg", "max")
 
@@ -191,7 +194,7 @@ def compact_kv(
 
     Args:
         cache: stacked cache ``[L, ...]`` in ``layout`` (one of
-            :data:`~.layouts.LAYOUTS`), a single layer (then ``src_index`` is
+            :data:`~vllm_kvshrink.kernels.layouts.LAYOUTS`), a single layer (then ``src_index`` is
             ``[H, K]``), or a list of per-layer caches (one launch when they
             are slices of one allocation, else one per layer).
         src_table: ``[n_src_blocks]`` int32/int64 block ids.
@@ -311,191 +314,8 @@ def merge_kv(
 
 
 # ==========================================================================
-# quantization
+# KIVI
 # ==========================================================================
-class Quantized(NamedTuple):
-    """Bit-packed codes and per-group parameters (see :func:`quantize`)."""
-
-    packed: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-
-
-def _check_quant_params(bits, group_size, n_cols, name="x") -> None:
-    check_choice("bits", bits, BITS)
-    check_positive("group_size", group_size)
-    per = 8 // bits
-    if group_size % per:
-        raise ValueError(
-            f"group_size={group_size} must be a multiple of {per} (codes per byte "
-            f"at {bits} bits)"
-        )
-    if n_cols % group_size:
-        raise ValueError(
-            f"the grouped axis of {name} has {n_cols} elements, not a multiple of "
-            f"group_size={group_size}"
-        )
-
-
-def _check_quantize(x, bits, group_size, param_dtype) -> None:
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    check_choice("param_dtype", param_dtype, FLOAT_DTYPES)
-    _check_quant_params(bits, group_size, x.shape[2])
-
-
-def _quant_outputs(x, bits, group_size, param_dtype):
-    a, r, c = x.shape
-    return Quantized(
-        torch.empty(a, r, c * bits // 8, dtype=torch.uint8, device=x.device),
-        torch.empty(a, r, c // group_size, dtype=param_dtype, device=x.device),
-        torch.empty(a, r, c // group_size, dtype=param_dtype, device=x.device),
-    )
-
-
-def _quant_meta(rows, bits, group_size):
-    per = 8 // bits
-    block_b = _pow2(group_size // per)
-    block_r = max(1, min(_pow2(rows), 4096 // (block_b * per)))
-    return block_r, block_b
-
-
-@torch.library.custom_op("kvshrink::quantize", mutates_args=())
-def _quantize_op(
-    x: torch.Tensor, bits: int, group_size: int, param_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_quantize(x, bits, group_size, param_dtype)
-    if not use_triton(x):
-        return ref.quantize_ref(x, bits, group_size, param_dtype)
-    out = _quant_outputs(x, bits, group_size, param_dtype)
-    a, r, c = x.shape
-    if x.numel():
-        block_r, block_b = _quant_meta(a * r, bits, group_size)
-        launchable(tk.quantize_kernel)[(triton.cdiv(a * r, block_r) * (c // group_size),)](
-            x, out.packed, out.scale, out.zero, a * r, r, *x.stride(),
-            BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
-            BLOCK_R=block_r, BLOCK_B=block_b, PARAM_BF16=param_dtype == torch.bfloat16)
-    return tuple(out)
-
-
-@_quantize_op.register_fake
-def _(x, bits, group_size, param_dtype):
-    _check_quantize(x, bits, group_size, param_dtype)
-    return tuple(_quant_outputs(x, bits, group_size, param_dtype))
-
-
-def _check_dequantize(packed, scale, zero, bits, group_size, dtype) -> None:
-    check_tensor("packed", packed, ndim=3, dtypes=(torch.uint8,))
-    check_choice("bits", bits, BITS)
-    check_choice("dtype", dtype, FLOAT_DTYPES)
-    a, r, nbytes = packed.shape
-    n_cols = nbytes * 8 // bits
-    _check_quant_params(bits, group_size, n_cols, name="packed")
-    for name, t in (("scale", scale), ("zero", zero)):
-        check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES, device=packed.device)
-        check_shape(name, t, (a, r, n_cols // group_size))
-    for name, t in (("packed", packed), ("scale", scale), ("zero", zero)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-
-
-def _dequant_output(packed, bits, dtype, channel):
-    a, r, nbytes = packed.shape
-    c = nbytes * 8 // bits
-    shape = (a, c, r) if channel else (a, r, c)
-    return torch.empty(shape, dtype=dtype, device=packed.device)
-
-
-@torch.library.custom_op("kvshrink::dequantize", mutates_args=())
-def _dequantize_op(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bits: int,
-    group_size: int,
-    dtype: torch.dtype,
-    channel: bool,
-) -> torch.Tensor:
-    _check_dequantize(packed, scale, zero, bits, group_size, dtype)
-    if not use_triton(packed):
-        x = ref.dequantize_ref(packed, scale, zero, bits, group_size, dtype)
-        return x.transpose(1, 2).contiguous() if channel else x
-    out = _dequant_output(packed, bits, dtype, channel)
-    view = out.transpose(1, 2) if channel else out  # [A, R, C] as the codes are
-    a, r, c = view.shape
-    if out.numel():
-        block_r, block_b = _quant_meta(a * r, bits, group_size)
-        launchable(tk.dequantize_kernel)[(triton.cdiv(a * r, block_r) * (c // group_size),)](
-            packed, scale, zero, view, a * r, r, *view.stride(),
-            BITS=bits, GROUP_SIZE=group_size, N_GROUPS=c // group_size,
-            BLOCK_R=block_r, BLOCK_B=block_b,
-            enable_fp_fusion=False)  # q * scale + zero unfused: the reference's bits
-    return out
-
-
-@_dequantize_op.register_fake
-def _(packed, scale, zero, bits, group_size, dtype, channel):
-    _check_dequantize(packed, scale, zero, bits, group_size, dtype)
-    return _dequant_output(packed, bits, dtype, channel)
-
-
-AXES = ("token", "channel")
-
-
-def _as_3d(x: torch.Tensor, name: str) -> torch.Tensor:
-    check_tensor(name, x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be [..., N, D], got shape {tuple(x.shape)}")
-    return x.reshape(-1, *x.shape[-2:])
-
-
-def quantize(
-    x: torch.Tensor,
-    bits: int,
-    group_size: int,
-    axis: str = "token",
-    param_dtype: torch.dtype | None = None,
-) -> Quantized:
-    """Asymmetric ``bits``-bit quantization in groups of ``group_size``, packed.
-
-    ``axis="token"``: each token's ``D`` channels in groups (per-token, how
-    KIVI arXiv:2402.02750 stores values); ``axis="channel"``: each channel's
-    ``N`` tokens in groups (per-channel, how KIVI stores keys).  Rounding is
-    defined by :func:`~.reference.quantize_ref` and the kernel matches it bit
-    for bit.
-
-    Args:
-        x: ``[..., N, D]`` fp16/bf16/fp32.
-        bits: 2, 4 or 8.
-        param_dtype: dtype of the stored scale and zero point (default x's).
-
-    Returns:
-        :class:`Quantized` with, for ``x`` flattened to ``[A, N, D]``:
-        ``axis="token"``: packed ``[A, N, D * bits / 8]``, scale/zero
-        ``[A, N, D / group_size]``; ``axis="channel"``: packed
-        ``[A, D, N * bits / 8]``, scale/zero ``[A, D, N / group_size]``.
-    """
-    check_choice("axis", axis, AXES)
-    x3 = _as_3d(x, "x")
-    if axis == "channel":
-        x3 = x3.transpose(1, 2)
-    pdt = x.dtype if param_dtype is None else param_dtype
-    return Quantized(*torch.ops.kvshrink.quantize(x3, bits, group_size, pdt))
-
-
-def dequantize(
-    q: Quantized,
-    bits: int,
-    group_size: int,
-    axis: str = "token",
-    dtype: torch.dtype = torch.float16,
-) -> torch.Tensor:
-    """Inverse of :func:`quantize`: ``[A, N, D]`` in ``dtype``
-    (``x = q * scale + zero`` in fp32)."""
-    check_choice("axis", axis, AXES)
-    return torch.ops.kvshrink.dequantize(
-        q.packed, q.scale, q.zero, bits, group_size, dtype, axis == "channel")
-
-
 def kivi_quantize(
     keys: torch.Tensor, values: torch.Tensor, bits: int, group_size: int
 ) -> tuple[Quantized, Quantized]:

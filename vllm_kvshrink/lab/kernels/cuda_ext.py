@@ -4,7 +4,8 @@ torch's extension machinery on first use where torch has CUDA.
 Without CUDA (or without the ``csrc/`` sources, e.g. a non-editable install)
 :func:`load` returns ``None`` and the Triton / PyTorch ops are used; nothing
 here is needed for the package to work.  The wrappers take the same
-arguments as their :mod:`.ops` twins and check them the same way.
+arguments as their twins (compaction: :mod:`.ops`; quantization:
+:mod:`vllm_kvshrink.kernels.quant`) and check them the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvshrink.kernels import ops
+from vllm_kvshrink.kernels import quant
 from vllm_kvshrink.kernels.layouts import kv_views
+from vllm_kvshrink.lab.kernels import ops
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
 SOURCES = ("kvshrink_ops.cpp", "kvshrink_kernels.cu")
 _STATE: dict[str, object] = {}
 
@@ -116,7 +118,7 @@ def _require() -> None:
     if not load():
         raise RuntimeError(
             "the kvshrink CUDA extension is not available here (needs CUDA torch, a GPU "
-            f"and the sources in {CSRC}); use vllm_kvshrink.kernels ops instead"
+            f"and the sources in {CSRC}); use the Triton ops instead"
         )
 
 
@@ -128,7 +130,8 @@ def compact_kv(
     layout: str,
     staged: bool = False,
 ) -> None:
-    """CUDA twin of :func:`vllm_kvshrink.kernels.compact_kv` (stacked cache)."""
+    """CUDA twin of :func:`vllm_kvshrink.lab.kernels.ops.compact_kv` (stacked
+    cache ``[L, ...]`` in ``layout``, ``src_index [L, H, K]``)."""
     ops._check_compact(cache, src_table, src_index, dst_table, layout, staged=staged)
     _require()
     raw = cache.view(ops._RAW[cache.element_size()])
@@ -145,28 +148,30 @@ def quantize(
     group_size: int,
     axis: str = "token",
     param_dtype: torch.dtype | None = None,
-) -> ops.Quantized:
-    """CUDA twin of :func:`vllm_kvshrink.kernels.quantize` (bit-exact with it)."""
-    ops.check_choice("axis", axis, ops.AXES)
-    x3 = ops._as_3d(x, "x")
+) -> quant.Quantized:
+    """CUDA twin of :func:`vllm_kvshrink.kernels.quant.quantize` (bit-exact
+    with it): ``x [..., N, D]`` -> codes and parameters as there."""
+    quant.check_choice("axis", axis, quant.AXES)
+    x3 = quant._as_3d(x, "x")
     if axis == "channel":
         x3 = x3.transpose(1, 2)
     pdt = x.dtype if param_dtype is None else param_dtype
-    ops._check_quantize(x3, bits, group_size, pdt)
+    quant._check_quantize(x3, bits, group_size, pdt)
     _require()
-    return ops.Quantized(*torch.ops.kvshrink_cuda.quantize(x3, bits, group_size, pdt))
+    return quant.Quantized(*torch.ops.kvshrink_cuda.quantize(x3, bits, group_size, pdt))
 
 
 def dequantize(
-    q: ops.Quantized,
+    q: quant.Quantized,
     bits: int,
     group_size: int,
     axis: str = "token",
     dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """CUDA twin of :func:`vllm_kvshrink.kernels.dequantize`."""
-    ops.check_choice("axis", axis, ops.AXES)
-    ops._check_dequantize(q.packed, q.scale, q.zero, bits, group_size, dtype)
+    """CUDA twin of :func:`vllm_kvshrink.kernels.quant.dequantize`: ``[A, N, D]``
+    in ``dtype``."""
+    quant.check_choice("axis", axis, quant.AXES)
+    quant._check_dequantize(q.packed, q.scale, q.zero, bits, group_size, dtype)
     _require()
     return torch.ops.kvshrink_cuda.dequantize(
         q.packed, q.scale, q.zero, bits, group_size, dtype, axis == "channel")

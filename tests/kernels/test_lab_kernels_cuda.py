@@ -1,4 +1,5 @@
-"""The CUDA sources in csrc/ compile with this machine's toolchain.
+"""The CUDA sources in csrc/ (the lab's CUDA compaction and quantization,
+``lab.kernels.cuda_ext``) compile with this machine's toolchain.
 
 There is no GPU here and torch is a CPU build, so the extension cannot be
 built or run (the GPU script ``benchmarks/kernels/run_all.py`` does both);
@@ -50,7 +51,7 @@ def test_torch_binding_is_valid_cpp(tmp_path):
 
 
 def test_extension_is_optional_without_cuda():
-    from vllm_kvshrink.kernels import cuda_ext
+    from vllm_kvshrink.lab.kernels import cuda_ext
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -60,7 +61,7 @@ def test_extension_is_optional_without_cuda():
 
 
 def test_build_says_why_it_cannot_build_here():
-    from vllm_kvshrink.kernels import cuda_ext
+    from vllm_kvshrink.lab.kernels import cuda_ext
 
     if torch.version.cuda is not None:
         pytest.skip("torch has CUDA here")
@@ -75,7 +76,7 @@ def test_extension_builds_links_and_registers_without_a_gpu(tmp_path):
     """With a CUDA torch (e.g. the GPU machine's torch 2.11+cu130 installed on
     a CPU machine) the full build -- nvcc, the binding, the link against
     libtorch_cuda -- works for sm_90 and registers the ops."""
-    from vllm_kvshrink.kernels import cuda_ext
+    from vllm_kvshrink.lab.kernels import cuda_ext
 
     path = cuda_ext.build("9.0", build_dir=str(tmp_path))
     assert Path(path).is_file()
