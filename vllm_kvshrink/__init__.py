@@ -12,7 +12,9 @@ _REGISTERED = False
 
 
 def register() -> None:
-    """Validate the settings and install the engine patches (idempotent).
+    """Validate the settings, make them this process's configuration
+    (:func:`vllm_kvshrink.config.current`) and install the engine patches
+    (idempotent).
 
     With ``VLLM_KVSHRINK_METHOD=none`` (the default) nothing is patched and
     vLLM behaves exactly as stock.  A bad setting raises
@@ -22,6 +24,7 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from vllm_kvshrink import config
     from vllm_kvshrink.config import KVShrinkConfig
 
     _declare_env_vars()
@@ -36,6 +39,9 @@ def register() -> None:
         compat.check_version()
         compat.check_or_raise()
         patches.install(cfg)
+    # The one configuration of this process: the scheduler and the worker
+    # read it (config.current()) instead of the environment.
+    config.set_current(cfg)
     _REGISTERED = True
 
 

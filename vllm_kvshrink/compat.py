@@ -80,6 +80,11 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
            ("self", "scheduler_output", "num_scheduled_tokens"),
            "physical seq_lens and slot mapping, logical positions"),
+    Symbol("vllm.v1.worker.gpu_model_runner:GPUModelRunner._build_attention_metadata",
+           ("self", "num_tokens", "num_reqs", "max_query_len"),
+           "hand the step's context (query capture, packed blocks) to attention on "
+           "the attention metadata of the step (returns (per-layer metadata, "
+           "spec-decode common metadata))"),
     Symbol("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
            ("self", "scheduler_output"),
            "run the step's compactions after the forward pass"),

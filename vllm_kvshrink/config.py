@@ -4,6 +4,11 @@
 :mod:`vllm_kvshrink.envs`); ``with_overrides`` applies the per-request settings
 given as ``SamplingParams(extra_args={"kvshrink": {...}})``.  Every bad value
 fails with one message naming the setting, the value and what is allowed.
+
+A serving process builds its configuration once: :func:`vllm_kvshrink.register`
+(which vLLM runs in every process it starts) reads the environment, checks it
+and hands it to :func:`set_current`; the scheduler and the worker read that
+object through :func:`current`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,25 @@ from vllm_kvshrink.envs import KVShrinkConfigError
 
 #: Key of the per-request settings inside ``SamplingParams.extra_args``.
 EXTRA_ARGS_KEY = "kvshrink"
+
+_CURRENT: KVShrinkConfig | None = None
+
+
+def set_current(cfg: KVShrinkConfig) -> None:
+    """Make ``cfg`` this process's configuration (:func:`vllm_kvshrink.register`
+    calls it once, after the checks pass)."""
+    global _CURRENT
+    _CURRENT = cfg
+
+
+def current() -> KVShrinkConfig:
+    """This process's configuration, as :func:`vllm_kvshrink.register` built it."""
+    if _CURRENT is None:
+        raise RuntimeError(
+            "vllm-kvshrink has no configuration in this process: "
+            "vllm_kvshrink.register() has not run (vLLM runs it in every process it "
+            "starts through the vllm.general_plugins entry point)")
+    return _CURRENT
 
 
 def request_overrides(extra_args: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -191,7 +191,7 @@ def install(cfg: KVShrinkConfig) -> None:
     _install_attention()
     _install_request_validation(cfg)
     _install_memory_check(cfg)
-    runner_patch.install(cfg)
+    runner_patch.install()
     loggers.install()
     _INSTALLED = True
     logger.info("vllm-kvshrink: method=%s installed", cfg.method)

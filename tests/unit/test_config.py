@@ -429,3 +429,17 @@ def test_cli_check_accepts_install_time_variables(cli_runs):
     assert rc == 0, err
     assert "unknown setting" not in err
     assert out.startswith("ok:")
+
+
+def test_current_is_the_one_configuration_set_for_the_process(monkeypatch):
+    """register() builds the configuration once (config.set_current); the
+    scheduler and the worker read it, and reading it before is a clear error."""
+    from vllm_kvshrink import config
+
+    monkeypatch.setattr(config, "_CURRENT", None)
+    with pytest.raises(RuntimeError, match=r"vllm_kvshrink.register\(\) has not run"):
+        config.current()
+    cfg = KVShrinkConfig(method="snapkv", budget=64)
+    config.set_current(cfg)
+    monkeypatch.setenv(P + "BUDGET", "128")  # the environment is not read again
+    assert config.current() is cfg

@@ -32,11 +32,13 @@ def _compactor(max_reqs: int) -> Compactor:
 
 def _step(comp: Compactor, req_ids: list[str], step: int) -> None:
     """One decode step: one query per request, its value = request index * 100 + step."""
-    comp.plan_capture(req_ids, np.full(len(req_ids), step), np.ones(len(req_ids), int))
+    cap = comp.plan_capture(req_ids, np.full(len(req_ids), step),
+                            np.ones(len(req_ids), int))
     for name in comp.layer_names:
         q = torch.stack([torch.full((HQ * D,), float(int(r[1:]) * 100 + step))
                          for r in req_ids])
-        comp.capture_queries(name, q)
+        if cap is not None:
+            comp.capture_queries(cap, name, q)
 
 
 def test_ring_grows_with_live_requests_and_keeps_their_queries():

@@ -24,6 +24,8 @@ def make_scheduler(model_path, monkeypatch):
     )
     from vllm.v1.structured_output import StructuredOutputManager
 
+    from vllm_kvshrink import config
+    from vllm_kvshrink.config import KVShrinkConfig
     from vllm_kvshrink.core.scheduler import KVShrinkScheduler
 
     def make(**env):
@@ -32,6 +34,9 @@ def make_scheduler(model_path, monkeypatch):
                 monkeypatch.delenv(k)
         for k, v in env.items():
             monkeypatch.setenv("VLLM_KVSHRINK_" + k, str(v))
+        # What vllm_kvshrink.register() does in an engine process.
+        monkeypatch.setattr(config, "_CURRENT", None)
+        config.set_current(KVShrinkConfig.from_env())
         model_config = ModelConfig(model=model_path, dtype="float32", max_model_len=512,
                                    seed=0)
         scheduler_config = SchedulerConfig(

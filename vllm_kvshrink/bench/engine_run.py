@@ -172,10 +172,9 @@ def run(spec: dict) -> dict:
         counters = getattr(sched, "kvs_counters", None)
         if counters is not None:
             result["kvshrink"] = counters.to_dict()
-            from vllm_kvshrink.worker import state
-
-            if state.COMPACTOR is not None:
-                result["kvshrink"]["compaction_s"] = state.COMPACTOR.stats["seconds"]
+            # Seconds the worker spent compacting, as it last reported them.
+            result["kvshrink"]["compaction_s"] = sched.kvs_worker_stats.get(
+                "compaction_s", 0.0)
     return result
 
 

@@ -32,6 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_kvshrink import compat
+from vllm_kvshrink import config as config_mod
 from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
@@ -111,7 +112,7 @@ def check_supported(vllm_config, kv_cache_config) -> None:
 class KVShrinkScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.kvs_config = KVShrinkConfig.from_env()
+        self.kvs_config = config_mod.current()
         check_supported(self.vllm_config, self.kv_cache_config)
         compat.check_attributes("scheduler", self)
         compat.check_attributes("single_type_manager",
@@ -125,6 +126,10 @@ class KVShrinkScheduler(Scheduler):
         self.kvs_tiers = TierGeometry.of(self.kv_cache_config, self.kvs_block_size)
         self._kvs_zero: list[int] = []  # packed blocks freed since the last step
         self.kvs_counters = Counters()
+        #: the worker's latest statistics as it reported them
+        #: (:meth:`~vllm_kvshrink.worker.compactor.Compactor.report_stats`;
+        #: empty before its first report)
+        self.kvs_worker_stats: dict = {}
         manager = self.kv_cache_manager
         self._kvs_single = manager.coordinator.single_type_managers[0]
         self._kvs_pool = manager.block_pool
@@ -379,6 +384,7 @@ class KVShrinkScheduler(Scheduler):
         step = getattr(scheduler_output, plan_mod.ATTR, None)
         ms = getattr(model_runner_output, plan_mod.METHOD_STATS_ATTR, None)
         if ms:
+            self.kvs_worker_stats = dict(ms)
             c = self.kvs_counters
             c.tokens_merged = round(ms.get("merged_tokens", 0))
             c.ring_misses = int(ms.get("ring_misses", 0))

@@ -55,6 +55,9 @@ class _Req:
 
 @dataclass
 class CapturePlan:
+    """One step's query rows to keep: row ``src[i]`` of the step's flattened
+    queries goes to row ``dst[i]`` of every layer's ring."""
+
     src: torch.Tensor  # [n] token rows of the flattened batch
     dst: torch.Tensor  # [n] rows of the flattened ring buffer (slot * W + i)
 
@@ -72,12 +75,9 @@ class Compactor:
     layout: TokenLayout | None = None
     reqs: dict[str, _Req] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
-    capture: CapturePlan | None = None
     results: dict[str, object] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # this step's Compaction plans
     tier_pending: list = field(default_factory=list)  # this step's TierEvents
-    #: this step's requests with packed blocks (PackedBatch), for attention
-    packed_batch: object = None
     #: kernel layout name of the plain cache ("cpu_k_transposed" / "cpu_row_major")
     kernel_layout: str | None = None
     stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
@@ -190,8 +190,11 @@ class Compactor:
         req_ids: list[str],
         num_computed: np.ndarray,
         num_scheduled: np.ndarray,
-    ) -> None:
-        """Which query rows of this step go to which ring slots."""
+    ) -> CapturePlan | None:
+        """Which query rows of this step go to which ring slots (``None``: no
+        row); takes ring slots and advances each request's ring position, so
+        it is called once per step, in batch order.  ``num_computed`` and
+        ``num_scheduled``: ``[num_reqs]`` per request of the batch."""
         w = self.config.obs_window
         src, dst = [], []
         start = 0
@@ -212,16 +215,16 @@ class Compactor:
             r.captured += m
             start += n
         if not src:
-            self.capture = None
-            return
-        self.capture = CapturePlan(
+            return None
+        return CapturePlan(
             torch.from_numpy(np.concatenate(src)), torch.from_numpy(np.concatenate(dst))
         )
 
-    def capture_queries(self, layer_name: str, query: torch.Tensor) -> None:
-        cap = self.capture
-        if cap is None:
-            return
+    def capture_queries(self, cap: CapturePlan, layer_name: str,
+                        query: torch.Tensor) -> None:
+        """Copy the rows ``cap`` names of one layer's queries ``[T, Hq * D]``
+        (the step's flattened batch) into that layer's ring; a layer outside
+        the compacted group is ignored."""
         li = self.layer_index.get(layer_name)
         if li is None:
             return
@@ -241,7 +244,10 @@ class Compactor:
         return q.permute(0, 2, 1, 3), self.qpos[r.slot, order]
 
     # ---------------------------------------------------------- compaction
-    def _layout(self) -> TokenLayout:
+    def token_layout(self) -> TokenLayout:
+        """Where each token's key and value bytes lie in a block, probed once
+        through vLLM's own cache write (:func:`~vllm_kvshrink.worker.kv_layout.
+        probe_layout`)."""
         if self.layout is None:
             c = self.caches[0]
             read_dtype = torch.float8_e4m3fn if c.dtype == torch.uint8 else None
@@ -259,17 +265,24 @@ class Compactor:
     def _read(self, reader, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """``reader`` (keys or values) over every layer: ``[L, H, n, D]``, fp8
         caches as float32."""
-        layout = self._layout()
+        layout = self.token_layout()
         out = torch.cat([reader(s, layout, blocks, offs) for s, _ in self.stacks])
         return self._keys_as_float(out)
 
-    def _read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Keys of the slots ``(blocks, offs)`` (each ``[n]`` or ``[L, H, n]``,
+        from :func:`~vllm_kvshrink.worker.kv_layout.row_slots`) in every layer:
+        ``[L, H, n, D]``, fp8 caches as float32."""
         return self._read(read_keys_stacked, blocks, offs)
 
-    def _read_values(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def read_values(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Values of the slots ``(blocks, offs)``, as :meth:`read_keys`."""
         return self._read(read_values_stacked, blocks, offs)
 
-    def _method(self, comp: plan_mod.Compaction):
+    def method_for(self, comp: plan_mod.Compaction | plan_mod.TierEvent):
+        """The scoring method a plan names (its method, pool kernel and
+        arguments), built once and kept: stateful methods keep their
+        per-request state in the request's slot, learned ones their weights."""
         key = (comp.method, comp.pool_kernel, json.dumps(comp.method_args, sort_keys=True))
         m = self._methods.get(key)
         if m is None:
@@ -296,7 +309,7 @@ class Compactor:
         """Score (and merge): ``(keep [L, H, K] ascending, merged keys, merged
         values or None)``.  Reads only; the method's state is updated."""
         self.check_fault(comp.req_id)
-        method = self._method(comp)
+        method = self.method_for(comp)
         p, bs = comp.old_len, self.block_size
         layers, heads = len(self.caches), self.num_kv_heads
         if len(old_blocks) * bs < p:
@@ -309,7 +322,7 @@ class Compactor:
             keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
             return keep.expand(layers, heads, -1), None, None
         slots = row_slots(old_blocks, torch.arange(p), bs)
-        keys = self._read_keys(*slots)  # [L, H, P, D]
+        keys = self.read_keys(*slots)  # [L, H, P, D]
         q = qpos = None
         if method.needs_queries:
             q, qpos = self.queries_for(comp.req_id, p, comp.logical_len)
@@ -320,7 +333,7 @@ class Compactor:
         work = dict(state) if method.stateful else state
         obs = Observation(keys, q, qpos, self.scales, rope_inv_freq=self.rope_inv_freq)
         res = compress_event(method, obs, work, comp.keep, comp.sink_tokens,
-                             comp.recent_tokens, values=lambda: self._read_values(*slots))
+                             comp.recent_tokens, values=lambda: self.read_values(*slots))
         if r is not None and method.stateful:
             r.method_state = work
         if res.merged:
@@ -342,7 +355,7 @@ class Compactor:
             raise RuntimeError("selection out of range")
         src_blocks, src_offsets = row_slots(old_blocks, keep, bs)  # [L, H, K] each
         dst_blocks, dst_offsets = row_slots(comp.block_ids, torch.arange(comp.keep), bs)
-        layout = self._layout()
+        layout = self.token_layout()
         # Everything checked: now write.  Nothing above touched the cache.
         for stack, layers in self.stacks:
             if new_keys is not None:
@@ -372,14 +385,17 @@ class Compactor:
         return res
 
     def attention_layout(self) -> str:
+        """The plain cache's layout by the packed-attention kernel's name
+        ("cpu_k_transposed" / "cpu_row_major")."""
         if self.kernel_layout is None:
             from vllm_kvshrink.kernels.layouts import layout_from_kind
 
-            self.kernel_layout = layout_from_kind(self._layout().kind)
+            self.kernel_layout = layout_from_kind(self.token_layout().kind)
         return self.kernel_layout
 
     def report_stats(self) -> dict:
-        """Cumulative statistics of the methods in this worker."""
+        """Cumulative statistics of the methods in this worker, and
+        ``compaction_s``: seconds spent in compaction and tier events."""
         if self._methods:
             from vllm_kvshrink.methods.provenance import foreign_weights
 
@@ -390,6 +406,7 @@ class Compactor:
                     logger.warning("vllm-kvshrink: %s", line)
             self.method_stats["foreign_weights"] = len(lines)
         out = dict(self.method_stats)
+        out["compaction_s"] = self.stats["seconds"]
         for m in self._methods.values():
             pred = getattr(m, "predictor", None) or getattr(getattr(m, "inner", None),
                                                              "predictor", None)

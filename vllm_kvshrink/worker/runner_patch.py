@@ -1,11 +1,15 @@
 """The model-runner seams: plans applied first, physical slots, logical RoPE.
 
-Three wrappers on vLLM's ``GPUModelRunner`` (which the CPU runner inherits):
+Wrappers on vLLM's ``GPUModelRunner`` (which the CPU runner inherits):
 
 * ``_update_states``: take this step's offsets and compaction plans;
 * ``_prepare_inputs``: positions stay logical (RoPE sees the true position),
   while ``seq_lens`` and the slot mapping use the physical length
-  (``logical - offset``); also says which query rows to capture;
+  (``logical - offset``); also builds the step's
+  :class:`~vllm_kvshrink.worker.step_context.StepContext` (which query rows
+  to capture, the requests with packed blocks);
+* ``_build_attention_metadata``: the step context rides on the attention
+  metadata vLLM builds for the step, which is how attention gets it;
 * ``execute_model``: after the forward pass, run the compactions (score, move
   the kept tokens, cut the block-table row; a failure moves nothing and is
   reported), then results ride back on the output (or ``sample_tokens``').
@@ -14,15 +18,18 @@ Three wrappers on vLLM's ``GPUModelRunner`` (which the CPU runner inherits):
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import numpy as np
 import torch
 
+from vllm_kvshrink import config as config_mod
 from vllm_kvshrink import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
-from vllm_kvshrink.worker import state
+from vllm_kvshrink.worker import step_context
 from vllm_kvshrink.worker.compactor import Compactor
+from vllm_kvshrink.worker.step_context import StepContext
 
 logger = logging.getLogger("vllm.kvshrink")
 
@@ -98,9 +105,8 @@ def _rope_inv_freq(runner, head_size: int) -> torch.Tensor | None:
 def _compactor(runner) -> Compactor | None:
     comp = getattr(runner, "_kvs_compactor", None)
     if comp is None and getattr(runner, "kv_cache_config", None) is not None:
-        comp = _build_compactor(runner, runner._kvs_config)
+        comp = _build_compactor(runner, config_mod.current())
         runner._kvs_compactor = comp
-        state.COMPACTOR = comp
     return comp
 
 
@@ -185,7 +191,7 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
     num_reqs = self.input_batch.num_reqs
     req_ids = self.input_batch.req_ids[:num_reqs]
     num_computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
-    comp.plan_capture(req_ids, num_computed, num_scheduled_tokens)
+    capture = comp.plan_capture(req_ids, num_computed, num_scheduled_tokens)
     row_off = np.array([comp.offsets.get(r, 0) for r in req_ids], dtype=np.int64)
     block_table = self.input_batch.block_table
     if row_off.any():
@@ -200,14 +206,29 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         off = torch.from_numpy(row_off)
         self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
         self.optimistic_seq_lens_cpu[:num_reqs] -= off.to(self.optimistic_seq_lens_cpu.dtype)
-    comp.packed_batch = None
+    packed = None
     if any(r.tier is not None and r.tier.segments for r in comp.reqs.values()):
         from vllm_kvshrink.worker.tiers import packed_batch
 
-        comp.packed_batch = packed_batch(
+        packed = packed_batch(
             comp, req_ids, num_computed, num_scheduled_tokens,
             lambda req_id: self.requests[req_id].block_ids[0])
+    self._kvs_step = None
+    if capture is not None or packed is not None:
+        self._kvs_step = StepContext(
+            capture=(functools.partial(comp.capture_queries, capture)
+                     if capture is not None else None),
+            packed=packed,
+            packed_layout=comp.attention_layout() if packed is not None else None)
     return result
+
+
+def _build_attention_metadata(self, *args, **kwargs):
+    """vLLM's per-step attention metadata, carrying this step's context (or
+    ``None`` outside a step: profiling and warm-up runs build metadata too)."""
+    attn_metadata, spec_common = _ORIG["_build_attention_metadata"](self, *args, **kwargs)
+    step_context.attach(attn_metadata, getattr(self, "_kvs_step", None))
+    return attn_metadata, spec_common
 
 
 def _compute_slot_mapping(self, num_reqs, query_start_loc, positions):
@@ -233,13 +254,10 @@ def _attach(runner, out):
 
 
 def _execute_model(self, scheduler_output, *args, **kwargs):
-    comp = getattr(self, "_kvs_compactor", None)
     try:
         out = _ORIG["execute_model"](self, scheduler_output, *args, **kwargs)
     finally:
-        if comp is not None:
-            comp.capture = None
-            comp.packed_batch = None
+        self._kvs_step = None
     comp = getattr(self, "_kvs_compactor", None)
     if comp is not None and (comp.pending or comp.tier_pending):
         # The forward pass has read and written the old layout; now it may move.
@@ -252,7 +270,9 @@ def _sample_tokens(self, *args, **kwargs):
     return _attach(self, _ORIG["sample_tokens"](self, *args, **kwargs))
 
 
-def install(cfg: KVShrinkConfig) -> None:
+def install() -> None:
+    """Patch the runner; the compactor reads the process's configuration
+    (:func:`vllm_kvshrink.config.current`) when it is built."""
     from vllm.v1.worker.block_table import MultiGroupBlockTable
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -260,8 +280,8 @@ def install(cfg: KVShrinkConfig) -> None:
         return
     from vllm_kvshrink import compat
 
-    GPUModelRunner._kvs_config = cfg  # the plugin's own attribute
     for name, new in (("_update_states", _update_states), ("_prepare_inputs", _prepare_inputs),
+                      ("_build_attention_metadata", _build_attention_metadata),
                       ("execute_model", _execute_model), ("sample_tokens", _sample_tokens)):
         _ORIG[name] = compat.patch(GPUModelRunner, name, new)
     _ORIG["compute_slot_mapping"] = compat.patch(MultiGroupBlockTable, "compute_slot_mapping",

@@ -77,8 +77,8 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None):
     layers, heads = len(comp.caches), comp.num_kv_heads
     p = ev.old_len
     slots = row_slots(ev.plain_blocks, torch.arange(p), bs)
-    kp = comp._read_keys(*slots).float()
-    vp = comp._read_values(*slots).float()
+    kp = comp.read_keys(*slots).float()
+    vp = comp.read_values(*slots).float()
     if st is None:
         pos_plain = torch.arange(p).expand(layers, heads, p)
         ks, vs, lv, ps = [], [], [], []
@@ -119,7 +119,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
                            f"says {ev.old_len} tokens")
     keys, values, current, pos = read_held(comp, ev, r.tier)
     n = keys.shape[2]
-    method = comp._method(ev)
+    method = comp.method_for(ev)
     cdt = comp.caches[0].dtype if comp.caches[0].is_floating_point() else torch.float32
     q = qpos = None
     if method.needs_queries:
@@ -167,7 +167,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
     # Everything read and planned: now write.  Blocks that held packed pages
     # and hold none now are zeroed first: their bytes read as the model dtype
     # can be NaN, and vLLM's kernel multiplies masked slots by zero.
-    layout = comp._layout()
+    layout = comp.token_layout()
     stacks = _byte_stacks(comp)
     new_packed = {b for b, _, _ in segments}
     old_packed = [b for b, _, _ in (r.tier.segments if r.tier is not None else [])]
