@@ -1,22 +1,31 @@
 """Run the test suite group by group and print each group's duration.
 
-    python tests/run.py                 # every group, in the order below
+    python tests/run.py                 # every group
     python tests/run.py engine serve    # some groups
     python tests/run.py unit -- -k bytes -x   # extra pytest arguments
+    python tests/run.py --lanes 1       # one group at a time
 
-Groups are folders of ``tests/`` sorted by what their tests need, cheapest
-first.  Each runs in its own pytest process: the kernels group needs Triton's
-interpreter switched on before anything imports Triton, which a process that
-imported vLLM (the other groups) has already done.  Every group runs even
-after one fails; the exit status is non-zero if any failed.
+Groups are folders of ``tests/`` sorted by what their tests need.  Each runs
+in its own pytest process: the kernels group needs Triton's interpreter
+switched on before anything imports Triton, which a process that imported
+vLLM (the other groups) has already done.
+
+The groups run in two lanes at once by default: the engine group alone in
+one, the others one after another in the second.  A small model's engine
+step is mostly single-threaded Python, as are most unit tests, so two lanes
+keep both cores of a 2-core machine busy.  Each group's output is printed
+when it ends (a line says when each starts), every group runs even after one
+fails, and the exit status is non-zero if any failed.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,35 +33,54 @@ TESTS = Path(__file__).resolve().parent
 
 #: name -> (what its tests need, extra environment)
 GROUPS: dict[str, tuple[str, dict[str, str]]] = {
-    "unit": ("no model: bookkeeping, config, storage forms, layouts", {}),
+    "unit": ("no model: bookkeeping, config, storage forms, layouts, imports", {}),
     "kernels": ("Triton's CPU interpreter and the C++ extension, no model",
                 {"TRITON_INTERPRET": "1"}),
     "research": ("the default model in transformers (research path, evaluation)", {}),
-    "engine": ("vLLM engines started in-process or forked", {}),
+    "engine": ("vLLM engines, forked from one process that imported vLLM", {}),
     "serve": ("`vllm serve` processes and the OpenAI API", {}),
 }
 
+#: the group that runs in a lane of its own (the longest)
+ALONE = "engine"
+
 _SUMMARY = re.compile(r"=+ (.*) in [\d.]+s")
+_LOCK = threading.Lock()
 
 
-def _run(group: str, extra: list[str]) -> tuple[int, float, str]:
+def _say(text: str) -> None:
+    with _LOCK:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _run(group: str, extra: list[str], results: dict, live: bool) -> None:
     env = {**os.environ, **GROUPS[group][1]}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            str(TESTS / group), *extra]
-    print(f"\n=== {group}: {GROUPS[group][0]}", flush=True)
+    _say(f"=== {group} started: {GROUPS[group][0]}\n")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=TESTS.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    summary = ""
+    summary, lines = "", []
     assert proc.stdout is not None
     for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        if live:
+            _say(line)
+        else:
+            lines.append(line)
         m = _SUMMARY.search(line)
         if m:
             summary = m.group(1)
     rc = proc.wait()
-    return rc, time.perf_counter() - start, summary
+    secs = time.perf_counter() - start
+    _say("".join(lines) + f"=== {group} finished in {secs:.0f} s: {summary or f'exit {rc}'}\n\n")
+    results[group] = (rc, secs, summary)
+
+
+def _lane(groups: list[str], extra: list[str], results: dict, live: bool) -> None:
+    for g in groups:
+        _run(g, extra, results, live)
 
 
 def main(argv: list[str]) -> int:
@@ -60,25 +88,40 @@ def main(argv: list[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    unknown = [g for g in argv if g not in GROUPS]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("groups", nargs="*", metavar="group",
+                    help=f"groups to run (default: all): {', '.join(GROUPS)}")
+    ap.add_argument("--lanes", type=int, choices=(1, 2), default=2,
+                    help="groups running at once (default 2: the engine group "
+                         "beside the others)")
+    args = ap.parse_args(argv)
+    unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
-        print(f"unknown test group(s) {', '.join(unknown)}; allowed: {', '.join(GROUPS)}",
-              file=sys.stderr)
-        return 2
-    groups = argv or list(GROUPS)
-    rows = []
+        ap.error(f"unknown test group(s) {', '.join(unknown)}; allowed: {', '.join(GROUPS)}")
+    groups = args.groups or list(GROUPS)
+    results: dict[str, tuple[int, float, str]] = {}
     total = time.perf_counter()
-    for g in groups:
-        rows.append((g, *_run(g, extra)))
+    if args.lanes == 1 or ALONE not in groups or len(groups) == 1:
+        _lane(groups, extra, results, live=True)
+    else:
+        others = [g for g in groups if g != ALONE]
+        lanes = [threading.Thread(target=_lane, args=([ALONE], extra, results, False)),
+                 threading.Thread(target=_lane, args=(others, extra, results, False))]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join()
     total = time.perf_counter() - total
-    print("\n=== test groups")
+    print("=== test groups")
     print(f"{'group':<10} {'seconds':>8}  result")
-    for g, rc, secs, summary in rows:
+    for g in groups:
+        rc, secs, summary = results[g]
         # pytest exits 5 when a selection matched no test: not a failure
         verdict = summary or ("no tests" if rc == 5 else f"exit {rc}")
         print(f"{g:<10} {secs:>8.0f}  {verdict}")
-    print(f"{'all':<10} {total:>8.0f}  ({total / 60:.1f} min)")
-    return 0 if all(rc in (0, 5) for _, rc, _, _ in rows) else 1
+    lanes = "one group at a time" if args.lanes == 1 else "two lanes"
+    print(f"{'all':<10} {total:>8.0f}  wall time, {lanes} ({total / 60:.1f} min)")
+    return 0 if all(results[g][0] in (0, 5) for g in groups) else 1
 
 
 if __name__ == "__main__":

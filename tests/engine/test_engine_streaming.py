@@ -55,21 +55,32 @@ if __name__ == "__main__":
 '''
 
 
-def _run(tmp_path, model_path, env: dict) -> dict:
+def _start(tmp_path, model_path, env: dict) -> subprocess.Popen:
     path = tmp_path / "stream.py"
     path.write_text(SCRIPT)
     full = plugin_free_env()
     full.update(env)
-    out = subprocess.run([sys.executable, str(path), model_path], env=full,
-                         capture_output=True, text=True, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-4000:]
+    return subprocess.Popen([sys.executable, str(path), model_path], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def test_streaming_input_sessions(tmp_path, model_path):
-    stock = _run(tmp_path, model_path, {})
-    ours = _run(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv"})
+    # Both engines start at once (an AsyncLLM start is mostly imports in two
+    # processes, the front end and the engine core).
+    procs = [_start(tmp_path, model_path, {}),
+             _start(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv"})]
+    stock, ours = (_result(p) for p in procs)
     # Stock serves both sessions.
     assert "outputs" in stock["on"] and "outputs" in stock["off"]
     assert len(stock["off"]["outputs"][-1]) == 12  # 6 tokens per chunk, 2 chunks
