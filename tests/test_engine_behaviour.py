@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.bench.launch import run_engine
+from vllm_kvshrink.lab.bench.launch import run_engine
 
 pytestmark = pytest.mark.engine
 
@@ -150,7 +150,7 @@ def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkey
     vLLM (bench/forkserver.py): a forked run must be the run a fresh
     interpreter makes -- same tokens, same plugin counters, plugin registered
     from the child's own settings."""
-    from vllm_kvshrink.bench import launch
+    from vllm_kvshrink.lab.bench import launch
 
     spec = _spec(model_path, essay_prompts[:2], llm=FP32)
     env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64"}

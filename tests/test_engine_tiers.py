@@ -7,7 +7,7 @@
 * Engine vs an independent reference: greedy tokens equal a transformers
   forward pass whose attention, after each event, reads every kept token
   through its form's store-and-read-back and masks the evicted ones
-  (vllm_kvshrink/hf/replay_tiers.py) -- no paged layout, no packed kernel.
+  (vllm_kvshrink/lab/hf/replay_tiers.py) -- no paged layout, no packed kernel.
 * vLLM's guarantees hold with packed blocks: ownership at every step and every
   block back after preemption and aborts, prefix cache, fallback, opt-out.
 """
@@ -19,11 +19,11 @@ import tempfile
 import pytest
 import torch
 
-from vllm_kvshrink.bench.agreement import compare
-from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import compare_greedy, replay_logits
+from vllm_kvshrink.lab.bench.agreement import compare
+from vllm_kvshrink.lab.bench.launch import run_engine
+from vllm_kvshrink.lab.hf.replay import compare_greedy, replay_logits
 from vllm_kvshrink.policy.record import load_events
-from vllm_kvshrink.hf.replay_tiers import replay_tier_logits
+from vllm_kvshrink.lab.hf.replay_tiers import replay_tier_logits
 
 pytestmark = pytest.mark.engine
 
@@ -50,7 +50,7 @@ def _env(storage=MIX, budget="0.2", **extra):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
     return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:500 + 60 * i]
@@ -185,7 +185,7 @@ def test_engine_refuses_forms_it_cannot_page(model_path):
 
 def test_replay_has_teeth():
     """A wrong form in the record changes the replay's attention."""
-    from vllm_kvshrink.hf import replay_tiers
+    from vllm_kvshrink.lab.hf import replay_tiers
 
     torch.manual_seed(0)
     k = torch.randn(2, 12, 64)
@@ -202,7 +202,7 @@ def test_front_end_counts_blocks_by_form(model_path, tokenizer):
     """A prompt longer than the pool is served with tiered storage when its
     peak in blocks (packed forms included) fits, and refused by name when it
     does not."""
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     ids = tokenizer("\n\n".join(load_essays()[20:23]), add_special_tokens=False)["input_ids"]
     ids = ids[:1500]

@@ -3,15 +3,15 @@ benchmarks/soak_serve.py): 16 concurrent streaming clients, mixed requests,
 disconnects, opt-outs, per-request budgets, invalid requests answered 400; at
 the end the server is healthy, no block leaked, the counters add up, and the
 opted-out requests equal stock `vllm serve` (up to near-ties of both servers,
-see vllm_kvshrink/bench/soak.py)."""
+see vllm_kvshrink/lab/bench/soak.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.bench import soak
-from vllm_kvshrink.bench.server import Server
-from vllm_kvshrink.bench.workload import kv_bytes_per_token
+from vllm_kvshrink.lab.bench import soak
+from vllm_kvshrink.lab.bench.server import Server
+from vllm_kvshrink.lab.bench.workload import kv_bytes_per_token
 
 pytestmark = pytest.mark.engine
 

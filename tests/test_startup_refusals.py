@@ -13,7 +13,7 @@ import pytest
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
-from vllm_kvshrink.core.scheduler import check_supported
+from vllm_kvshrink.serving.core.scheduler import check_supported
 from vllm_kvshrink.envs import KVShrinkConfigError
 
 
