@@ -160,29 +160,6 @@ def test_prefix_cache_fallback_and_opt_out(model_path, essay_prompts):
     assert result["free_blocks_end"] == result["total_blocks"]
 
 
-def test_engine_refuses_forms_it_cannot_page(model_path):
-    with pytest.raises(RuntimeError) as err:
-        run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
-                   _env("bf16,int4", "0.25"))
-    msg = str(err.value)
-    assert "VLLM_KVSHRINK_STORAGE='bf16,int4'" in msg and "int4_tok" in msg
-    with pytest.raises(RuntimeError) as err:
-        run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
-                   {"VLLM_KVSHRINK_STORAGE": "bf16,int4_tok"})
-    assert "VLLM_KVSHRINK_METHOD is 'none'" in str(err.value)
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        pytest.skip("the fp8 half needs vLLM's CPU fp8 KV cache (AVX-512 or AMX); "
-                    "without it vLLM itself refuses kv_cache_dtype='fp8' first")
-    fp8 = _spec(model_path, [[1, 2, 3]], dtype="bfloat16", llm={"kv_cache_dtype": "fp8"})
-    with pytest.raises(RuntimeError) as err:
-        run_engine(fp8, _env("bf16,int4_tok", "0.25"))
-    assert "kv_cache_dtype='fp8'" in str(err.value)
-    fp8["per_request_extra"] = {0: {"storage": "bf16,int4_tok", "budget": 0.25}}
-    with pytest.raises(RuntimeError) as err:  # per request: refused at the front end
-        run_engine(fp8, _env("bf16", "64"))
-    assert "kv_cache_dtype='fp8'" in str(err.value) and "storage" in str(err.value)
-
-
 def test_replay_has_teeth():
     """A wrong form in the record changes the replay's attention."""
     from vllm_kvshrink.lab.hf import replay_tiers
