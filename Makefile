@@ -25,7 +25,7 @@ $(STAMP): setup.py pyproject.toml
 install: $(STAMP)
 
 assets: install
-	$(BIN)/python -m vllm_kvshrink.assets fetch
+	$(BIN)/python -m vllm_kvshrink.lab.assets fetch
 
 demo: assets
 	$(BIN)/python -m vllm_kvshrink.demo

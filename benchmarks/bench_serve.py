@@ -44,9 +44,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vllm_kvshrink.bench.launch import plugin_free_env  # noqa: E402
-from vllm_kvshrink.bench.machine import cpu_model  # noqa: E402
-from vllm_kvshrink.bench.server import (  # noqa: E402
+from vllm_kvshrink.lab.bench.launch import plugin_free_env  # noqa: E402
+from vllm_kvshrink.lab.bench.machine import cpu_model  # noqa: E402
+from vllm_kvshrink.lab.bench.server import (  # noqa: E402
     Server, free_port, parse_metrics, vllm_command)
 
 
@@ -254,8 +254,8 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from vllm_kvshrink.assets import DEFAULT_MODEL_NAME, MODEL_ALIASES, resolve_model
-    from vllm_kvshrink.bench.workload import build_workload, kv_bytes_per_token
+    from vllm_kvshrink.lab.assets import DEFAULT_MODEL_NAME, MODEL_ALIASES, resolve_model
+    from vllm_kvshrink.lab.bench.workload import build_workload, kv_bytes_per_token
 
     out = Path(args.out) if args.out else REPO / "results" / f"bench_serve_{args.shape}"
     out.mkdir(parents=True, exist_ok=True)

@@ -83,9 +83,9 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from vllm_kvshrink.assets import resolve_model
-    from vllm_kvshrink.bench.launch import run_engine
-    from vllm_kvshrink.bench.workload import (
+    from vllm_kvshrink.lab.assets import resolve_model
+    from vllm_kvshrink.lab.bench.launch import run_engine
+    from vllm_kvshrink.lab.bench.workload import (
         build_workload,
         greedy_spec,
         kv_bytes_per_token,

@@ -4,7 +4,7 @@
 Starts ``vllm serve`` with a method on, sends ``--requests`` mixed requests from
 ``--clients`` concurrent streaming clients (normal, opted out, own budget,
 disconnecting mid-stream, invalid arguments, too long to fit: see
-vllm_kvshrink/bench/soak.py), checks the server is healthy, that KV usage on
+vllm_kvshrink/lab/bench/soak.py), checks the server is healthy, that KV usage on
 /metrics is back to 0 and the counters add up, then runs the same requests on
 stock ``vllm serve`` and compares the opted-out requests token by token, a
 difference being accepted only at a near-tie of both servers.
@@ -46,10 +46,10 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from vllm_kvshrink.assets import resolve_model
-    from vllm_kvshrink.bench import soak
-    from vllm_kvshrink.bench.server import Server
-    from vllm_kvshrink.bench.workload import kv_bytes_per_token
+    from vllm_kvshrink.lab.assets import resolve_model
+    from vllm_kvshrink.lab.bench import soak
+    from vllm_kvshrink.lab.bench.server import Server
+    from vllm_kvshrink.lab.bench.workload import kv_bytes_per_token
 
     model = resolve_model("default")
     tok = AutoTokenizer.from_pretrained(model)

@@ -6,9 +6,9 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _engine_runs_forked():
     """Engine runs fork from one process that imported torch and vLLM once
-    (vllm_kvshrink/bench/forkserver.py): the suite's engine tests start a
+    (vllm_kvshrink/lab/bench/forkserver.py): the suite's engine tests start a
     few dozen engines, and the import is most of a short run."""
-    from vllm_kvshrink.bench import launch
+    from vllm_kvshrink.lab.bench import launch
 
     launch.FORK_SERVER = True
     yield
@@ -17,7 +17,7 @@ def _engine_runs_forked():
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from vllm_kvshrink.assets import default_model_path
+    from vllm_kvshrink.lab.assets import default_model_path
 
     return default_model_path()
 
@@ -42,7 +42,7 @@ def hf_model(model_path):
 @pytest.fixture(scope="session")
 def essay_prompts(tokenizer):
     """Real essay passages of assorted lengths (token ids)."""
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
     lengths = [900, 520, 333, 700, 61, 1200]

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the vLLM seams the plugin patches")
     args = parser.parse_args(argv)
     if args.check:
-        from vllm_kvshrink import compat
+        from vllm_kvshrink.serving import compat
         from vllm_kvshrink.config import KVShrinkConfig
 
         try:
@@ -53,7 +53,7 @@ def _forms(model: str | None, block_size: int) -> str:
         return describe_forms()
     from transformers import AutoConfig
 
-    from vllm_kvshrink.assets import resolve_model
+    from vllm_kvshrink.lab.assets import resolve_model
 
     mc = AutoConfig.from_pretrained(resolve_model(model))
     d = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads

@@ -283,7 +283,7 @@ class KVShrinkConfig:
         if not is_servable(self.method):
             raise KVShrinkConfigError(
                 f"{where}={self.method!r} runs in the research path only "
-                f"(vllm_kvshrink.hf.research): it merges KV across layers, and "
+                f"(vllm_kvshrink.lab.hf.research): it merges KV across layers, and "
                 f"vLLM's paged cache gives every layer its own blocks, so nothing "
                 f"would be freed; allowed in the engine: any other method"
             )
@@ -300,7 +300,7 @@ class KVShrinkConfig:
                     f"{ws}={','.join(self.storage)!r}: form {bad[0][0]!r} {bad[0][1]}, "
                     f"which the engine's packed blocks cannot hold (it runs in the "
                     f"research path, "
-                    f"vllm_kvshrink.hf.research); allowed in the engine: bf16 and the "
+                    f"vllm_kvshrink.lab.hf.research); allowed in the engine: bf16 and the "
                     f"token-axis forms (int8_tok, int4_tok, int2_tok, k4v2_tok, each "
                     f"also with _rot)")
         wa = self.source.get("method_args", envs.PREFIX + "METHOD_ARGS")

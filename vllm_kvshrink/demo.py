@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from vllm_kvshrink.assets import resolve_model
-    from vllm_kvshrink.bench.launch import run_side_by_side
-    from vllm_kvshrink.bench.workload import build_workload, greedy_spec
+    from vllm_kvshrink.lab.assets import resolve_model
+    from vllm_kvshrink.lab.bench.launch import run_side_by_side
+    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec
 
     model = resolve_model(args.model)
     print(f"model: {model}", flush=True)

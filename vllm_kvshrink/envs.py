@@ -219,7 +219,7 @@ _INSTALL_VARS: list[EnvVar] = [
     EnvVar(
         PREFIX + "DEBIAN_MIRROR",
         "",
-        "Asset fetching (python -m vllm_kvshrink.assets fetch): a Debian mirror "
+        "Asset fetching (python -m vllm_kvshrink.lab.assets fetch): a Debian mirror "
         "tried before the built-in ones for the novels' package, e.g. "
         "http://deb.debian.org/debian/.",
         _str,

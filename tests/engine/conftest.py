@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.bench.launch import run_engine
+from vllm_kvshrink.lab.bench.launch import run_engine
 
 from engine_checks import STOCK_TOKENS
 

@@ -5,8 +5,8 @@ its form (tiers)."""
 
 from __future__ import annotations
 
-from vllm_kvshrink.hf.replay import compare_greedy, replay_logits
-from vllm_kvshrink.hf.replay_tiers import replay_tier_logits
+from vllm_kvshrink.lab.hf.replay import compare_greedy, replay_logits
+from vllm_kvshrink.lab.hf.replay_tiers import replay_tier_logits
 
 #: Tokens generated per request in the shared stock run: a test that
 #: generates fewer compares with this run's first tokens (greedy decoding).

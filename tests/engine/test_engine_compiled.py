@@ -2,7 +2,7 @@
 one compiled engine serves evicting and tiered requests side by side (each
 request picks its storage), and every request's greedy tokens equal its
 reference -- the masked replay for eviction, the dequantized replay for tiered
-storage (vllm_kvshrink/hf/replay.py, replay_tiers.py).  fp32, prompts
+storage (vllm_kvshrink/lab/hf/replay.py, replay_tiers.py).  fp32, prompts
 prefilled in chunks of 256 tokens, so events also fall between chunks.
 
 Compiled mode is one engine start here: compiling the model is most of a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.bench.launch import run_engine
+from vllm_kvshrink.lab.bench.launch import run_engine
 from vllm_kvshrink.policy.record import load_events
 
 from engine_checks import check_evictions, check_tiers
@@ -27,7 +27,7 @@ MIX = "bf16,int4_tok_rot,int2_tok_rot"
 def tier_prompts(tokenizer):
     """Three essays the eviction requests do not use (no prefix-cache hits
     between the two kinds)."""
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
     return [tokenizer(essays[12 + i], add_special_tokens=False)["input_ids"][:500 + 60 * i]

@@ -2,7 +2,7 @@
 
 The replay masks exactly the positions the engine evicted, per layer and KV
 head, at the moment it evicted them, and keeps logical position ids (see
-vllm_kvshrink/hf/replay.py).  fp32 on both sides, so the only slack allowed is
+vllm_kvshrink/lab/hf/replay.py).  fp32 on both sides, so the only slack allowed is
 a numerical tie (top-2 logits within 1e-4), after which sequences may diverge.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.replay import compare_greedy, replay_logits
+from vllm_kvshrink.lab.bench.launch import run_engine
+from vllm_kvshrink.lab.hf.replay import compare_greedy, replay_logits
 from vllm_kvshrink.policy.record import load_events
 
 from engine_checks import check_evictions
@@ -143,7 +143,7 @@ def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
     with compression between prefill chunks it is served, and its greedy tokens
     still equal the masked replay.  A request that opts out is refused with a
     clear error instead of waiting forever."""
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     ids = tokenizer("\n\n".join(load_essays()[20:23]), add_special_tokens=False)["input_ids"]
     ids = ids[:1500]

@@ -2,7 +2,7 @@
 
 For every method the engine serves, one engine run (each request picks its
 method through extra_args) records every compaction; the research path
-(vllm_kvshrink/hf/research.py) runs the same prompt and config through
+(vllm_kvshrink/lab/hf/research.py) runs the same prompt and config through
 transformers and calls the same method object.  fp32 on both sides: kept
 (layer, KV head, position) sets must agree up to numerical ties between
 vLLM's and transformers' keys, and the greedy tokens must be identical.
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.bench.agreement import compare
-from vllm_kvshrink.bench.launch import run_engine
-from vllm_kvshrink.hf.research import kept_agreement
+from vllm_kvshrink.lab.bench.agreement import compare
+from vllm_kvshrink.lab.bench.launch import run_engine
+from vllm_kvshrink.lab.hf.research import kept_agreement
 
 pytestmark = pytest.mark.engine
 
@@ -27,7 +27,7 @@ SERVED = ["streaming", "h2o", "snapkv", "tova", "knorm", "ema", "temporal", "exp
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
     return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:600]

@@ -2,7 +2,7 @@
 vLLM re-adds the live request to extend it): refused with a clear error when
 compression is on for the session, and served as stock when it opts out.
 fp32: on AMX CPUs a compressing engine runs vLLM's 'vec' kernel where stock
-runs 'amx' (vllm_kvshrink/attention/cpu.py), equal only up to rounding in bf16."""
+runs 'amx' (vllm_kvshrink/serving/attention/cpu.py), equal only up to rounding in bf16."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from vllm_kvshrink.bench.launch import plugin_free_env
+from vllm_kvshrink.lab.bench.launch import plugin_free_env
 
 pytestmark = pytest.mark.engine
 

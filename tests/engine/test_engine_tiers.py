@@ -7,7 +7,7 @@
 * Engine vs an independent reference: greedy tokens equal a transformers
   forward pass whose attention, after each event, reads every kept token
   through its form's store-and-read-back and masks the evicted ones
-  (vllm_kvshrink/hf/replay_tiers.py) -- no paged layout, no packed kernel.
+  (vllm_kvshrink/lab/hf/replay_tiers.py) -- no paged layout, no packed kernel.
 * vLLM's guarantees hold with packed blocks: ownership at every step and every
   block back after preemption and aborts, prefix cache, fallback, opt-out.
 """
@@ -19,8 +19,8 @@ import tempfile
 import pytest
 import torch
 
-from vllm_kvshrink.bench.agreement import compare
-from vllm_kvshrink.bench.launch import run_engine
+from vllm_kvshrink.lab.bench.agreement import compare
+from vllm_kvshrink.lab.bench.launch import run_engine
 from vllm_kvshrink.policy.record import load_events
 
 from engine_checks import check_tiers, stock_tokens
@@ -50,7 +50,7 @@ def _env(storage=MIX, budget="0.2", **extra):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
     return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:500 + 60 * i]
@@ -138,32 +138,9 @@ def test_prefix_cache_fallback_and_opt_out(model_path, essay_prompts, stock):
     assert result["free_blocks_end"] == result["total_blocks"]
 
 
-def test_engine_refuses_forms_it_cannot_page(model_path):
-    with pytest.raises(RuntimeError) as err:
-        run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
-                   _env("bf16,int4", "0.25"))
-    msg = str(err.value)
-    assert "VLLM_KVSHRINK_STORAGE='bf16,int4'" in msg and "int4_tok" in msg
-    with pytest.raises(RuntimeError) as err:
-        run_engine(_spec(model_path, [[1, 2, 3]], dtype="bfloat16"),
-                   {"VLLM_KVSHRINK_STORAGE": "bf16,int4_tok"})
-    assert "VLLM_KVSHRINK_METHOD is 'none'" in str(err.value)
-    if not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()):
-        pytest.skip("the fp8 half needs vLLM's CPU fp8 KV cache (AVX-512 or AMX); "
-                    "without it vLLM itself refuses kv_cache_dtype='fp8' first")
-    fp8 = _spec(model_path, [[1, 2, 3]], dtype="bfloat16", llm={"kv_cache_dtype": "fp8"})
-    with pytest.raises(RuntimeError) as err:
-        run_engine(fp8, _env("bf16,int4_tok", "0.25"))
-    assert "kv_cache_dtype='fp8'" in str(err.value)
-    fp8["per_request_extra"] = {0: {"storage": "bf16,int4_tok", "budget": 0.25}}
-    with pytest.raises(RuntimeError) as err:  # per request: refused at the front end
-        run_engine(fp8, _env("bf16", "64"))
-    assert "kv_cache_dtype='fp8'" in str(err.value) and "storage" in str(err.value)
-
-
 def test_replay_has_teeth():
     """A wrong form in the record changes the replay's attention."""
-    from vllm_kvshrink.hf import replay_tiers
+    from vllm_kvshrink.lab.hf import replay_tiers
 
     torch.manual_seed(0)
     k = torch.randn(2, 12, 64)
@@ -180,7 +157,7 @@ def test_front_end_counts_blocks_by_form(model_path, tokenizer):
     """A prompt longer than the pool is served with tiered storage when its
     peak in blocks (packed forms included) fits, and refused by name when it
     does not."""
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     ids = tokenizer("\n\n".join(load_essays()[20:23]), add_special_tokens=False)["input_ids"]
     ids = ids[:1500]

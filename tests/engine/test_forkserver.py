@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from vllm_kvshrink.bench.forkserver import ForkServer
-from vllm_kvshrink.bench.launch import plugin_free_env
+from vllm_kvshrink.lab.bench.forkserver import ForkServer
+from vllm_kvshrink.lab.bench.launch import plugin_free_env
 
 
 def test_a_child_that_fails_at_once_is_reported(tmp_path):

@@ -157,7 +157,7 @@ def test_compact_empty_and_full_selection():
 def test_compact_agrees_with_engine_layout_helper():
     """The engine's CPU path (worker.kv_layout.move_tokens_stacked) and the
     kernel move the same elements for the vLLM CPU 'vec' layout."""
-    from vllm_kvshrink.worker.kv_layout import TokenLayout, move_tokens_stacked
+    from vllm_kvshrink.serving.worker.kv_layout import TokenLayout, move_tokens_stacked
 
     bs, d, n_layers, heads = 32, 8, 2, 2
     t = torch.arange(bs)[:, None]

@@ -295,7 +295,7 @@ def test_direct_construction_checks():
 # --------------------------------------------------------------- real model
 @pytest.fixture(scope="module")
 def real_text(tokenizer):
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     ids = tokenizer(load_essays()[5], add_special_tokens=False)["input_ids"]
     return ids[:560], ids[560:608]
@@ -305,7 +305,7 @@ def _run(model, prompt, target, pre, **cfg):
     torch.manual_seed(0)
     c = KVShrinkConfig(budget=0.25, slack_tokens=16, recent_tokens=32, obs_window=16,
                        **cfg)
-    from vllm_kvshrink.hf.research import ResearchRunner
+    from vllm_kvshrink.lab.hf.research import ResearchRunner
 
     r = ResearchRunner(model, c, block_size=16)
     res = r.run(prompt, forced=target, keep_logits=True, forced_chunk=16, prefill=pre)
@@ -313,7 +313,7 @@ def _run(model, prompt, target, pre, **cfg):
 
 
 def test_real_model_research_path(hf_model, real_text):
-    from vllm_kvshrink.hf.research import ResearchRunner
+    from vllm_kvshrink.lab.hf.research import ResearchRunner
 
     prompt, target = real_text
     pre = ResearchRunner(hf_model, KVShrinkConfig(method="none")).prefill(prompt)

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from vllm_kvshrink.eval import EvalError, ResearchEvaluator
+from vllm_kvshrink.lab.eval import EvalError, ResearchEvaluator
 
 
 def _cli(out, *extra):
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vllm_kvshrink.eval", "--preset", "smoke",
+    proc = subprocess.run([sys.executable, "-m", "vllm_kvshrink.lab.eval", "--preset", "smoke",
                            "--out", str(out), *extra], capture_output=True, text=True,
                           timeout=600)
     return proc, time.perf_counter() - t
@@ -101,7 +101,7 @@ def test_cli_bad_method_exits_with_message(tmp_path):
 
 
 def test_lcs_recall_hand_values():
-    from vllm_kvshrink.eval.engine import lcs_recall
+    from vllm_kvshrink.lab.eval.engine import lcs_recall
 
     assert lcs_recall([9, 1, 2, 3], [1, 2, 3]) == 1.0  # a leading extra token is no miss
     assert lcs_recall([1, 3], [1, 2, 3, 4]) == 0.5

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from vllm_kvshrink.eval import contributions
-from vllm_kvshrink.eval.evaluator import ResearchEvaluator
-from vllm_kvshrink.eval.presets import PRESETS, EvalError, check_task, parse_row, row_args
+from vllm_kvshrink.lab.eval import contributions
+from vllm_kvshrink.lab.eval.evaluator import ResearchEvaluator
+from vllm_kvshrink.lab.eval.presets import PRESETS, EvalError, check_task, parse_row, row_args
 
 FORMS = "bf16,int4_tok_rot,int2_tok_rot"
 

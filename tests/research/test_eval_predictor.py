@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvshrink.eval.predictor import SIGNALS, example_ids, score_example
+from vllm_kvshrink.lab.eval.predictor import SIGNALS, example_ids, score_example
 from vllm_kvshrink.methods.temporal import DEFAULT_WEIGHTS, SharedPredictor
 
 

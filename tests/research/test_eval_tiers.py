@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink.eval.evaluator import ResearchEvaluator
-from vllm_kvshrink.eval.presets import EvalError, parse_row, unbudgeted
-from vllm_kvshrink.eval.targets import row_class, target_rows
+from vllm_kvshrink.lab.eval.evaluator import ResearchEvaluator
+from vllm_kvshrink.lab.eval.presets import EvalError, parse_row, unbudgeted
+from vllm_kvshrink.lab.eval.targets import row_class, target_rows
 
 ROWS = ["int4_per_token_head", "uniform:int4_tok_rot", "snapkv", "snapkv/int4_tok_rot"]
 

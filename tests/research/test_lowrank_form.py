@@ -73,8 +73,8 @@ def test_levels_order_mixed_with_int_forms():
 # ----------------------------------------------------------- real keys
 @pytest.fixture(scope="module")
 def prefill(hf_model, tokenizer):
-    from vllm_kvshrink.assets import load_essays
-    from vllm_kvshrink.hf.research import ResearchRunner
+    from vllm_kvshrink.lab.assets import load_essays
+    from vllm_kvshrink.lab.hf.research import ResearchRunner
 
     ids = tokenizer(load_essays()[5], add_special_tokens=False)["input_ids"][:400]
     runner = ResearchRunner(hf_model, KVShrinkConfig(method="none"), block_size=16)
@@ -142,7 +142,7 @@ def test_research_path_holds_the_form_within_budget(hf_model, prefill):
     """A tier event in the research path with the form: the bytes planned fit
     the budget, the form holds tokens, and they are its round trip of the
     tokens it was given (basis fitted to them)."""
-    from vllm_kvshrink.hf.research import ResearchRunner
+    from vllm_kvshrink.lab.hf.research import ResearchRunner
 
     pre, ids = prefill
     cfg = KVShrinkConfig(method="snapkv", budget=0.2, storage="bf16,lr8_int2",

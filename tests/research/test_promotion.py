@@ -11,7 +11,7 @@ import torch
 
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
-from vllm_kvshrink.hf.research import ResearchRunner
+from vllm_kvshrink.lab.hf.research import ResearchRunner
 from vllm_kvshrink.storage.policy import EVICTED, plan_tiers
 
 FORMS = "bf16,int4_tok_rot,int2_tok_rot"
@@ -19,7 +19,7 @@ FORMS = "bf16,int4_tok_rot,int2_tok_rot"
 
 @pytest.fixture(scope="module")
 def text(tokenizer):
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     ids = tokenizer(load_essays()[9], add_special_tokens=False)["input_ids"]
     return ids[:320], ids[320:416]

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from vllm_kvshrink.config import KVShrinkConfig
-from vllm_kvshrink.hf.research import ResearchRunner
+from vllm_kvshrink.lab.hf.research import ResearchRunner
 from vllm_kvshrink.storage import get_form
 
 
 @pytest.fixture(scope="module")
 def text(tokenizer):
-    from vllm_kvshrink.assets import load_essays
+    from vllm_kvshrink.lab.assets import load_essays
 
     ids = tokenizer(load_essays()[7], add_special_tokens=False)["input_ids"]
     return ids[:300], ids[300:332]

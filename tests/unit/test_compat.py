@@ -1,11 +1,11 @@
-"""Tests of vllm_kvshrink.compat: supported versions and the vLLM seams."""
+"""Tests of vllm_kvshrink.serving.compat: supported versions and the vLLM seams."""
 
 from __future__ import annotations
 
 import pytest
 
-from vllm_kvshrink import compat
-from vllm_kvshrink.compat import Symbol
+from vllm_kvshrink.serving import compat
+from vllm_kvshrink.serving.compat import Symbol
 from vllm_kvshrink.envs import KVShrinkConfigError
 
 
@@ -114,7 +114,7 @@ def test_too_many_expected_params_are_reported(monkeypatch):
 
 def test_not_callable_with_params_is_reported(monkeypatch):
     # a module-level constant has no signature
-    path = "vllm_kvshrink.compat:SUPPORTED"
+    path = "vllm_kvshrink.serving.compat:SUPPORTED"
     monkeypatch.setattr(compat, "SYMBOLS", (Symbol(path, ("x",)),))
     problems = compat.check()
     assert len(problems) == 1 and path in problems[0]
@@ -124,7 +124,7 @@ def test_not_callable_with_params_is_reported(monkeypatch):
 def test_every_overridden_scheduler_method_is_listed():
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from vllm_kvshrink.core.scheduler import KVShrinkScheduler
+    from vllm_kvshrink.serving.core.scheduler import KVShrinkScheduler
 
     listed = {s.path for s in compat.SYMBOLS}
     overridden = [n for n, v in vars(KVShrinkScheduler).items()
@@ -139,7 +139,7 @@ def test_patch_refuses_a_symbol_that_is_not_listed():
         def f(self):
             return 1
 
-    with pytest.raises(RuntimeError, match="not listed in vllm_kvshrink.compat.SYMBOLS"):
+    with pytest.raises(RuntimeError, match="not listed in vllm_kvshrink.serving.compat.SYMBOLS"):
         compat.patch(Owner, "f", lambda self: 2)
     assert Owner().f() == 1
 
@@ -183,9 +183,9 @@ def test_listed_patches_are_the_installed_ones():
     import subprocess
     import sys
 
-    from vllm_kvshrink.bench.launch import plugin_free_env
+    from vllm_kvshrink.lab.bench.launch import plugin_free_env
 
-    code = ("import vllm_kvshrink as k; k.register(); from vllm_kvshrink import compat; "
+    code = ("import vllm_kvshrink as k; k.register(); from vllm_kvshrink.serving import compat; "
             "print('\\n'.join(f'{p} {compat.resolve(p).__module__}' for p in compat.PATCHED))")
     env = plugin_free_env()
     env["VLLM_KVSHRINK_METHOD"] = "snapkv"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from vllm_kvshrink.eval import stats
+from vllm_kvshrink.lab.eval import stats
 
 
 def test_bootstrap_ci_matches_hand_resampling_and_is_seeded():

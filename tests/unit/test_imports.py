@@ -119,16 +119,16 @@ def test_graph_reader_sees_what_python_imports(tmp_path):
     # relative imports, resolved from a module and from a package
     modules = _modules()
     mod = tmp_path / "mod.py"
-    mod.write_text("from . import plan\nfrom .kernels import quant\n"
+    mod.write_text("from . import config\nfrom .kernels import quant\n"
                    "def f():\n    from .storage import paged\n")
     assert _imports("vllm_kvshrink.mod", mod, modules) == {
-        "vllm_kvshrink.plan", "vllm_kvshrink.kernels", "vllm_kvshrink.kernels.quant",
+        "vllm_kvshrink.config", "vllm_kvshrink.kernels", "vllm_kvshrink.kernels.quant",
         "vllm_kvshrink.storage", "vllm_kvshrink.storage.paged"}
     (tmp_path / "pkg").mkdir()
     init = tmp_path / "pkg" / "__init__.py"
-    init.write_text("from .kv_layout import stack_layers\nfrom ..kernels.quant import pack\n")
-    assert _imports("vllm_kvshrink.worker", init, modules) == {
-        "vllm_kvshrink.worker.kv_layout", "vllm_kvshrink.kernels", "vllm_kvshrink.kernels.quant"}
+    init.write_text("from .kv_layout import stack_layers\nfrom ...kernels.quant import pack\n")
+    assert _imports("vllm_kvshrink.serving.worker", init, modules) == {
+        "vllm_kvshrink.serving.worker.kv_layout", "vllm_kvshrink.kernels", "vllm_kvshrink.kernels.quant"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -160,11 +160,19 @@ def test_no_cycles_between_subpackages():
     assert cycle is None, "subpackage cycle: " + " -> ".join(cycle)
 
 
-def test_runtime_modules_do_not_import_the_lab():
+#: command-line entry points, which may use the lab (the CLI's ``--model``
+#: names the embedded assets; the demo runs engines side by side)
+ENTRY_POINTS = (f"{PKG}.__main__", f"{PKG}.demo")
+
+
+def test_serving_and_shared_modules_do_not_import_the_lab():
+    """The serving package and what it shares with the research path
+    (policy, methods, storage, kernels, config) never import the lab."""
     graph = import_graph()
     lab = [m for m in graph if m.startswith(f"{PKG}.lab")]
+    assert any(m.startswith(f"{PKG}.serving") for m in graph)
     for name, deps in graph.items():
-        if name in lab or name.startswith(f"{PKG}.bench"):
+        if name in lab or name in ENTRY_POINTS:
             continue
         assert not deps & set(lab), f"{name} imports {sorted(deps & set(lab))}"
 
@@ -195,14 +203,14 @@ SCHEDULER_PROBE = textwrap.dedent("""
     sys.meta_path.insert(0, Block())
 
     import vllm_kvshrink
-    import vllm_kvshrink.compat
+    import vllm_kvshrink.serving.compat
     import vllm_kvshrink.config
-    import vllm_kvshrink.core.scheduler
+    import vllm_kvshrink.serving.core.scheduler
     import vllm_kvshrink.envs
-    import vllm_kvshrink.metrics.counters
-    import vllm_kvshrink.metrics.loggers
-    import vllm_kvshrink.patches
-    import vllm_kvshrink.plan
+    import vllm_kvshrink.serving.metrics.counters
+    import vllm_kvshrink.serving.metrics.loggers
+    import vllm_kvshrink.serving.patches
+    import vllm_kvshrink.serving.plan
     import vllm_kvshrink.policy.cadence
     import vllm_kvshrink.policy.checks
     import vllm_kvshrink.policy.nbytes

@@ -1,4 +1,4 @@
-"""Tests of vllm_kvshrink.worker.kv_layout against vLLM's real CPU cache-write op.
+"""Tests of vllm_kvshrink.serving.worker.kv_layout against vLLM's real CPU cache-write op.
 
 The cache of one layer is ``[num_blocks, H, block_size, 2 * D]``; vLLM's CPU
 attention splits it as ``cache.view(nb, H, 2 * bs, D).chunk(2, dim=2)`` and
@@ -16,7 +16,7 @@ import torch
 ops = pytest.importorskip("vllm._custom_ops")
 cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
 
-from vllm_kvshrink.worker.kv_layout import (  # noqa: E402
+from vllm_kvshrink.serving.worker.kv_layout import (  # noqa: E402
     TokenLayout,
     move_tokens,
     probe_layout,

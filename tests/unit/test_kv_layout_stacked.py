@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_kvshrink.kernels.layouts import stack_layers
-from vllm_kvshrink.worker.kv_layout import (
+from vllm_kvshrink.serving.worker.kv_layout import (
     TokenLayout,
     move_tokens,
     move_tokens_stacked,

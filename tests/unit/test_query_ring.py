@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from vllm_kvshrink.config import KVShrinkConfig
-from vllm_kvshrink.worker import compactor as compactor_mod
-from vllm_kvshrink.worker import runner_patch
-from vllm_kvshrink.worker.compactor import Compactor
+from vllm_kvshrink.serving.worker import compactor as compactor_mod
+from vllm_kvshrink.serving.worker import runner_patch
+from vllm_kvshrink.serving.worker.compactor import Compactor
 
 L, HQ, D, W = 2, 4, 16, 4
 

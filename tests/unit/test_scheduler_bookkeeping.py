@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvshrink import plan as plan_mod
+from vllm_kvshrink.serving import plan as plan_mod
 
 BS = 16
 NUM_BLOCKS = 24
@@ -26,7 +26,7 @@ def make_scheduler(model_path, monkeypatch):
 
     from vllm_kvshrink import config
     from vllm_kvshrink.config import KVShrinkConfig
-    from vllm_kvshrink.core.scheduler import KVShrinkScheduler
+    from vllm_kvshrink.serving.core.scheduler import KVShrinkScheduler
 
     def make(**env):
         for k in list(__import__("os").environ):

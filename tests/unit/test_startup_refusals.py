@@ -13,7 +13,7 @@ import pytest
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
-from vllm_kvshrink.core.scheduler import check_supported
+from vllm_kvshrink.serving.core.scheduler import check_supported
 from vllm_kvshrink.envs import KVShrinkConfigError
 
 
@@ -85,3 +85,56 @@ def test_tensor_parallelism_is_refused():
 def test_pipeline_and_context_parallelism_are_refused(setting):
     msg = _refused(_vllm(**{setting: 2}), _kv(_spec()))
     assert "pipeline_parallel_size" in msg and "context" in msg
+
+
+# --------------------------------------------------------------------------
+# Storage refusals, by calling the checks the engine calls: ``register()``
+# (``KVShrinkConfig.from_env`` and ``check_storage_method``), the scheduler
+# (``check_cache_dtype``) and the front end per request (``request_config``).
+# That a refusal stops vLLM's start-up with its message is shown once, by an
+# engine (tests/engine/test_engine_behaviour.py::test_bad_setting_stops_engine_start).
+# --------------------------------------------------------------------------
+def _env_config(monkeypatch, **env):
+    from vllm_kvshrink.config import KVShrinkConfig
+
+    for key, value in env.items():
+        monkeypatch.setenv("VLLM_KVSHRINK_" + key, value)
+    return KVShrinkConfig.from_env()
+
+
+def test_a_form_pages_cannot_hold_is_refused(monkeypatch):
+    cfg = _env_config(monkeypatch, METHOD="snapkv", BUDGET="0.25", STORAGE="bf16,int4")
+    with pytest.raises(KVShrinkConfigError) as err:
+        cfg.check_servable()
+    msg = str(err.value)
+    assert "VLLM_KVSHRINK_STORAGE='bf16,int4'" in msg and "int4_tok" in msg
+
+
+def test_tiered_storage_without_a_method_is_refused_at_start_up(monkeypatch):
+    import vllm_kvshrink
+
+    monkeypatch.setenv("VLLM_KVSHRINK_STORAGE", "bf16,int4_tok")
+    monkeypatch.delenv("VLLM_KVSHRINK_METHOD", raising=False)
+    monkeypatch.setattr(vllm_kvshrink, "_REGISTERED", False)
+    with pytest.raises(KVShrinkConfigError, match="VLLM_KVSHRINK_METHOD is 'none'"):
+        vllm_kvshrink.register()
+    assert not vllm_kvshrink.is_active()
+
+
+def test_tiered_storage_with_a_quantized_vllm_cache_is_refused(monkeypatch):
+    from vllm_kvshrink.policy.checks import check_cache_dtype, request_config
+
+    tiered = _env_config(monkeypatch, METHOD="snapkv", BUDGET="0.25",
+                         STORAGE="bf16,int4_tok")
+    with pytest.raises(KVShrinkConfigError, match="kv_cache_dtype='fp8'"):
+        check_cache_dtype(tiered, "fp8")
+    check_cache_dtype(tiered, "auto")
+    # per request, as the front end checks each one: the request's own setting
+    # is named, and eviction alone stays allowed on an fp8 cache
+    plain = _env_config(monkeypatch, STORAGE="bf16", BUDGET="64")
+    extra = {"kvshrink": {"storage": "bf16,int4_tok", "budget": 0.25}}
+    with pytest.raises(KVShrinkConfigError) as err:
+        request_config(plain, extra, "fp8")
+    msg = str(err.value)
+    assert "kv_cache_dtype='fp8'" in msg and "extra_args['kvshrink']['storage']" in msg
+    assert request_config(plain, {"kvshrink": {"budget": 0.25}}, "fp8").budget == 0.25

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_kvshrink.worker import runner_patch, step_context
-from vllm_kvshrink.worker.step_context import StepContext
+from vllm_kvshrink.serving.worker import runner_patch, step_context
+from vllm_kvshrink.serving.worker.step_context import StepContext
 
 
 @dataclass
@@ -48,7 +48,7 @@ def test_micro_batches_each_carry_the_step(monkeypatch):
 def test_attention_captures_the_real_rows_only(monkeypatch, with_step):
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
-    from vllm_kvshrink.attention.cpu import KVShrinkCPUAttentionBackendImpl
+    from vllm_kvshrink.serving.attention.cpu import KVShrinkCPUAttentionBackendImpl
 
     monkeypatch.setattr(CPUAttentionBackendImpl, "forward",
                         lambda self, layer, q, k, v, cache, md, out, *a, **kw: out)

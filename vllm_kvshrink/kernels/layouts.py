@@ -12,7 +12,7 @@ kernels never branch on the layout:
     stacked ``[L, num_blocks, H, block_size, 2 * D]``.
 ``"cpu_row_major"``: as ``cpu_k_transposed`` with K row-major too.
 
-The CPU names match ``TokenLayout.kind`` of ``vllm_kvshrink.worker.kv_layout``
+The CPU names match ``TokenLayout.kind`` of ``vllm_kvshrink.serving.worker.kv_layout``
 (``"k_transposed"`` / ``"row_major"``); its ``"generic"`` kind has no strided
 form and is not supported here.
 """
@@ -87,7 +87,7 @@ def stack_layers(caches: list[torch.Tensor], contiguous: bool = False
 
     ``contiguous``: also require every layer contiguous and the layers back to
     back (no gap between them), so the whole stack is one contiguous block --
-    what the worker's token moves (:mod:`vllm_kvshrink.worker.kv_layout`)
+    what the worker's token moves (:mod:`vllm_kvshrink.serving.worker.kv_layout`)
     reshape; the kernels take any constant stride."""
     if not caches:
         raise ValueError("caches must hold at least one layer, got an empty list")

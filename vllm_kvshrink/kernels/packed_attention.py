@@ -1,5 +1,5 @@
 """Attention over requests whose cache is partly held in packed blocks: the
-entry point the engine's attention (:mod:`vllm_kvshrink.attention.cpu`)
+entry point the engine's attention (:mod:`vllm_kvshrink.serving.attention.cpu`)
 calls, choosing the backend.
 
 The kernels (C++ on the CPU, :mod:`.cpu_ext`; Triton on GPUs,

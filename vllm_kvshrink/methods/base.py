@@ -2,7 +2,7 @@
 
 A method sees tensors only -- never the engine, never transformers -- so the
 same object makes the same decisions wherever it runs.  The engine's worker and
-the transformers research path (:mod:`vllm_kvshrink.hf.research`) both call
+the transformers research path (:mod:`vllm_kvshrink.lab.hf.research`) both call
 :func:`compress_event` with the same tensors:
 
 * :class:`Observation` -- the cached keys of every layer of one request, the

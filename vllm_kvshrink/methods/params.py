@@ -7,7 +7,7 @@ method's settings, defaults and checks are read and changed in one place.
 Parameters of a framework piece every method runs through are declared with
 that piece (``head_budget`` in :mod:`vllm_kvshrink.methods.budgets`,
 promotion's ``offload`` and ``promote_margin``, read by
-:mod:`vllm_kvshrink.hf.offload`, in :data:`PROMOTION` here), and the two that
+:mod:`vllm_kvshrink.lab.hf.offload`, in :data:`PROMOTION` here), and the two that
 both learned methods read (temporal's predictor and semantic's key embedding)
 in :data:`ONLINE_LEARNING` here.  The registry
 (:mod:`vllm_kvshrink.methods`) joins the declarations with :func:`gather`.
@@ -62,7 +62,7 @@ def gather(*tables: Mapping[str, Param]) -> dict[str, Param]:
     return out
 
 
-#: Promotion's parameters (read by :mod:`vllm_kvshrink.hf.offload`, for every
+#: Promotion's parameters (read by :mod:`vllm_kvshrink.lab.hf.offload`, for every
 #: method): promotion needs tiered storage (the config refuses ``offload``
 #: without it) and runs in the research path only.  Declared here rather than
 #: beside the research code so the registry never imports the research path.

@@ -74,7 +74,7 @@ class SharedEmbedding:
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"embed_path={str(path)!r} does not exist; allowed: a file written "
-                f"by SharedEmbedding.save or vllm_kvshrink.hf.warmup") from None
+                f"by SharedEmbedding.save or vllm_kvshrink.lab.hf.warmup") from None
         except (KeyError, RuntimeError) as e:
             raise ValueError(f"embed_path={str(path)!r} is not a key embedding ({e})"
                              ) from None

@@ -13,7 +13,7 @@ predictions have arrived (the attention the kept tokens received from the new
 queries), so one AdamW step (gradient clipping at 1.0) is taken on a sample of
 them.  The weights are shared by every request in the process, can be saved
 and loaded, and can be warmed up offline on real text with full attention
-(``python -m vllm_kvshrink.hf.warmup``).  Its accuracy -- recall@k of the
+(``python -m vllm_kvshrink.lab.hf.warmup``).  Its accuracy -- recall@k of the
 tokens that really receive the most attention next, and Spearman rank
 correlation -- is measured at every event and exported.
 
@@ -215,7 +215,7 @@ class SharedPredictor:
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"predictor_path={str(path)!r} does not exist; allowed: a file "
-                f"written by SharedPredictor.save or vllm_kvshrink.hf.warmup"
+                f"written by SharedPredictor.save or vllm_kvshrink.lab.hf.warmup"
             ) from None
         except (KeyError, RuntimeError) as e:
             raise ValueError(f"predictor_path={str(path)!r} is not a temporal "

@@ -1,7 +1,7 @@
 """The event record: one JSON line per compression event, written by the
 engine's worker (with ``VLLM_KVSHRINK_RECORD_DIR``) and returned by the
-research path, read by the replays (:mod:`vllm_kvshrink.hf.replay`,
-:mod:`vllm_kvshrink.hf.replay_tiers`) and the agreement benchmark.
+research path, read by the replays (:mod:`vllm_kvshrink.lab.hf.replay`,
+:mod:`vllm_kvshrink.lab.hf.replay_tiers`) and the agreement benchmark.
 
 Fields of every event:
 

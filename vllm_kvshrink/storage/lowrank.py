@@ -41,7 +41,7 @@ zero, so it is charged as above.
 The per-row basis and mean are shared by all the row's tokens: the engine's
 packed pages (:mod:`.paged`, one self-contained token after another) cannot
 hold them, so the engine refuses these forms by name; they run in the
-research path (:mod:`vllm_kvshrink.hf.research`).
+research path (:mod:`vllm_kvshrink.lab.hf.research`).
 
 Prior art: low-rank projection of the KV cache, Palu (Chang et al. 2024,
 arXiv:2407.21118); low-rank keys for attention, Loki (Singhania et al. 2024,

@@ -23,7 +23,7 @@ by every layer and head -- but *which* tokens differs per (layer, head).
 Demotion only, unless an original is kept: a token already held in a form
 can stay there, move to a form with fewer bytes, or be evicted, never go
 back up (its original bits are gone).  The research path's optional offload
-copy (:mod:`vllm_kvshrink.hf.offload`) keeps originals of demoted and
+copy (:mod:`vllm_kvshrink.lab.hf.offload`) keeps originals of demoted and
 evicted tokens outside the budget; a token whose original is there counts as
 ``bf16`` for the plan, so it may be promoted.  If some (layer, head) has
 fewer candidates for a form than the split asks for, the count is cut to

@@ -8,7 +8,7 @@ Host wrappers (argument checks, allocation, grids) registered as
 :mod:`.cuda_ext`.  Each op runs its Triton kernel on CUDA tensors and on CPU
 tensors while Triton interprets (``TRITON_INTERPRET=1``); otherwise, on the
 CPU, it runs the reference.  The engine's worker moves kept tokens with
-:mod:`vllm_kvshrink.worker.kv_layout` and scores with the methods'
+:mod:`vllm_kvshrink.serving.worker.kv_layout` and scores with the methods'
 PyTorch code; these kernels are the GPU versions of those steps, measured by
 ``benchmarks/kernels`` and not wired into the serving path.
 """
