@@ -9,7 +9,7 @@ the checks can fail (a strided layout is seen as narrow, a kernel the
 interpreter would run but the compiler rejects is reported).
 
 Compilation runs in child processes: once Triton's interpreter has run a
-kernel in a process (``tests/test_kernels.py`` does), ``triton.language`` is
+kernel in a process (``tests/kernels/test_kernels.py`` does), ``triton.language`` is
 left patched there and the compiler fails on any kernel.
 """
 

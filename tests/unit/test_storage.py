@@ -22,7 +22,7 @@ from vllm_kvshrink.storage.policy import (
 from vllm_kvshrink.storage.quantized import IntForm
 
 # The integer forms (the low-rank forms have their own bound and tests,
-# tests/test_lowrank_form.py).
+# tests/research/test_lowrank_form.py).
 QUANT = [n for n in form_names() if isinstance(get_form(n), IntForm)]
 
 

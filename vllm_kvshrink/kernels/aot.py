@@ -18,7 +18,7 @@ checked here:
    holds: registers, spills, shared memory and the widest global load/store.
 
 ``benchmarks/kernels/aot_check.py`` drives it over the benchmark's shapes and
-the awkward ones; ``tests/test_kernels_aot.py`` runs a subset in CI.
+the awkward ones; ``tests/kernels/test_kernels_aot.py`` runs a subset in CI.
 """
 
 from __future__ import annotations

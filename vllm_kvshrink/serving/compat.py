@@ -3,12 +3,12 @@
 Patching vLLM is unavoidable (it has no official seam for moving cached
 tokens); this module keeps the list in one place.  ``check()`` resolves every
 symbol and compares the parameters of every patched callable, and
-``tests/test_compat.py`` runs it, so an upgrade that moves a seam fails loudly
+``tests/unit/test_compat.py`` runs it, so an upgrade that moves a seam fails loudly
 instead of silently corrupting requests.
 
 The list cannot drift from the code: every patch goes through :func:`patch`,
 which refuses a symbol that is not listed here; the scheduler's overridden
-methods are checked against the list by ``tests/test_compat.py``; and the
+methods are checked against the list by ``tests/unit/test_compat.py``; and the
 private attributes the plugin reads on vLLM's objects (:data:`ATTRIBUTES`) are
 checked on the live objects at start-up by :func:`check_attributes`.
 """

@@ -96,7 +96,7 @@ turboquant preset (``TurboQuantConfig.get_boundary_skip_layers``, applied in
 :meth:`TurboQuant.skip_layers`.  Also note the first prefill chunk attends
 over the unquantized K/V; only later reads see the stored form.
 
-How it was checked (``tests/test_storage_vllm_formats.py``)
+How it was checked (``tests/kernels/test_storage_vllm_formats.py``)
 ---------------------------------------------------------
 * ``fp8``: codes bit-for-bit against the installed C++ op
   ``cpu_attn_reshape_and_cache`` (run in-process, ISA ``vec``), and

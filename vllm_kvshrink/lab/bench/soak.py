@@ -2,7 +2,7 @@
 requests, disconnects, opt-outs, per-request budgets and invalid requests, then
 checks that nothing leaked and that uncompressed requests equal stock.
 
-Used by ``tests/test_soak.py`` (small) and ``benchmarks/soak_serve.py`` (large).
+Used by ``tests/serve/test_soak.py`` (small) and ``benchmarks/soak_serve.py`` (large).
 
 Comparing with stock: the engine's arithmetic depends on the batch a request
 shares (matmul shapes), so two servers -- even two stock ones -- under

@@ -7,7 +7,7 @@ after a forward pass, once a request holds more than ``budget + slack``
 tokens, it keeps ``ceil(budget / block_size) * block_size`` of them.  Keys are
 stored after RoPE and positions stay logical, as in vLLM, so for the same
 prompt the kept tokens agree with the engine's (see
-``tests/test_engine_research_agreement.py``).
+``tests/engine/test_engine_research_agreement.py``).
 
 What the engine cannot do, the research path can: per-head and per-layer
 budgets (``head_budget``), the merged-slot attention-mass correction, MiniCache's
