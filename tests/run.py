@@ -11,9 +11,9 @@ switched on before anything imports Triton, which a process that imported
 vLLM (the other groups) has already done.
 
 The groups run in two lanes at once by default: the engine group alone in
-one, the others one after another in the second.  A small model's engine
-step is mostly single-threaded Python, as are most unit tests, so two lanes
-keep both cores of a 2-core machine busy.  Each group's output is printed
+one, the others one after another in the second, computing in one thread.
+A small model's engine step is mostly single-threaded Python, as are most
+unit tests, so two lanes keep both cores of a 2-core machine busy.  Each group's output is printed
 when it ends (a line says when each starts), every group runs even after one
 fails, and the exit status is non-zero if any failed.
 """
@@ -44,7 +44,10 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
 #: the group that runs in a lane of its own (the longest)
 ALONE = "engine"
 
-_SUMMARY = re.compile(r"=+ (.*) in [\d.]+s")
+#: pytest's last line: "543 passed, 1 skipped in 95.83s (0:01:35)" (-q), or
+#: the same between "=" bars
+_SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|"
+                      r"xpassed|warnings?)\b.*?) in [\d.]+s")
 _LOCK = threading.Lock()
 
 
@@ -54,8 +57,14 @@ def _say(text: str) -> None:
         sys.stdout.flush()
 
 
-def _run(group: str, extra: list[str], results: dict, live: bool) -> None:
-    env = {**os.environ, **GROUPS[group][1]}
+#: the second lane's groups compute in one thread: two lanes of 2-thread
+#: OpenMP pools on 2 cores spin against each other
+SECOND_LANE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _run(group: str, extra: list[str], results: dict, live: bool,
+         lane_env: dict[str, str] | None = None) -> None:
+    env = {**os.environ, **(lane_env or {}), **GROUPS[group][1]}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            str(TESTS / group), *extra]
     _say(f"=== {group} started: {GROUPS[group][0]}\n")
@@ -78,9 +87,10 @@ def _run(group: str, extra: list[str], results: dict, live: bool) -> None:
     results[group] = (rc, secs, summary)
 
 
-def _lane(groups: list[str], extra: list[str], results: dict, live: bool) -> None:
+def _lane(groups: list[str], extra: list[str], results: dict, live: bool,
+          lane_env: dict[str, str] | None = None) -> None:
     for g in groups:
-        _run(g, extra, results, live)
+        _run(g, extra, results, live, lane_env)
 
 
 def main(argv: list[str]) -> int:
@@ -106,7 +116,8 @@ def main(argv: list[str]) -> int:
     else:
         others = [g for g in groups if g != ALONE]
         lanes = [threading.Thread(target=_lane, args=([ALONE], extra, results, False)),
-                 threading.Thread(target=_lane, args=(others, extra, results, False))]
+                 threading.Thread(target=_lane, args=(others, extra, results, False,
+                                                      SECOND_LANE_ENV))]
         for t in lanes:
             t.start()
         for t in lanes:
