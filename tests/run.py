@@ -111,7 +111,8 @@ def main(argv: list[str]) -> int:
     groups = args.groups or list(GROUPS)
     results: dict[str, tuple[int, float, str]] = {}
     total = time.perf_counter()
-    if args.lanes == 1 or ALONE not in groups or len(groups) == 1:
+    two = args.lanes == 2 and ALONE in groups and len(groups) > 1
+    if not two:
         _lane(groups, extra, results, live=True)
     else:
         others = [g for g in groups if g != ALONE]
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> int:
         # pytest exits 5 when a selection matched no test: not a failure
         verdict = summary or ("no tests" if rc == 5 else f"exit {rc}")
         print(f"{g:<10} {secs:>8.0f}  {verdict}")
-    lanes = "one group at a time" if args.lanes == 1 else "two lanes"
+    lanes = "two lanes" if two else "one group at a time"
     print(f"{'all':<10} {total:>8.0f}  wall time, {lanes} ({total / 60:.1f} min)")
     return 0 if all(results[g][0] in (0, 5) for g in groups) else 1
 

@@ -1,10 +1,33 @@
-"""Triton's interpreter reads ``TRITON_INTERPRET`` when ``@triton.jit``
-decorates a function, Triton's own ``tl.max`` / ``tl.sum`` included (at
-``import triton``), so it must be set before anything in the process imports
-Triton.  This group runs in its own process (``tests/run.py`` also sets the
-variable); set here too, so ``pytest tests/kernels`` works alone.  The AOT
-compile checks strip it in their child processes."""
+"""The kernels group: Triton's kernels run in its CPU interpreter.
+
+Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function:
+this package's kernels at their import (the package re-reads the variable at
+each launch, ``kernels._launch``), but also Triton's own ``tl.max`` /
+``tl.sum`` ... at ``import triton``.  So it must be set before anything in the
+process imports Triton: here, before any test module of the group is
+imported, and by ``tests/run.py``, which runs the group in its own process
+(a process that imported vLLM has imported Triton already).  The AOT compile
+checks strip it in their child processes.
+"""
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def triton_interpreter():
+    """For tests that launch Triton kernels: fails, saying why, where Triton
+    was imported before the interpreter was switched on."""
+    import torch
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from vllm_kvshrink.kernels._launch import interpreting, use_triton
+
+    if not isinstance(triton.language.standard.max, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run the "
+                    "kernels group in its own process (python tests/run.py kernels)")
+    assert interpreting() and use_triton(torch.empty(0))

@@ -2,56 +2,19 @@
 references, in Triton's CPU interpreter.  Packed attention is
 ``test_packed_attention.py``; the lab kernels, ``test_lab_kernels.py``.
 
-How triton 3.9 reads ``TRITON_INTERPRET``: when ``@triton.jit`` decorates a
-function.  That happens for this package's kernels at their import (the
-package re-reads the variable at each launch, ``kernels._launch``) but also
-for Triton's own ``tl.max`` / ``tl.sum`` ... at ``import triton``.  So the
-variable is set here before the first import (and by the kernels group's
-conftest.py); if something in the process imported triton earlier (vLLM
-does), the tests fail and say so: the group runs in its own process
-(``tests/run.py``).  The variable is restored after the imports and set only while these tests
-run, so other test files see the environment they expect.
+The interpreter is switched on for the whole group (``conftest.py``).
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-_PREVIOUS = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.language.standard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from vllm_kvshrink.kernels import reference as ref  # noqa: E402
-from vllm_kvshrink.kernels._launch import interpreting, use_triton  # noqa: E402
-from vllm_kvshrink.kernels.quant import dequantize, quantize  # noqa: E402
-
-if _PREVIOUS is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS
-
-IN_PROCESS = isinstance(triton.language.standard.max, InterpretedFunction)
+from vllm_kvshrink.kernels import reference as ref
+from vllm_kvshrink.kernels.quant import dequantize, quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def triton_interpreter():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    yield
-    mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def needs_interpreter(request):
-    if not IN_PROCESS:
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run the "
-                    "kernels group in its own process (python tests/run.py kernels)")
-    assert interpreting() and use_triton(torch.empty(0))
-    yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 # ==========================================================================

@@ -12,37 +12,22 @@ sides dequantize to the same fp32 values (bf16 plain values are widened
 exactly), so only the order of fp32 sums differs: 1e-4 absolute (2e-4 for
 the Triton kernel, whose sums are ordered by ``tl.dot``).
 
-The Triton interpreter has to be switched on before triton is imported
-(see tests/kernels/test_kernels.py); when something imported it earlier, the
-Triton tests fail and say so.
+The Triton tests run in Triton's interpreter, switched on for the whole
+group (``conftest.py``).
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-_PREVIOUS = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+from vllm_kvshrink.kernels import cpu_ext, triton_packed
+from vllm_kvshrink.kernels.packed_attention import packed_attention
+from vllm_kvshrink.kernels.packed_batch import PackedBatch
+from vllm_kvshrink.kernels.packed_reference import reference
+from vllm_kvshrink.kernels.quant import pack, region_view
+from vllm_kvshrink.storage.paged import paged_form
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton.language.standard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-from vllm_kvshrink.kernels import cpu_ext, triton_packed  # noqa: E402
-from vllm_kvshrink.kernels._launch import interpreting  # noqa: E402
-from vllm_kvshrink.kernels.packed_attention import packed_attention  # noqa: E402
-from vllm_kvshrink.kernels.packed_batch import PackedBatch  # noqa: E402
-from vllm_kvshrink.kernels.packed_reference import reference  # noqa: E402
-from vllm_kvshrink.kernels.quant import pack, region_view  # noqa: E402
-from vllm_kvshrink.storage.paged import paged_form  # noqa: E402
-
-if _PREVIOUS is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS
-
-IN_PROCESS = isinstance(triton.language.standard.max, InterpretedFunction)
 FORMS = ("int8_tok", "int4_tok", "int2_tok", "k4v2_tok")
 ALL_FORMS = FORMS + tuple(f + "_rot" for f in FORMS)
 LAYOUTS = ("cpu_k_transposed", "cpu_row_major")
@@ -229,18 +214,6 @@ def test_unavailable_reason_when_sources_missing(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------- Triton (interpreter)
-@pytest.fixture
-def interpreter():
-    if not IN_PROCESS:
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run the "
-                    "kernels group in its own process (python tests/run.py kernels)")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    assert interpreting()
-    yield
-    mp.undo()
-
-
 def run_triton(q, cache, layout, batch):
     scale = q.shape[-1] ** -0.5
     close(triton_packed.packed_attention(q, cache, layout, batch, scale),
@@ -249,7 +222,7 @@ def run_triton(q, cache, layout, batch):
 
 @pytest.mark.parametrize("layout,dtype", [("cpu_k_transposed", torch.float32),
                                           ("cpu_row_major", torch.bfloat16)])
-def test_triton_every_form(interpreter, layout, dtype):
+def test_triton_every_form(triton_interpreter, layout, dtype):
     # every form in one batch: one request per form pair, odd counts
     reqs = [dict(q_len=1, plain_len=17 + 5 * i, segs=[(a, 21 + i), (b, 3)])
             for i, (a, b) in enumerate(zip(FORMS, FORMS[1:] + FORMS[:1]))]
@@ -258,7 +231,7 @@ def test_triton_every_form(interpreter, layout, dtype):
     run_triton(q, cache, layout, batch)
 
 
-def test_triton_prefill_gqa(interpreter):
+def test_triton_prefill_gqa(triton_interpreter):
     q, cache, batch = make_case(
         [dict(q_len=19, plain_len=50, segs=[("int4_tok_rot", 33), ("int8_tok", 7)]),
          dict(q_len=1, plain_len=1, segs=[("k4v2_tok", 70)])],
@@ -269,7 +242,7 @@ def test_triton_prefill_gqa(interpreter):
     run_triton(q, cache, "cpu_row_major", batch)
 
 
-def test_triton_dispatch_and_errors(interpreter):
+def test_triton_dispatch_and_errors(triton_interpreter):
     q, cache, batch = make_case([dict(q_len=1, plain_len=5, segs=[("int4_tok", 5)])])
     close(packed_attention(q, cache, "cpu_row_major", batch, 0.2, impl="triton"),
           reference(q, cache, "cpu_row_major", batch, 0.2), ATOL_TRITON)
