@@ -34,6 +34,7 @@ def register() -> None:
     check_storage_method(cfg)  # a storage never silently ignored
     if cfg.enabled:
         from vllm_kvshrink.serving import compat, patches
+
         cfg.check_servable()
         compat.check_version()
         compat.check_or_raise()
@@ -62,4 +63,5 @@ def _declare_env_vars() -> None:
 def is_active() -> bool:
     """Whether :func:`register` installed the compression path in this process."""
     from vllm_kvshrink.serving import patches
+
     return patches._INSTALLED

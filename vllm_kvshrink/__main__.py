@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the vLLM seams the plugin patches")
     args = parser.parse_args(argv)
     if args.check:
-        from vllm_kvshrink.serving import compat
         from vllm_kvshrink.config import KVShrinkConfig
+        from vllm_kvshrink.serving import compat
 
         try:
             cfg = KVShrinkConfig.from_env()

@@ -9,7 +9,6 @@ cache's real element size.  No tensors: counts only.
 
 from __future__ import annotations
 
-
 #: bytes of one K or V element in the 16-bit cache vLLM serves
 BF16_BYTES = 2
 

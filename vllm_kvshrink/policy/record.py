@@ -86,9 +86,7 @@ def load_events(record_dir: str | Path, external_ids: bool = True) -> dict[str, 
         if "restart_at" in e:
             continue
         events.setdefault(key, []).append(e)
-    for evs in events.values():
-        evs.sort(key=lambda e: e["logical_len"])
-    return events
+    return {key: by_logical_len(evs) for key, evs in events.items()}
 
 
 def load_epochs(record_dir: str | Path, external_ids: bool = True) -> dict[str, list[dict]]:
@@ -109,7 +107,7 @@ def load_epochs(record_dir: str | Path, external_ids: bool = True) -> dict[str, 
             epochs[n]["events"].append(e)
     for epochs in out.values():
         for ep in epochs:
-            ep["events"].sort(key=lambda e: e["logical_len"])
+            ep["events"] = by_logical_len(ep["events"])
     return out
 
 

@@ -16,8 +16,8 @@ checked on the live objects at start-up by :func:`check_attributes`.
 from __future__ import annotations
 
 import importlib
-import re
 import inspect
+import re
 from dataclasses import dataclass
 
 from vllm_kvshrink.envs import KVShrinkConfigError

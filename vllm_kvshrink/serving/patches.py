@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from vllm_kvshrink.serving import compat
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
+from vllm_kvshrink.serving import compat
 
 logger = logging.getLogger("vllm.kvshrink")
 _INSTALLED = False

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from vllm_kvshrink.kernels import quant
-from vllm_kvshrink.storage.base import StorageForm
 from vllm_kvshrink.kernels.hadamard import rotate
+from vllm_kvshrink.storage.base import StorageForm
 
 PARAM_BYTES = 2  # scale and zero point in bf16
 

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from vllm_kvshrink.lab.bench.launch import run_engine
 from vllm_kvshrink.config import KVShrinkConfig
-from vllm_kvshrink.policy.record import load_events
+from vllm_kvshrink.lab.bench.launch import run_engine
 from vllm_kvshrink.lab.hf.research import ResearchRunner, kept_agreement
+from vllm_kvshrink.policy.record import load_events
 
 #: Learned methods run frozen here: online training makes each path's
 #: weights depend on its own (fp-noisy) history.

@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
-    from vllm_kvshrink.lab.eval.evaluator import EvalError, ResearchEvaluator
-
     from pathlib import Path
+
+    from vllm_kvshrink.lab.eval.evaluator import EvalError, ResearchEvaluator
 
     runs = []
     for model in args.model:

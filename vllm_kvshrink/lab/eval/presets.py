@@ -26,6 +26,7 @@ Task kinds:
 
 from __future__ import annotations
 
+
 class EvalError(ValueError):
     """A bad evaluation setting (the message names it, its value and what is
     allowed)."""

@@ -31,15 +31,15 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_kvshrink.serving import compat
 from vllm_kvshrink import config as config_mod
-from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.envs import KVShrinkConfigError
-from vllm_kvshrink.serving.metrics.counters import STATS_KEY, Counters
 from vllm_kvshrink.policy import cadence
 from vllm_kvshrink.policy.checks import check_cache_dtype, check_streaming, request_config
 from vllm_kvshrink.policy.nbytes import request_peak_blocks
+from vllm_kvshrink.serving import compat
+from vllm_kvshrink.serving import plan as plan_mod
+from vllm_kvshrink.serving.metrics.counters import STATS_KEY, Counters
 from vllm_kvshrink.storage.geometry import TierGeometry
 
 logger = logging.getLogger("vllm.kvshrink")

@@ -135,6 +135,7 @@ def install() -> None:
     from vllm.v1.metrics import loggers
 
     from vllm_kvshrink.serving import compat
+
     _ORIG["logging_record"] = compat.patch(loggers.LoggingStatLogger, "record",
                                            _logging_record)
     _ORIG["logging_log"] = compat.patch(loggers.LoggingStatLogger, "log", _logging_log)

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.kernels.layouts import stack_layers
 from vllm_kvshrink.methods import Observation, build_method, compress_event, select_keep
 from vllm_kvshrink.policy import record
 from vllm_kvshrink.policy.observation import query_index
+from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.serving.worker.kv_layout import (
     TokenLayout,
     move_tokens_stacked,

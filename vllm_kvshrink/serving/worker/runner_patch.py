@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from vllm_kvshrink import config as config_mod
-from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.config import KVShrinkConfig
+from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.serving.worker import step_context
 from vllm_kvshrink.serving.worker.compactor import Compactor
 from vllm_kvshrink.serving.worker.step_context import StepContext
@@ -44,6 +44,7 @@ def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
     from vllm import _custom_ops as ops
 
     from vllm_kvshrink.serving import compat
+
     compat.check_attributes("model_runner", runner)
     group = runner.kv_cache_config.kv_cache_groups[0]
     names = list(group.layer_names)
@@ -278,6 +279,7 @@ def install() -> None:
     if _ORIG:
         return
     from vllm_kvshrink.serving import compat
+
     for name, new in (("_update_states", _update_states), ("_prepare_inputs", _prepare_inputs),
                       ("_build_attention_metadata", _build_attention_metadata),
                       ("execute_model", _execute_model), ("sample_tokens", _sample_tokens)):

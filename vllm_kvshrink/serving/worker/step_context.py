@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from vllm_kvshrink.kernels.packed_attention import PackedBatch
+    from vllm_kvshrink.kernels.packed_batch import PackedBatch
 
 #: Attribute of vLLM's per-step attention metadata holding the step's context.
 ATTR = "kvshrink_step"

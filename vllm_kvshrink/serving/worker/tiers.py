@@ -19,15 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.kernels.packed_batch import PackedBatch
 from vllm_kvshrink.kernels.quant import pack, unpack
 from vllm_kvshrink.methods import Observation
 from vllm_kvshrink.policy.record import tier_record
+from vllm_kvshrink.serving import plan as plan_mod
+from vllm_kvshrink.serving.worker.kv_layout import row_slots, write_tokens_stacked
 from vllm_kvshrink.storage import FULL
 from vllm_kvshrink.storage.paged import paged_form
 from vllm_kvshrink.storage.policy import levels_for, tier_event
-from vllm_kvshrink.serving.worker.kv_layout import row_slots, write_tokens_stacked
 
 
 @dataclass
