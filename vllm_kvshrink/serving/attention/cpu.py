@@ -42,9 +42,10 @@ class KVShrinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
 
 
 def _attend_packed(step: StepContext, impl, query, kv_cache, output, num_tokens) -> None:
-    """Requests with packed blocks: the stock kernel saw their plain rows
-    only; their rows of ``output`` (``[T, Hq * D]``) are replaced by attention
-    over plain and packed tokens together
+    """Requests with packed blocks: the stock kernel was given a sequence of
+    their query rows only (``runner_patch._attend_once``: a few slots read,
+    not their plain row); their rows of ``output`` (``[T, Hq * D]``) are
+    replaced by attention over plain and packed tokens together
     (:mod:`vllm_kvshrink.kernels.packed_attention`)."""
     from vllm_kvshrink.kernels.packed_attention import packed_attention
 

@@ -210,9 +210,10 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
     if any(r.tier is not None and r.tier.segments for r in comp.reqs.values()):
         from vllm_kvshrink.serving.worker.tiers import packed_batch
 
-        packed = packed_batch(
+        packed, rows = packed_batch(
             comp, req_ids, num_computed, num_scheduled_tokens,
             lambda req_id: self.requests[req_id].block_ids[0])
+        _attend_once(self, rows, num_scheduled_tokens)
     self._kvs_step = None
     if capture is not None or packed is not None:
         self._kvs_step = StepContext(
@@ -221,6 +222,16 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
             packed=packed,
             packed_layout=comp.attention_layout() if packed is not None else None)
     return result
+
+
+def _attend_once(runner, rows: list[int], num_scheduled) -> None:
+    """Requests holding packed blocks (batch indices ``rows``) are attended by
+    the plugin's kernel alone: vLLM's kernel is told their sequence ends with
+    this step's query (``seq_len = q_len``), so its pass over them reads a few
+    slots instead of the whole plain row, and the packed kernel overwrites
+    its rows for them."""
+    for i in rows:
+        runner.seq_lens[i] = int(num_scheduled[i])
 
 
 def _build_attention_metadata(self, *args, **kwargs):

@@ -202,11 +202,13 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
     return res, new_state, rec
 
 
-def packed_batch(comp, req_ids, num_computed, num_scheduled, row_of) -> PackedBatch | None:
-    """The step's requests that hold packed blocks, for the attention kernel;
-    ``row_of(req_id)``: its plain block-table row (asked for those only)."""
+def packed_batch(comp, req_ids, num_computed, num_scheduled, row_of
+                 ) -> tuple[PackedBatch | None, list[int]]:
+    """The step's requests that hold packed blocks, for the attention kernel,
+    and their indices in the batch; ``row_of(req_id)``: its plain block-table
+    row (asked for those only)."""
     d, bs, eb = _geometry(comp)
-    reqs, forms, index = [], [], {}
+    reqs, forms, index, rows = [], [], {}, []
     start = 0
     for i, req_id in enumerate(req_ids):
         n = int(num_scheduled[i])
@@ -220,10 +222,11 @@ def packed_batch(comp, req_ids, num_computed, num_scheduled, row_of) -> PackedBa
                     forms.append(paged_form(form, d, bs, eb))
                 segs.append((block, index[form], cnt))
             plain = int(num_computed[i]) + n - comp.offsets.get(req_id, 0)
+            rows.append(i)
             reqs.append(dict(q_start=start, q_len=n, plain_len=plain,
                              plain_blocks=list(row_of(req_id))[: -(-plain // bs)],
                              segments=segs))
         start += n
     if not reqs:
-        return None
-    return PackedBatch.build(reqs, forms)
+        return None, []
+    return PackedBatch.build(reqs, forms), rows
