@@ -282,31 +282,44 @@ def _quantize(x: torch.Tensor, bits: int):
     return quantize(x.contiguous(), bits, d, "token", torch.bfloat16)
 
 
+def pack_tokens(pf: PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Each token of ``keys``/``values`` ``[A, N, D]`` (any float dtype, as
+    attention sees them: unrotated) as the bytes a page holds for it:
+    ``[A, N, token_bytes]`` uint8, key codes, value codes, then its four
+    bf16 parameters (where they go in a page: :func:`slot_offsets`)."""
+    k = rotate(keys) if pf.rotate else keys.float()
+    v = rotate(values) if pf.rotate else values.float()
+    qk, qv = _quantize(k, pf.k_bits), _quantize(v, pf.v_bits)
+    params = torch.stack([qk.scale[..., 0], qk.zero[..., 0], qv.scale[..., 0],
+                          qv.zero[..., 0]], dim=-1)  # [A, N, 4] bf16
+    return torch.cat([qk.packed, qv.packed, params.contiguous().view(torch.uint8)], -1)
+
+
+def slot_offsets(pf: PagedForm, slots: torch.Tensor) -> torch.Tensor:
+    """Byte offsets in a region of the tokens at in-page ``slots`` (any
+    shape ``S``, each in ``[0, capacity)``): ``[*S, token_bytes]``, in the
+    order :func:`pack_tokens` lays a token's bytes out."""
+    ko, vo, po = pf.offsets()
+    kb, vb = pf.key_bytes, pf.value_bytes
+    t = slots[..., None].to(torch.int64)
+    return torch.cat([ko + t * kb + torch.arange(kb), vo + t * vb + torch.arange(vb),
+                      po + t * (2 * PARAMS) + torch.arange(2 * PARAMS)], -1)
+
+
 def pack(pf: PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Pack ``keys``/``values`` ``[A, N, D]`` (any float dtype, as attention
     sees them: unrotated) into ``ceil(N / capacity)`` pages per row:
     ``[A, P, region_bytes]`` uint8, tokens in order, the last page partly
     filled (its unused bytes zero)."""
-    a, n, d = keys.shape
+    a, n, _ = keys.shape
     cap = pf.capacity
     pages = -(-n // cap)
-    k = rotate(keys) if pf.rotate else keys.float()
-    v = rotate(values) if pf.rotate else values.float()
-    qk, qv = _quantize(k, pf.k_bits), _quantize(v, pf.v_bits)
-    pad = pages * cap - n
-    params = torch.stack([qk.scale[..., 0], qk.zero[..., 0], qv.scale[..., 0],
-                          qv.zero[..., 0]], dim=-1)  # [A, N, 4] bf16
-
-    def padded(t: torch.Tensor) -> torch.Tensor:  # [A, N, X] -> [A, P, cap * X]
-        if pad:
-            t = torch.cat([t, t.new_zeros(a, pad, t.shape[-1])], dim=1)
-        return t.reshape(a, pages, cap * t.shape[-1])
-
-    body = torch.cat([padded(qk.packed), padded(qv.packed),
-                      padded(params.contiguous().view(torch.uint8))], dim=-1)
-    out = torch.zeros(a, pages, pf.region_bytes, dtype=torch.uint8)
-    out[..., : body.shape[-1]] = body
-    return out
+    tokens = pack_tokens(pf, keys, values)  # [A, N, tb]
+    out = torch.zeros(a, pages * pf.region_bytes, dtype=torch.uint8)
+    j = torch.arange(n)
+    at = (j // cap * pf.region_bytes)[:, None] + slot_offsets(pf, j % cap)  # [N, tb]
+    out[:, at.reshape(-1)] = tokens.reshape(a, -1)
+    return out.view(a, pages, pf.region_bytes)
 
 
 def unpack(pf: PagedForm, pages: torch.Tensor, n: int, rotated: bool = False

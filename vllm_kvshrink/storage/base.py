@@ -39,6 +39,11 @@ class StorageForm:
     #: ``"ours"`` (a form the tier policy may choose) or ``"vllm"`` (one of
     #: vLLM 0.32's uniform formats, an evaluation baseline)
     kind: ClassVar[str] = "ours"
+    #: whether a token's stored bytes depend on that token alone (no
+    #: parameter shared with its neighbours): a token that stays in such a
+    #: form keeps its bytes from event to event, and only tokens entering it
+    #: are stored anew (:func:`~vllm_kvshrink.storage.policy.apply_tiers`)
+    token_local: ClassVar[bool] = False
 
     def nbytes(self, n_tokens: int, head_dim: int) -> int:
         """Exact bytes of ``n_tokens`` tokens of one (layer, KV head), K + V."""

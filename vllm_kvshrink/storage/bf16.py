@@ -16,6 +16,7 @@ class BF16(StorageForm):
     name = "bf16"
     doc = "the model's 16-bit dtype, as vLLM stores it (K and V, 2 bytes per element)"
     bits = 16
+    token_local = True
 
     def nbytes(self, n_tokens: int, head_dim: int) -> int:
         return n_tokens * token_bytes(1, head_dim)

@@ -313,14 +313,20 @@ def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: in
 
 
 def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                keep: torch.Tensor | None = None, current: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept tokens' K/V ``[L, H, K, D]`` as their forms hold them.
 
-    Every quantized level is packed again from what it holds now (a token
-    demoted from ``bf16`` from its original bits, one already quantized from
-    its dequantized value), so its parameters cover exactly the tokens in it
-    and the bytes are :func:`held_bytes`'s.  ``keys``/``values``
-    ``[L, H, N, D]`` before the event."""
+    A token entering a quantized level is stored from what it holds now (a
+    token demoted from ``bf16`` from its original bits, one already quantized
+    from its dequantized value).  A token that stays in a
+    :attr:`~vllm_kvshrink.storage.base.StorageForm.token_local` form keeps
+    what it holds (the engine does not touch its bytes); a form whose
+    parameters span tokens (per-channel key groups) is stored again as a
+    whole, so its parameters cover exactly the tokens in it.  The bytes are
+    :func:`held_bytes`'s either way.  ``keys``/``values`` ``[L, H, N, D]``
+    and ``current`` ``[L, H, N]`` (the levels held, ``None``: all ``bf16``)
+    before the event."""
     if keep is None:
         keep = plan.keep()
     l, h, k = keep.shape
@@ -328,14 +334,29 @@ def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
     idx = keep[..., None].expand(l, h, k, d)
     kk, vv = keys.gather(2, idx), values.gather(2, idx)
     lev = plan.level.gather(2, keep)  # [L, H, K]
+    was = None if current is None else current.gather(2, keep)
     for i, name in enumerate(plan.levels):
         if i == 0 or plan.counts[i] == 0:
             continue
-        c = plan.counts[i]
-        pos = (lev == i).nonzero()[:, 2].view(l, h, c)  # ascending per row
+        form = get_form(name)
+        entering = lev == i
+        if form.token_local and was is not None:
+            entering &= was != i
+        c = int(entering[0, 0].sum())
+        if bool((entering.sum(-1) != c).any()):  # rows enter unevenly: pad
+            c = int(entering.sum(-1).max())
+        if not c:
+            continue
+        # Row by row, the entering tokens first (ascending), padded with
+        # copies of a row's last entering token where rows differ.
+        order = torch.sort(entering.to(torch.int8), -1, descending=True, stable=True)
+        pos = order.indices[..., :c]
+        real = order.values[..., :c].bool()
         pidx = pos[..., None].expand(l, h, c, d)
         a, b = kk.gather(2, pidx), vv.gather(2, pidx)
-        ka, vb = get_form(name).roundtrip(a.reshape(l * h, c, d), b.reshape(l * h, c, d))
-        kk = kk.scatter(2, pidx, ka.view(l, h, c, d))
-        vv = vv.scatter(2, pidx, vb.view(l, h, c, d))
+        ka, vb = form.roundtrip(a.reshape(l * h, c, d), b.reshape(l * h, c, d))
+        ka = torch.where(real[..., None], ka.view(l, h, c, d), a)
+        vb = torch.where(real[..., None], vb.view(l, h, c, d), b)
+        kk = kk.scatter(2, pidx, ka)
+        vv = vv.scatter(2, pidx, vb)
     return kk, vv

@@ -60,6 +60,10 @@ class IntForm(StorageForm):
         self.paper = ("KIVI arXiv:2402.02750" if key_axis == "channel" else
                       "per-token asymmetric (cf. KVQuant arXiv:2401.18079)")
 
+    @property
+    def token_local(self) -> bool:  # per-token keys: every parameter a token's own
+        return self.key_axis == "token"
+
     # ------------------------------------------------------------ bytes
     def nbytes(self, n_tokens: int, head_dim: int) -> int:
         if n_tokens <= 0:

@@ -11,7 +11,13 @@ SPEC (JSON)::
      "sampling": {...SamplingParams kwargs...},
      "per_request_extra": {index: {...kvshrink overrides...}},
      "abort_after": {index: steps}, "check_invariants": bool,
-     "arrival": "all" | int (requests added per step)}
+     "arrival": "all" | int (requests added per step),
+     "trace_steps": bool}
+
+With ``trace_steps`` the result carries ``step_trace``: one
+``[seconds, prefilling, running, events]`` per engine step, ``events`` being
+the compression events (compactions, tier events, fallbacks) completed so
+far.
 """
 
 from __future__ import annotations
@@ -52,6 +58,12 @@ def check_invariants(scheduler) -> None:
             raise AssertionError(
                 f"block {block.block_id}: ref_cnt {block.ref_cnt} but {n} owners"
             )
+
+
+def _events_so_far(sched) -> int:
+    """Compression events completed so far (0 without the plugin)."""
+    c = getattr(sched, "kvs_counters", None)
+    return 0 if c is None else c.compactions + c.tier_events + c.fallbacks
 
 
 def _plugin_active() -> bool:
@@ -100,6 +112,7 @@ def run(spec: dict) -> dict:
         total_blocks = sched.kv_cache_manager.block_pool.get_num_free_blocks()
     t_start = time.perf_counter()
     progress = spec.get("progress", False)
+    step_trace: list | None = [] if spec.get("trace_steps") else None
     while pending or engine.has_unfinished_requests():
         n_add = len(pending) if arrival == "all" else int(arrival)
         for i in pending[:n_add]:
@@ -140,6 +153,9 @@ def run(spec: dict) -> dict:
             held = sched.kvs_bytes_held() if hasattr(sched, "kvs_bytes_held") else {}
             if held and sum(held.values()) > sum(peak_held.values()):
                 peak_held = held
+        if step_trace is not None:
+            step_trace.append([dt, prefilling, len(sched.running) if sched else 0,
+                               _events_so_far(sched)])
         if progress and steps % 50 == 0:
             print(f"  step {steps}: {len(outputs)}/{len(prompts)} done, "
                   f"running {len(sched.running) if sched else '?'}",
@@ -164,6 +180,8 @@ def run(spec: dict) -> dict:
         "usage_trace": usage_trace,
     }
     result["output_tokens_per_s"] = result["output_tokens"] / max(elapsed, 1e-9)
+    if step_trace is not None:
+        result["step_trace"] = step_trace
     if sched is not None:
         pool = sched.kv_cache_manager.block_pool
         result["total_blocks"] = total_blocks

@@ -131,7 +131,7 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
                       cfg.recent_tokens, values, current,
                       bf16_free="bf16" in cfg.storage, carry=every, weight=weight)
     keep = plan.keep()
-    new_k_res, new_v_res = apply_tiers(plan, keys, values, keep)
+    new_k_res, new_v_res = apply_tiers(plan, keys, values, keep, current)
     new_level = plan.level
     # Traffic: a kept token more precise than it was held (or back from
     # eviction) was read from the copy.

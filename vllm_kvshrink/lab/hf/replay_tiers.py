@@ -9,8 +9,10 @@ forward pass over the whole sequence with an attention function that, per
 layer, walks the events in order: the K/V a token holds are the previous ones
 passed through its form's store-and-read-back
 (:meth:`~vllm_kvshrink.storage.base.StorageForm.roundtrip`) whenever an event
-gives it a form other than ``bf16`` (a demotion re-packs the value held, as the
-engine does), and the queries between two events attend exactly what was held.
+gives it a form other than ``bf16`` it did not hold before (a demotion
+re-packs the value held, as the engine does; a token that stays in a
+token-local form keeps its bytes, as the engine leaves them), and the queries
+between two events attend exactly what was held.
 No KV cache, no paged layout, no packed pages: an independent computation of
 what the engine should have produced.
 """
@@ -28,9 +30,12 @@ _IMPL = "kvshrink_replay_tiers"
 _EVENTS: list[dict] = []
 
 
-def _held_after(k: torch.Tensor, v: torch.Tensor, e: dict, layer: int):
+def _held_after(k: torch.Tensor, v: torch.Tensor, e: dict, layer: int,
+                form_of: torch.Tensor):
     """K/V ``[Hkv, T, D]`` after event ``e``: tokens before its logical length
-    take their recorded form; returns (k, v, visible ``[Hkv, start]``)."""
+    take their recorded form; ``form_of`` ``[Hkv, T]`` (the form index each
+    position was held in after the previous event, 0 where none was
+    recorded) is updated in place.  Returns (k, v, visible ``[Hkv, start]``)."""
     start = e["logical_len"]
     kept = torch.tensor(e["kept"][layer], dtype=torch.long)  # [Hkv, K]
     level = torch.tensor(e["level"][layer], dtype=torch.long)
@@ -38,18 +43,20 @@ def _held_after(k: torch.Tensor, v: torch.Tensor, e: dict, layer: int):
     visible = torch.zeros(h, start, dtype=torch.bool)
     visible.scatter_(1, kept, True)
     k, v = k.clone(), v.clone()
+    was = form_of.gather(1, kept)
     for i, name in enumerate(e["storage"]):
         if i == 0:
             continue
-        sel = level == i
-        c = int(sel[0].sum())
-        if not c:
-            continue
-        pos = kept[sel].view(h, c)
-        idx = pos[..., None].expand(h, c, d)
-        kq, vq = get_form(name).roundtrip(k.gather(1, idx), v.gather(1, idx))
-        k.scatter_(1, idx, kq)
-        v.scatter_(1, idx, vq)
+        form = get_form(name)
+        enter = (level == i) & (was != i) if form.token_local else level == i
+        for row in range(h):  # rows may differ in how many tokens enter
+            pos = kept[row][enter[row]]
+            if not pos.numel():
+                continue
+            kq, vq = form.roundtrip(k[row, pos][None], v[row, pos][None])
+            k[row, pos], v[row, pos] = kq[0], vq[0]
+    form_of.zero_()
+    form_of.scatter_(1, kept, level)
     return k, v, visible
 
 
@@ -65,6 +72,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     out = torch.zeros(hq, t, d)
     visible = torch.ones(hkv, t, t, dtype=torch.bool).tril()
     bounds = [e["logical_len"] for e in _EVENTS if e["logical_len"] < t] + [t]
+    form_of = torch.zeros(hkv, t, dtype=torch.long)
     seg_start = 0
     for i, end in enumerate(bounds):
         # Queries seg_start..end-1 attend what is held now.
@@ -76,7 +84,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         out[:, seg_start:end] = torch.matmul(p, vv)
         if i < len(bounds) - 1:
             e = _EVENTS[i]
-            k, v, vis = _held_after(k, v, e, layer)
+            k, v, vis = _held_after(k, v, e, layer, form_of)
             start = e["logical_len"]
             visible[:, start:, :start] = vis[:, None, :]
         seg_start = end

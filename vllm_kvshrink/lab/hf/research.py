@@ -467,7 +467,7 @@ class ResearchRunner:
                           cfg.sink_tokens, cfg.recent_tokens, values,
                           cache.level, bf16_free="bf16" in cfg.storage)
         keep = plan.keep()
-        keys, vals = apply_tiers(plan, obs.keys, values, keep)
+        keys, vals = apply_tiers(plan, obs.keys, values, keep, cache.level)
         for layer in range(self.num_layers):
             cache.keys[layer], cache.values[layer] = keys[layer], vals[layer]
         cache.logical = cache.logical.gather(2, keep)

@@ -280,24 +280,29 @@ def write_tokens_stacked(
     dst_offsets: torch.Tensor,
 ) -> None:
     """Write per-(layer, head) keys and values ``[L, H, k, D]`` to the slots
-    ``dst_blocks, dst_offsets`` ``[k]`` of every layer (new content, e.g.
-    merged tokens; values are cast to the cache's dtype)."""
+    ``dst_blocks, dst_offsets`` of every layer (new content, e.g. merged
+    tokens; values are cast to the cache's dtype): ``[k]``, the same slots in
+    every (layer, head), or ``[L, H, k]``, each its own."""
+    per_row = dst_blocks.dim() == 3
     if layout.kind == "generic":  # e.g. the AMX layout: index maps, layer by layer
         nb, h = stack.shape[1:3]
         heads = torch.arange(h)[:, None, None]  # [H, 1, 1]
-        kidx = layout.key_index[dst_offsets][None]  # [1, k, D]
-        vidx = layout.value_index[dst_offsets][None]
-        db = dst_blocks[None, :, None]
         for i, c in enumerate(stack):
+            b, o = (dst_blocks[i], dst_offsets[i]) if per_row else (dst_blocks[None],
+                                                                    dst_offsets[None])
+            kidx, vidx = layout.key_index[o], layout.value_index[o]  # [H or 1, k, D]
             flat = c.view(nb, h, layout.region_size)
-            flat[db, heads, kidx] = _to_storage(keys[i], stack.dtype)
-            flat[db, heads, vidx] = _to_storage(values[i], stack.dtype)
+            flat[b[..., None], heads, kidx] = _to_storage(keys[i], stack.dtype)
+            flat[b[..., None], heads, vidx] = _to_storage(values[i], stack.dtype)
         return
     l, _, h = stack.shape[:3]
     k, v = _stacked_halves(stack, layout)
     li = torch.arange(l)[:, None, None]
     hi = torch.arange(h)[None, :, None]
-    db, do = dst_blocks[None, None, :], dst_offsets[None, None, :]
+    if per_row:
+        db, do = dst_blocks, dst_offsets
+    else:
+        db, do = dst_blocks[None, None, :], dst_offsets[None, None, :]
     kv = _to_storage(keys, stack.dtype)
     vv = _to_storage(values, stack.dtype)
     if layout.kind == "k_transposed":
