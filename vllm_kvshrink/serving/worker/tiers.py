@@ -117,73 +117,79 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
     if len(ev.plain_blocks) * bs < ev.old_len:
         raise RuntimeError(f"plain row holds {len(ev.plain_blocks) * bs} slots, plan "
                            f"says {ev.old_len} tokens")
-    keys, values, current, pos = read_held(comp, ev, r.tier)
+    with comp.timed("event_read"):
+        keys, values, current, pos = read_held(comp, ev, r.tier)
     n = keys.shape[2]
-    method = comp.method_for(ev)
-    cdt = comp.caches[0].dtype if comp.caches[0].is_floating_point() else torch.float32
-    q = qpos = None
-    if method.needs_queries:
-        q, qpos = comp.queries_for(ev.req_id, n, ev.logical_len)
-    work = dict(r.method_state) if method.stateful else r.method_state
-    obs = Observation(keys.to(cdt), q, qpos, comp.scales, rope_inv_freq=comp.rope_inv_freq)
-    plan = tier_event(method, obs, work, levels, ev.budget_bytes, ev.sink_tokens,
-                      ev.recent_tokens, values.to(cdt), current,
-                      bf16_free=FULL in ev.storage)
-    keep = plan.keep()
-    lev = plan.level.gather(2, keep)
-    kpos = pos.gather(2, keep)
-    # Lay out: plain row first, then each packed level's pages.
-    need = -(-plan.counts[0] // bs)
-    pages_of = {}
-    for i, name in enumerate(levels[1:], 1):
-        if plan.counts[i]:
-            pages_of[name] = -(-plan.counts[i] // paged_form(name, d, bs, eb).capacity)
-    if need + sum(pages_of.values()) > len(ev.dest_blocks):
-        raise RuntimeError(f"the plan needs {need + sum(pages_of.values())} blocks, "
-                           f"{len(ev.dest_blocks)} were given")
-    dest = list(ev.dest_blocks)
-    plain_ids, dest = dest[:need], dest[need:]
-    writes, segments, pos_packed = [], [], []
-    pos0 = kpos[..., :0]  # plain tokens' positions (none if no level-0 token)
-    for i, name in enumerate(levels):
-        c = plan.counts[i]
-        if not c:
-            continue
-        sel = (lev == i).nonzero()[:, 2].view(layers, heads, c)  # ascending
-        src = keep.gather(2, sel)
-        idx = src[..., None].expand(-1, -1, -1, d)
-        k, v = keys.gather(2, idx), values.gather(2, idx)
-        if i == 0:
-            pos0 = pos.gather(2, src)
-            writes.append(("plain", k, v))
-            continue
-        pf = paged_form(name, d, bs, eb)
-        pages = pack(pf, k.reshape(-1, c, d), v.reshape(-1, c, d))
-        ids, dest = dest[: pages.shape[1]], dest[pages.shape[1]:]
-        writes.append(("packed", ids, pages.view(layers, heads, len(ids), -1)))
-        for j, b in enumerate(ids):
-            segments.append((b, name, min(pf.capacity, c - j * pf.capacity)))
-        pos_packed.append(pos.gather(2, src))
-    # Everything read and planned: now write.  Blocks that held packed pages
-    # and hold none now are zeroed first: their bytes read as the model dtype
-    # can be NaN, and vLLM's kernel multiplies masked slots by zero.
-    layout = comp.token_layout()
-    stacks = _byte_stacks(comp)
-    new_packed = {b for b, _, _ in segments}
-    old_packed = [b for b, _, _ in (r.tier.segments if r.tier is not None else [])]
-    zero_blocks(comp, [b for b in old_packed if b not in new_packed])
-    for w in writes:
-        if w[0] == "plain":
-            _, k, v = w
-            blocks, offs = row_slots(plain_ids, torch.arange(plan.counts[0]), bs)
-            for (stack, sl) in comp.stacks:
-                write_tokens_stacked(stack, layout, k[sl].to(cdt), v[sl].to(cdt),
-                                     blocks, offs)
-        else:
-            _, ids, pages = w
-            t = torch.tensor(ids, dtype=torch.int64)
-            for bv, sl in stacks:
-                bv[:, t] = pages[sl].permute(0, 2, 1, 3)
+    with comp.timed("event_plan"):
+        method = comp.method_for(ev)
+        cdt = comp.caches[0].dtype if comp.caches[0].is_floating_point() else torch.float32
+        q = qpos = None
+        if method.needs_queries:
+            q, qpos = comp.queries_for(ev.req_id, n, ev.logical_len)
+        work = dict(r.method_state) if method.stateful else r.method_state
+        obs = Observation(keys.to(cdt), q, qpos, comp.scales,
+                          rope_inv_freq=comp.rope_inv_freq)
+        plan = tier_event(method, obs, work, levels, ev.budget_bytes, ev.sink_tokens,
+                          ev.recent_tokens, values.to(cdt), current,
+                          bf16_free=FULL in ev.storage)
+        keep = plan.keep()
+        lev = plan.level.gather(2, keep)
+        kpos = pos.gather(2, keep)
+    with comp.timed("event_pack"):
+        # Lay out: plain row first, then each packed level's pages.
+        need = -(-plan.counts[0] // bs)
+        pages_of = {}
+        for i, name in enumerate(levels[1:], 1):
+            if plan.counts[i]:
+                pages_of[name] = -(-plan.counts[i] // paged_form(name, d, bs, eb).capacity)
+        if need + sum(pages_of.values()) > len(ev.dest_blocks):
+            raise RuntimeError(f"the plan needs {need + sum(pages_of.values())} blocks, "
+                               f"{len(ev.dest_blocks)} were given")
+        dest = list(ev.dest_blocks)
+        plain_ids, dest = dest[:need], dest[need:]
+        writes, segments, pos_packed = [], [], []
+        pos0 = kpos[..., :0]  # plain tokens' positions (none if no level-0 token)
+        for i, name in enumerate(levels):
+            c = plan.counts[i]
+            if not c:
+                continue
+            sel = (lev == i).nonzero()[:, 2].view(layers, heads, c)  # ascending
+            src = keep.gather(2, sel)
+            idx = src[..., None].expand(-1, -1, -1, d)
+            k, v = keys.gather(2, idx), values.gather(2, idx)
+            if i == 0:
+                pos0 = pos.gather(2, src)
+                writes.append(("plain", k, v))
+                continue
+            pf = paged_form(name, d, bs, eb)
+            pages = pack(pf, k.reshape(-1, c, d), v.reshape(-1, c, d))
+            ids, dest = dest[: pages.shape[1]], dest[pages.shape[1]:]
+            writes.append(("packed", ids, pages.view(layers, heads, len(ids), -1)))
+            for j, b in enumerate(ids):
+                segments.append((b, name, min(pf.capacity, c - j * pf.capacity)))
+            pos_packed.append(pos.gather(2, src))
+    with comp.timed("event_write"):
+        # Everything read and planned: now write.  Blocks that held packed
+        # pages and hold none now are zeroed first: their bytes read as the
+        # model dtype can be NaN, and vLLM's kernel multiplies masked slots by
+        # zero.
+        layout = comp.token_layout()
+        stacks = _byte_stacks(comp)
+        new_packed = {b for b, _, _ in segments}
+        old_packed = [b for b, _, _ in (r.tier.segments if r.tier is not None else [])]
+        zero_blocks(comp, [b for b in old_packed if b not in new_packed])
+        for w in writes:
+            if w[0] == "plain":
+                _, k, v = w
+                blocks, offs = row_slots(plain_ids, torch.arange(plan.counts[0]), bs)
+                for (stack, sl) in comp.stacks:
+                    write_tokens_stacked(stack, layout, k[sl].to(cdt), v[sl].to(cdt),
+                                         blocks, offs)
+            else:
+                _, ids, pages = w
+                t = torch.tensor(ids, dtype=torch.int64)
+                for bv, sl in stacks:
+                    bv[:, t] = pages[sl].permute(0, 2, 1, 3)
     if method.stateful:
         r.method_state = work
     kept_before = current.gather(2, keep)
