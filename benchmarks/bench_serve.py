@@ -16,7 +16,10 @@ naming forms other than bf16, ``tiers`` (tiered storage as
 ``VLLM_KVSHRINK_STORAGE``).  Needs pandas (vLLM's custom dataset reads with it).
 Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
 ``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``),
-writes a JSON of every raw result and a PNG.
+and the seconds the plugin spent per phase during the measured run
+(``vllm:kvshrink_seconds_total`` read from ``/metrics`` when it starts and
+after it) beside the run's duration (JSON per run: ``kvshrink_seconds``,
+``compression_share``); writes a JSON of every raw result and a PNG.
 
     python benchmarks/bench_serve.py --shape long-generation           # 32 prompts, 1536 out
     python benchmarks/bench_serve.py --shape long-context              # 24 prompts of ~2k
@@ -47,7 +50,8 @@ sys.path.insert(0, str(REPO))
 from vllm_kvshrink.lab.bench.launch import plugin_free_env  # noqa: E402
 from vllm_kvshrink.lab.bench.machine import cpu_model  # noqa: E402
 from vllm_kvshrink.lab.bench.server import (  # noqa: E402
-    Server, free_port, parse_metrics, vllm_command)
+    Server, by_label, free_port, parse_metrics, vllm_command)
+from vllm_kvshrink.serving.metrics import phases  # noqa: E402
 
 
 # Per shape: (num_prompts, min_len, max_len, output_len); --quick replaces them,
@@ -82,11 +86,26 @@ FINAL = {  # read once after the benchmark
 # A labelled counter appears on /metrics only once it has counted: absent = 0
 # on a server with the plugin on.
 PLUGIN_COUNTERS = ("compactions", "fallbacks", "tokens_evicted", "blocks_freed")
+#: the plugin's seconds per phase (label ``phase``), read when the measured run
+#: starts and after it: the difference is what the run cost the plugin.  vLLM
+#: 0.32 exports no step or forward time series to set beside it; the run's
+#: duration is the reference.
+SECONDS = "vllm:kvshrink_seconds_total"
+
+
+def phase_seconds(server: Server) -> dict[str, float]:
+    """The plugin's cumulative seconds per phase on ``server`` now ({} on a
+    stock server or when /metrics does not answer)."""
+    try:
+        return by_label(server.metrics(), SECONDS, "phase")
+    except OSError:
+        return {}
 
 
 class MetricsPoller(threading.Thread):
     """Polls ``/metrics`` every ``interval`` s until stopped: time series of
-    :data:`POLLED` (seconds since start)."""
+    :data:`POLLED` (seconds since start); keeps the plugin's seconds per
+    phase as they were when the measured run started (:data:`SECONDS`)."""
 
     def __init__(self, server: Server, interval: float = 1.0):
         super().__init__(daemon=True)
@@ -94,11 +113,14 @@ class MetricsPoller(threading.Thread):
         self.trace: dict[str, list[float]] = {"t": [], **{k: [] for k in POLLED}}
         self.errors = 0
         self.main_start: float | None = None  # s since start, when the main run began
+        #: read now, and again when the main run starts (after the warm-up)
+        self.seconds_at_start = phase_seconds(server)
         self._stop_evt = threading.Event()
         self._t0 = time.perf_counter()
 
     def mark_main_start(self) -> None:
         self.main_start = round(time.perf_counter() - self._t0, 2)
+        self.seconds_at_start = phase_seconds(self.server) or self.seconds_at_start
 
     def run(self) -> None:
         t0 = self._t0
@@ -358,6 +380,7 @@ def main() -> int:
                 final_m = parse_metrics(server.metrics())
             except OSError:
                 final_m = {}
+            spent = phases.since(poller.seconds_at_start, phase_seconds(server))
             t_stop = time.perf_counter()
         stop_s = time.perf_counter() - t_stop
         bench = json.loads(result_file.read_text())
@@ -386,6 +409,8 @@ def main() -> int:
             "startup_s": startup_s, "bench_wall_s": bench_s, "stop_s": stop_s,
             "wall_s": wall,
             "bench_share_of_wall": bench.get("duration", 0) / wall if wall else 0.0,
+            "kvshrink_seconds": spent,
+            "compression_share": phases.share(spent, bench.get("duration", 0)),
             "engine_kv_cache_tokens": int(kv_tokens[-1].replace(",", "")) if kv_tokens else None,
             "max_running": max((running[i] for i in active), default=0.0),
             "median_running": statistics.median(act_run) if act_run else 0.0,
@@ -403,6 +428,10 @@ def main() -> int:
               f"{r['max_running']:.0f}, median {r['median_running']:.1f} (while busy), peak KV "
               f"{r['peak_kv_usage']:.2f}; start {startup_s:.0f} s, bench {bench_s:.0f} s, "
               f"stop {stop_s:.0f} s", flush=True)
+        if spent:
+            print(f"  {name} plugin phases: {phases.breakdown(spent)} = "
+                  f"{phases.total(spent):.2f} s of the {bench.get('duration', 0):.1f} s run "
+                  f"({r['compression_share']:.1%})", flush=True)
     total_s = time.perf_counter() - t_all
 
     # ---- the table and ratios
@@ -429,6 +458,9 @@ def main() -> int:
         ("fallbacks", lambda r: r["final_metrics"].get("fallbacks"), "{:.0f}"),
         ("server start (s)", lambda r: r["startup_s"], "{:.0f}"),
         ("bench share of wall", lambda r: r["bench_share_of_wall"], "{:.2f}"),
+        ("plugin seconds (phases)", lambda r: phases.total(r["kvshrink_seconds"]) or None,
+         "{:.2f}"),
+        ("plugin share of the run", lambda r: r["compression_share"] or None, "{:.3f}"),
     ]
 
     def cell(fmt, v):

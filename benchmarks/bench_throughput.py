@@ -13,6 +13,9 @@ With ``--storage`` naming forms other than bf16 (tiered storage, as
 ``kv_cache_dtype=fp8`` (vLLM's own 2x format, same pool bytes), eviction only
 at the same byte budget, and tiered storage; the JSON adds
 ``throughput_ratio_fp8`` and ``max_running_ratio_fp8`` (tiered vs stock fp8).
+Each plugin run also prints the seconds the plugin spent per phase beside the
+run's wall time in steps (JSON: ``kvshrink_seconds`` and ``compression_share``
+per run).
 
     python benchmarks/bench_throughput.py                 # full (32 prompts)
     python benchmarks/bench_throughput.py --quick         # a few minutes
@@ -90,6 +93,7 @@ def main() -> int:
         greedy_spec,
         kv_bytes_per_token,
     )
+    from vllm_kvshrink.serving.metrics.phases import breakdown, total
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -166,6 +170,9 @@ def main() -> int:
               f"freed, {k.get('fallbacks', 0)} fallbacks; {k.get('compaction_s', 0):.1f} s "
               f"in events" + (f"; peak bytes held " + ", ".join(
                   f"{f} {b / 2**20:.1f} MiB" for f, b in held.items()) if held else ""))
+        spent = runs[n].get("kvshrink_seconds") or {}
+        print(f"  plugin phases: {breakdown(spent) or '-'} = {total(spent):.2f} s of "
+              f"{runs[n]['elapsed_s']:.1f} s in steps ({runs[n]['compression_share']:.1%})")
     same = sum(stock["outputs"][i]["token_ids"] == ours["outputs"][i]["token_ids"]
                for i in stock["outputs"])
     print(f"outputs identical to stock: {same}/{len(stock['outputs'])} "

@@ -87,6 +87,10 @@ def test_blocks_return_under_preemption_and_abort(model_path, essay_prompts):
                                "VLLM_KVSHRINK_STRICT": "1"})
     assert result["preemptions"] > 0, "pool not tight enough to test preemption"
     assert result["kvshrink"]["compactions"] > 0
+    spent = result["kvshrink_seconds"]
+    for phase in ("scoring", "move", "capture", "scheduler"):
+        assert spent.get(phase, 0.0) > 0, (phase, spent)
+    assert "packed_attention" not in spent  # eviction packs nothing
     assert sorted(result["aborted"]) == [2, 7]
     assert len(result["outputs"]) == len(prompts) - 2
     assert result["free_blocks_end"] == result["total_blocks"]

@@ -107,6 +107,14 @@ def test_packed_blocks_return_under_preemption_and_abort(model_path, essay_promp
     result = run_engine(spec, _env(MIX, "0.4", VLLM_KVSHRINK_SLACK_TOKENS="32"))
     assert result["preemptions"] > 0, "pool not tight enough to test preemption"
     assert result["kvshrink"]["tier_events"] > 0
+    # Where the time went: every part of the tier events, the packed blocks
+    # attended and batched, the capture and the scheduler's bookkeeping.
+    spent = result["kvshrink_seconds"]
+    for phase in ("event_read", "event_plan", "event_pack", "event_write",
+                  "packed_attention", "packed_batch", "capture", "scheduler"):
+        assert spent.get(phase, 0.0) > 0, (phase, spent)
+    assert "scoring" not in spent and "move" not in spent  # no eviction ran
+    assert 0 < result["compression_share"] < 1
     assert sorted(result["aborted"]) == [2, 7]
     assert len(result["outputs"]) == len(prompts) - 2
     assert result["free_blocks_end"] == result["total_blocks"]

@@ -15,6 +15,8 @@ from vllm_kvshrink.lab.bench.server import Server, metric
 
 pytestmark = pytest.mark.engine
 
+SECONDS = "vllm:kvshrink_seconds_total"
+
 
 def _post(url: str, body: dict, timeout: float = 300) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
@@ -64,6 +66,7 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
                     and metric(metrics, "vllm:kvshrink_predictor_updates_total") > 0
                     and metric(metrics, "vllm:kvshrink_tier_events_total") > 0
                     and 'form="int4_tok_rot"' in metrics
+                    and metric(metrics, SECONDS, phase="packed_attention") > 0
                     ) or time.time() > deadline:
                 break
             time.sleep(1)
@@ -82,6 +85,11 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
         assert metric(metrics, "vllm:kvshrink_blocks_freed_total") > 0
         assert "vllm:kvshrink_fallbacks_total" in metrics
         assert "vllm:kvshrink_compression_ratio" in metrics
+        # Where the time went, per phase, in the worker and the scheduler.
+        for phase in ("capture", "scoring", "move", "event_read", "event_plan",
+                      "event_pack", "event_write", "packed_batch", "packed_attention",
+                      "scheduler"):
+            assert metric(metrics, SECONDS, engine="0", phase=phase) > 0, phase
         # A bad per-request setting is refused with a 400 naming it.
         try:
             _post(base + "/v1/completions", {
@@ -96,3 +104,4 @@ def test_vllm_serve_compresses_and_exports_metrics(tmp_path, model_path, tokeniz
         while "KV shrink:" not in server.log_tail(10**7):
             assert time.time() < deadline, "no 'KV shrink:' line in the engine log"
             time.sleep(1)
+        assert "fallbacks; phases: " in server.log_tail(10**7)

@@ -237,3 +237,27 @@ def test_tier_admission_counts_packed_blocks(make_scheduler):
     assert geo.block_bound(cfg, 256000) == 64
     assert geo.peak_blocks(cfg, 4000, 64) == 69 < -(-4000 // BS)
     assert geo.peak_blocks(cfg, 100, 512) == -(-100 // BS)  # never above uncompressed
+
+
+def test_seconds_per_phase_join_the_counters(make_scheduler):
+    """The worker's phases, as it last reported them, and the scheduler's own
+    bookkeeping time travel together in the stats."""
+    from vllm_kvshrink.serving.metrics.counters import STATS_KEY
+
+    s = make_scheduler(METHOD="snapkv", BUDGET=32, SLACK_TOKENS=0, RECENT_TOKENS=8,
+                       OBS_WINDOW=4, SINK_TOKENS=2)
+    s.add_request(_request("a", 100))
+    out = s.schedule()
+    worker = _output(out, {"a": True})
+    setattr(worker, plan_mod.METHOD_STATS_ATTR,
+            {"merged_tokens": 0, "compaction_s": 0.5,
+             "phase_seconds": {"scoring": 0.25, "move": 0.25, "capture": 0.125}})
+    s.update_from_output(out, worker)
+    seconds = s.kvs_counters.seconds
+    assert {k: seconds[k] for k in ("scoring", "move", "capture")} == {
+        "scoring": 0.25, "move": 0.25, "capture": 0.125}
+    assert seconds["scheduler"] > 0
+    own = seconds["scheduler"]
+    stats = s.make_stats()
+    assert stats.kv_connector_stats[STATS_KEY]["seconds"]["scoring"] == 0.25
+    assert s.kvs_counters.seconds["scheduler"] > own  # make_stats is ours too

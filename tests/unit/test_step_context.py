@@ -52,11 +52,12 @@ def test_attention_captures_the_real_rows_only(monkeypatch, with_step):
 
     monkeypatch.setattr(CPUAttentionBackendImpl, "forward",
                         lambda self, layer, q, k, v, cache, md, out, *a, **kw: out)
-    seen = []
+    seen, timed = [], []
     md = _Metadata(num_actual_tokens=3)
     if with_step:
         step_context.attach({"l0": md}, StepContext(
-            capture=lambda name, q: seen.append((name, q.clone())), packed=None))
+            capture=lambda name, q: seen.append((name, q.clone())), packed=None,
+            timing=lambda phase, seconds: timed.append((phase, seconds))))
     impl = object.__new__(KVShrinkCPUAttentionBackendImpl)
     query = torch.arange(20.0).view(5, 4)  # 3 real rows, 2 of padding
     output = torch.zeros(5, 4)
@@ -64,5 +65,7 @@ def test_attention_captures_the_real_rows_only(monkeypatch, with_step):
     assert out is output and torch.equal(output, torch.zeros(5, 4))
     if with_step:
         assert len(seen) == 1 and seen[0][0] == "l0" and torch.equal(seen[0][1], query[:3])
+        # its seconds go to the worker through the context's timing sink
+        assert [p for p, _ in timed] == ["capture"] and timed[0][1] >= 0
     else:
-        assert seen == []
+        assert seen == timed == []

@@ -75,6 +75,15 @@ def _plugin_active() -> bool:
         return False
 
 
+def _phase_seconds(counters, elapsed: float) -> dict:
+    """The plugin's seconds per phase over the run, and their share of its
+    wall time in steps (:mod:`~vllm_kvshrink.serving.metrics.phases`)."""
+    from vllm_kvshrink.serving.metrics import phases
+
+    return {"kvshrink_seconds": dict(counters.seconds),
+            "compression_share": phases.share(counters.seconds, elapsed)}
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -193,6 +202,7 @@ def run(spec: dict) -> dict:
             # Seconds the worker spent compacting, as it last reported them.
             result["kvshrink"]["compaction_s"] = sched.kvs_worker_stats.get(
                 "compaction_s", 0.0)
+            result.update(_phase_seconds(counters, elapsed))
     return result
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +57,25 @@ def parse_metrics(text: str, **labels: str) -> dict[str, float]:
             continue
         if math.isfinite(value):
             out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def by_label(text: str, name: str, label: str) -> dict[str, float]:
+    """Prometheus text -> {value of ``label``: the series ``name`` summed
+    over its other labels}, e.g. ``vllm:kvshrink_seconds_total`` per
+    ``phase``."""
+    out: dict[str, float] = {}
+    key = re.compile(rf'[{{,]{re.escape(label)}="([^"]*)"')
+    for line in text.splitlines():
+        found = key.search(line) if line.startswith(name + "{") else None
+        if found is None:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if math.isfinite(value):
+            out[found.group(1)] = out.get(found.group(1), 0.0) + value
     return out
 
 

@@ -8,12 +8,15 @@ buffer -- a bounded cost of ``O(window)`` rows per request per layer.
 
 What to do in a step comes from the worker's
 :class:`~vllm_kvshrink.serving.worker.step_context.StepContext`, carried on the
-step's attention metadata; a forward pass without one runs as stock.
+step's attention metadata; a forward pass without one runs as stock.  The
+seconds of both additions go to the context's timing sink (``perf_counter``
+only: no synchronization, nothing allocated).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -35,9 +38,13 @@ class KVShrinkCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             return out
         num_tokens = attn_metadata.num_actual_tokens
         if step.packed is not None:
+            t0 = time.perf_counter()
             _attend_packed(step, self, query, kv_cache, output, num_tokens)
+            step.timing("packed_attention", time.perf_counter() - t0)
         if step.capture is not None:
+            t0 = time.perf_counter()
             step.capture(getattr(layer, "layer_name", ""), query[:num_tokens])
+            step.timing("capture", time.perf_counter() - t0)
         return out
 
 

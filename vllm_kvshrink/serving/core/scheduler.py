@@ -39,6 +39,7 @@ from vllm_kvshrink.policy.checks import check_cache_dtype, check_streaming, requ
 from vllm_kvshrink.policy.nbytes import request_peak_blocks
 from vllm_kvshrink.serving import compat
 from vllm_kvshrink.serving import plan as plan_mod
+from vllm_kvshrink.serving.metrics import phases
 from vllm_kvshrink.serving.metrics.counters import STATS_KEY, Counters
 from vllm_kvshrink.storage.geometry import TierGeometry
 
@@ -179,6 +180,13 @@ class KVShrinkScheduler(Scheduler):
             # A streaming-input session's next chunk for a live request: it
             # keeps its state (the front end refuses compressed sessions).
             return super().add_request(request)
+        with self._kvs_timed():
+            self.kvs_state[request.request_id] = _ReqState(cfg=self._kvs_config_of(request))
+        super().add_request(request)
+
+    def _kvs_config_of(self, request) -> KVShrinkConfig:
+        """The settings ``request`` runs with (its own overrides; ``none``
+        when they are refused)."""
         sp = getattr(request, "sampling_params", None)
         try:
             cfg = request_config(self.kvs_config, sp.extra_args if sp is not None else None,
@@ -195,26 +203,28 @@ class KVShrinkScheduler(Scheduler):
             logger.error("request %s: streaming-input session; serving it "
                          "uncompressed", request.request_id)
             cfg = self.kvs_config.with_overrides({"method": "none"})
-        self.kvs_state[request.request_id] = _ReqState(cfg=cfg)
-        super().add_request(request)
+        return cfg
 
     def _free_request(self, request, *args, **kwargs):
-        st = self.kvs_state.pop(request.request_id, None)
-        if st is not None:
-            self._kvs_release_pending(st, success=False)
-            self._kvs_release_packed(st)
+        with self._kvs_timed():
+            st = self.kvs_state.pop(request.request_id, None)
+            if st is not None:
+                self._kvs_release_pending(st, success=False)
+                self._kvs_release_packed(st)
         return super()._free_request(request, *args, **kwargs)
 
     def _preempt_request(self, request, timestamp, *args, **kwargs):
-        st = self.kvs_state.get(request.request_id)
-        if st is not None:
-            self._kvs_release_pending(st, success=False)
+        with self._kvs_timed():
+            st = self.kvs_state.get(request.request_id)
+            if st is not None:
+                self._kvs_release_pending(st, success=False)
         super()._preempt_request(request, timestamp, *args, **kwargs)
         if st is not None:
-            # Preemption frees every block and recomputes from scratch.
-            self._kvs_release_packed(st)
-            st.offset = 0
-            st.compressed = False
+            with self._kvs_timed():
+                # Preemption frees every block and recomputes from scratch.
+                self._kvs_release_packed(st)
+                st.offset = 0
+                st.compressed = False
 
     # ------------------------------------------------------------ admission
     @staticmethod
@@ -222,12 +232,13 @@ class KVShrinkScheduler(Scheduler):
         return st is not None and st.cfg.enabled and not st.disabled
 
     def _kvs_remaining_blocks(self, request, st: _ReqState) -> int:
-        num_tokens = min(request.num_tokens, self.max_model_len)
-        chunk = self.scheduler_config.max_num_batched_tokens
-        peak_blocks = request_peak_blocks(st.cfg, num_tokens, self.kvs_block_size, chunk,
-                                          self.kvs_tiers)
-        have = len(self._kvs_single.req_to_blocks.get(request.request_id, ()))
-        return max(0, peak_blocks - have - len(st.packed))
+        with self._kvs_timed():
+            num_tokens = min(request.num_tokens, self.max_model_len)
+            chunk = self.scheduler_config.max_num_batched_tokens
+            peak_blocks = request_peak_blocks(st.cfg, num_tokens, self.kvs_block_size,
+                                              chunk, self.kvs_tiers)
+            have = len(self._kvs_single.req_to_blocks.get(request.request_id, ()))
+            return max(0, peak_blocks - have - len(st.packed))
 
     def _request_remaining_blocks(self, request) -> int:
         st = self.kvs_state.get(request.request_id)
@@ -335,20 +346,24 @@ class KVShrinkScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any):
         output = super().schedule(*args, **kwargs)
-        # After vLLM's own scheduling: preempted requests are gone from
-        # `running`, prefix-cache hits of this step are counted in ref_cnt,
-        # and num_computed_tokens includes this step's tokens.
+        with self._kvs_timed():
+            setattr(output, plan_mod.ATTR, self._kvs_step_plan())
+        return output
+
+    def _kvs_step_plan(self) -> plan_mod.StepPlan:
+        """This step's plan, after vLLM's own scheduling: preempted requests
+        are gone from `running`, prefix-cache hits of this step are counted
+        in ref_cnt, and num_computed_tokens includes this step's tokens."""
         compactions, tier_events = self._kvs_plan()
         offsets = {
             r.request_id: self.kvs_state[r.request_id].offset
             for r in self.running
             if r.request_id in self.kvs_state and self.kvs_state[r.request_id].offset
         }
-        setattr(output, plan_mod.ATTR,
-                plan_mod.StepPlan(compactions=compactions, tier_events=tier_events,
-                                  offsets=offsets, zero_blocks=self._kvs_zero))
+        step = plan_mod.StepPlan(compactions=compactions, tier_events=tier_events,
+                                 offsets=offsets, zero_blocks=self._kvs_zero)
         self._kvs_zero = []
-        return output
+        return step
 
     # ------------------------------------------------------------- results
     def _kvs_release_packed(self, st: _ReqState) -> None:
@@ -381,11 +396,19 @@ class KVShrinkScheduler(Scheduler):
         st.pending_replaced = []
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        with self._kvs_timed():
+            self._kvs_update(scheduler_output, model_runner_output)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _kvs_update(self, scheduler_output, model_runner_output) -> None:
+        """The worker's statistics and this step's results, before vLLM's
+        own update."""
         step = getattr(scheduler_output, plan_mod.ATTR, None)
         ms = getattr(model_runner_output, plan_mod.METHOD_STATS_ATTR, None)
         if ms:
             self.kvs_worker_stats = dict(ms)
             c = self.kvs_counters
+            c.seconds.update(ms.get("phase_seconds") or {})
             c.tokens_merged = round(ms.get("merged_tokens", 0))
             c.ring_misses = int(ms.get("ring_misses", 0))
             c.foreign_weights = int(ms.get("foreign_weights", 0))
@@ -419,7 +442,6 @@ class KVShrinkScheduler(Scheduler):
                 else:
                     self._kvs_fail(st, ev.req_id, res, "tier event",
                                    "it continues on the blocks it holds")
-        return super().update_from_output(scheduler_output, model_runner_output)
 
     def _kvs_fail(self, st: _ReqState, req_id: str, result, what: str, then: str) -> None:
         """The worker reported a failure (or nothing): give back what the plan
@@ -473,6 +495,12 @@ class KVShrinkScheduler(Scheduler):
         c.blocks_freed += len(tail)
 
     # --------------------------------------------------------------- stats
+    def _kvs_timed(self):
+        """``with self._kvs_timed(): ...``: the block's seconds to the
+        ``scheduler`` phase (:mod:`~vllm_kvshrink.serving.metrics.phases`) --
+        the plugin's own bookkeeping, never vLLM's."""
+        return phases.timed(self.kvs_counters.seconds, "scheduler")
+
     def kvs_bytes_held(self) -> dict[str, int]:
         """KV bytes the running compressed requests hold now, per form."""
         held: dict[str, int] = {}
@@ -488,6 +516,14 @@ class KVShrinkScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         if stats is None:
             return None
+        with self._kvs_timed():
+            payload = dict(stats.kv_connector_stats or {})
+            payload[STATS_KEY] = self._kvs_counters_now().to_dict()
+            stats.kv_connector_stats = payload
+        return stats
+
+    def _kvs_counters_now(self) -> Counters:
+        """The counters with their gauges refreshed from the running requests."""
         c = self.kvs_counters
         c.logical_tokens = 0
         c.physical_tokens = 0
@@ -499,7 +535,4 @@ class KVShrinkScheduler(Scheduler):
                                       + sum(s[2] for s in st.segments))
         c.bytes_held = self.kvs_bytes_held()
         c.logical_bytes = c.logical_tokens * self.kvs_tiers.token_bytes
-        payload = dict(stats.kv_connector_stats or {})
-        payload[STATS_KEY] = c.to_dict()
-        stats.kv_connector_stats = payload
-        return stats
+        return c

@@ -20,6 +20,10 @@ class Counters:
     tier_events: int = 0  # tier-policy events that completed (tiered storage)
     tokens_demoted: int = 0  # tokens moved to a form with fewer bytes by them
     ring_misses: int = 0  # steps a request found no query-ring slot (worker)
+    #: cumulative seconds per phase of the plugin's work (the worker's as it
+    #: last reported them, and ``scheduler``; see
+    #: :mod:`~vllm_kvshrink.serving.metrics.phases`)
+    seconds: dict = field(default_factory=dict)
     # the temporal predictor's accuracy on the labels seen so far (-1: none yet)
     predictor_recall: float = -1.0  # recall@10% of next-window attention
     predictor_spearman: float = -1.0  # rank correlation with it

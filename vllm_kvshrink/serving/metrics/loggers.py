@@ -3,7 +3,10 @@
 The scheduler ships cumulative counters inside ``SchedulerStats`` (see
 :mod:`vllm_kvshrink.serving.metrics.counters`); these wrappers take them out before
 vLLM's own loggers see the stats, log them, and export them as Prometheus
-series named ``vllm:kvshrink_*``.
+series named ``vllm:kvshrink_*``: counters and gauges per engine, the bytes
+held per storage form, and the seconds per phase of the plugin's work
+(``vllm:kvshrink_seconds_total{phase=...}``,
+:mod:`~vllm_kvshrink.serving.metrics.phases`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from vllm_kvshrink.serving.metrics import phases
 from vllm_kvshrink.serving.metrics.counters import STATS_KEY
 
 logger = logging.getLogger("vllm.kvshrink")
 
 _ORIG: dict[str, object] = {}
 _PROM: dict[str, object] = {}
-_LAST: dict[tuple[int, str], float] = {}
+#: the last cumulative value exported per (engine, counter[, label value])
+_LAST: dict[tuple, float] = {}
 _FORMS_SEEN: set[str] = set()
 
 _COUNTERS = {
@@ -72,7 +77,19 @@ def _prom():
             "vllm:kvshrink_bytes_held",
             "KV bytes held by running requests, per storage form (codes, scales and "
             "zero points; bf16 at 2 bytes per element).", ["engine", "form"])
+        _PROM["seconds"] = Counter(
+            "vllm:kvshrink_seconds",
+            "Seconds vllm-kvshrink spent in each phase of its own work (phase: "
+            + ", ".join(phases.PHASES) + ").", ["engine", "phase"])
     return _PROM
+
+
+def _grown(key: tuple, value: float) -> float:
+    """How much the cumulative ``value`` under ``key`` grew since the last
+    record (a value that went down counts nothing and starts over)."""
+    delta = value - _LAST.get(key, 0.0)
+    _LAST[key] = value
+    return max(delta, 0.0)
 
 
 def _logging_record(self, scheduler_stats=None, *args, **kwargs):
@@ -88,21 +105,23 @@ def _logging_log(self, *args, **kwargs):
     events = (ours.get("compactions", 0), ours.get("tier_events", 0)) if ours else None
     if ours is not None and events != getattr(self, "_kvs_logged", None):
         self._kvs_logged = events
+        spent = phases.breakdown(ours.get("seconds") or {})
+        spent = f"; phases: {spent}" if spent else ""
         if ours.get("tier_events", 0):
             held = ours.get("bytes_held") or {}
             logger.info(
                 "KV shrink: %d tier events, %d tokens demoted, %d evicted, %d blocks "
-                "freed, held %s, bytes ratio %.2fx, %d fallbacks",
+                "freed, held %s, bytes ratio %.2fx, %d fallbacks%s",
                 ours["tier_events"], ours["tokens_demoted"], ours["tokens_evicted"],
                 ours["blocks_freed"],
                 " ".join(f"{f}={b / 2**20:.1f}MiB" for f, b in held.items()) or "-",
-                ours.get("bytes_ratio", 1.0), ours["fallbacks"])
+                ours.get("bytes_ratio", 1.0), ours["fallbacks"], spent)
         else:
             logger.info(
                 "KV shrink: %d compactions, %d tokens evicted, %d blocks freed, "
-                "ratio %.2fx, %d fallbacks",
+                "ratio %.2fx, %d fallbacks%s",
                 ours["compactions"], ours["tokens_evicted"], ours["blocks_freed"],
-                ours["compression_ratio"], ours["fallbacks"],
+                ours["compression_ratio"], ours["fallbacks"], spent,
             )
     return result
 
@@ -114,11 +133,13 @@ def _prom_record(self, scheduler_stats=None, iteration_stats=None, mm_cache_stat
         prom = _prom()
         engine = str(engine_idx)
         for name in _COUNTERS:
-            value = float(ours.get(name, 0))
-            delta = value - _LAST.get((engine_idx, name), 0.0)
+            delta = _grown((engine_idx, name), float(ours.get(name, 0)))
             if delta > 0:
                 prom[name].labels(engine).inc(delta)
-            _LAST[(engine_idx, name)] = value
+        for phase, value in (ours.get("seconds") or {}).items():
+            delta = _grown((engine_idx, "seconds", phase), float(value))
+            if delta > 0:
+                prom["seconds"].labels(engine, phase).inc(delta)
         for name in _GAUGES:
             prom[name].labels(engine).set(float(ours.get(name, 0)))
         held = ours.get("bytes_held") or {}

@@ -22,6 +22,7 @@ from vllm_kvshrink.methods import Observation, build_method, compress_event, sel
 from vllm_kvshrink.policy import record
 from vllm_kvshrink.policy.observation import query_index
 from vllm_kvshrink.serving import plan as plan_mod
+from vllm_kvshrink.serving.metrics import phases
 from vllm_kvshrink.serving.worker.kv_layout import (
     TokenLayout,
     move_tokens_stacked,
@@ -83,6 +84,9 @@ class Compactor:
     stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
     #: Cumulative method statistics reported to the scheduler.
     method_stats: dict[str, float] = field(default_factory=lambda: {"merged_tokens": 0})
+    #: Cumulative seconds per phase of this worker's work
+    #: (:mod:`~vllm_kvshrink.serving.metrics.phases`), reported to the scheduler.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     _methods: dict = field(default_factory=dict)
     #: ``[D/2]`` RoPE frequencies of the model (plain rotate-half RoPE), or None
     rope_inv_freq: torch.Tensor | None = None
@@ -183,6 +187,16 @@ class Compactor:
             # Its packed blocks went back to the pool (the scheduler has them
             # zeroed, StepPlan.zero_blocks): forget them.
             r.tier = None
+
+    # -------------------------------------------------------------- timing
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` to ``phase`` (attention's sink, through the
+        :class:`~vllm_kvshrink.serving.worker.step_context.StepContext`)."""
+        phases.add(self.phase_seconds, phase, seconds)
+
+    def timed(self, phase: str):
+        """``with comp.timed("scoring"): ...``: the block's seconds to ``phase``."""
+        return phases.timed(self.phase_seconds, phase)
 
     # ------------------------------------------------------------- capture
     def plan_capture(
@@ -345,7 +359,8 @@ class Compactor:
         """Score, then move; returns the request's new block-table row (the
         kept region only: the scheduler frees the rest)."""
         t0 = time.perf_counter()
-        keep, new_keys, new_values = self.select(comp, old_blocks)
+        with self.timed("scoring"):
+            keep, new_keys, new_values = self.select(comp, old_blocks)
         bs = self.block_size
         if len(comp.block_ids) * bs < comp.keep:
             raise RuntimeError("new block region too small for the kept tokens")
@@ -353,10 +368,22 @@ class Compactor:
             comp.keep and int(keep.max()) >= comp.old_len
         ):
             raise RuntimeError("selection out of range")
+        # Everything checked: now write.  Nothing above touched the cache.
+        with self.timed("move"):
+            self._move(comp, old_blocks, keep, new_keys, new_values)
+        self._record(comp, keep)
+        self.stats["events"] += 1
+        self.stats["seconds"] += time.perf_counter() - t0
+        return list(comp.block_ids)
+
+    def _move(self, comp: plan_mod.Compaction, old_blocks: list[int], keep: torch.Tensor,
+              new_keys: torch.Tensor | None, new_values: torch.Tensor | None) -> None:
+        """Write the kept tokens (moved, or the merged ones) into the kept
+        region, in every layer."""
+        bs = self.block_size
         src_blocks, src_offsets = row_slots(old_blocks, keep, bs)  # [L, H, K] each
         dst_blocks, dst_offsets = row_slots(comp.block_ids, torch.arange(comp.keep), bs)
         layout = self.token_layout()
-        # Everything checked: now write.  Nothing above touched the cache.
         for stack, layers in self.stacks:
             if new_keys is not None:
                 # Merged content (computed from the old slots before any write).
@@ -365,10 +392,6 @@ class Compactor:
             else:
                 move_tokens_stacked(stack, layout, src_blocks[layers], src_offsets[layers],
                                     dst_blocks, dst_offsets)
-        self._record(comp, keep)
-        self.stats["events"] += 1
-        self.stats["seconds"] += time.perf_counter() - t0
-        return list(comp.block_ids)
 
     def apply_tier(self, ev: plan_mod.TierEvent) -> plan_mod.TierResult:
         """Run one tier event (:func:`vllm_kvshrink.serving.worker.tiers.apply_event`)."""
@@ -394,8 +417,9 @@ class Compactor:
         return self.kernel_layout
 
     def report_stats(self) -> dict:
-        """Cumulative statistics of the methods in this worker, and
-        ``compaction_s``: seconds spent in compaction and tier events."""
+        """Cumulative statistics of the methods in this worker,
+        ``compaction_s``: seconds spent in compaction and tier events, and
+        ``phase_seconds``: seconds per phase (:attr:`phase_seconds`)."""
         if self._methods:
             from vllm_kvshrink.methods.provenance import foreign_weights
 
@@ -407,6 +431,7 @@ class Compactor:
             self.method_stats["foreign_weights"] = len(lines)
         out = dict(self.method_stats)
         out["compaction_s"] = self.stats["seconds"]
+        out["phase_seconds"] = dict(self.phase_seconds)
         for m in self._methods.values():
             pred = getattr(m, "predictor", None) or getattr(getattr(m, "inner", None),
                                                              "predictor", None)

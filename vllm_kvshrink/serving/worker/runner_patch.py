@@ -132,7 +132,7 @@ def _update_states(self, scheduler_output):
     comp.tier_pending = list(step.tier_events) if step is not None else []
     if step is not None and step.zero_blocks:
         # Before this step's forward pass writes into them (see StepPlan).
-        from vllm_kvshrink.serving.worker.tiers import zero_blocks
+        from vllm_kvshrink.serving.worker.tier_write import zero_blocks
 
         zero_blocks(comp, step.zero_blocks)
     return _ORIG["_update_states"](self, scheduler_output)
@@ -210,9 +210,10 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
     if any(r.tier is not None and r.tier.segments for r in comp.reqs.values()):
         from vllm_kvshrink.serving.worker.tiers import packed_batch
 
-        packed, rows = packed_batch(
-            comp, req_ids, num_computed, num_scheduled_tokens,
-            lambda req_id: self.requests[req_id].block_ids[0])
+        with comp.timed("packed_batch"):
+            packed, rows = packed_batch(
+                comp, req_ids, num_computed, num_scheduled_tokens,
+                lambda req_id: self.requests[req_id].block_ids[0])
         _attend_once(self, rows, num_scheduled_tokens)
     self._kvs_step = None
     if capture is not None or packed is not None:
@@ -220,7 +221,8 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
             capture=(functools.partial(comp.capture_queries, capture)
                      if capture is not None else None),
             packed=packed,
-            packed_layout=comp.attention_layout() if packed is not None else None)
+            packed_layout=comp.attention_layout() if packed is not None else None,
+            timing=comp.add_seconds)
     return result
 
 
@@ -250,8 +252,10 @@ def _compute_slot_mapping(self, num_reqs, query_start_loc, positions):
 
 
 def _attach(runner, out):
+    """The step's results and the worker's statistics ride on every output:
+    the seconds per phase grow in steps without results too."""
     comp = getattr(runner, "_kvs_compactor", None)
-    if comp is None or not comp.results or out is None:
+    if comp is None or out is None:
         return out
     from vllm.v1.outputs import ModelRunnerOutput
 

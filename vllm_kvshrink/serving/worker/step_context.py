@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 ATTR = "kvshrink_step"
 
 
+def no_timing(phase: str, seconds: float) -> None:
+    """The timing sink of a context that keeps no time."""
+
+
 @dataclass(frozen=True)
 class StepContext:
     """One step's instructions to attention (either part may be ``None``)."""
@@ -40,6 +44,10 @@ class StepContext:
     #: the plain cache's layout by the packed-attention kernel's name
     #: ("cpu_k_transposed" / "cpu_row_major"); read with ``packed`` only
     packed_layout: str | None = None
+    #: ``timing(phase, seconds)``: where attention counts the seconds of its
+    #: phases (``capture``, ``packed_attention``; see
+    #: :mod:`~vllm_kvshrink.serving.metrics.phases`)
+    timing: Callable[[str, float], None] = no_timing
 
 
 def attach(attn_metadata, step: StepContext | None) -> None:

@@ -68,7 +68,8 @@ def _byte_stacks(comp):
             for stack, layers in comp.stacks]
 
 
-def _geometry(comp):
+def geometry(comp):
+    """``(head_dim, block_size, element bytes)`` of the cache."""
     c = comp.caches[0]
     return comp.head_size, comp.block_size, c.element_size()
 
@@ -92,7 +93,7 @@ def rewrite(comp, levels, counts, new_level, held: Held, dest: list[int],
             old_packed: list[int]) -> tuple[Layout, callable]:
     """Lay every kept token out anew in ``dest``; returns the layout and the
     function that writes it (call it only once everything is planned)."""
-    d, bs, eb = _geometry(comp)
+    d, bs, eb = geometry(comp)
     layers, heads = held.level.shape[:2]
     keep = (new_level >= 0).nonzero()[:, 2].view(layers, heads, -1)
     lev = new_level.gather(2, keep)
@@ -216,7 +217,7 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
     """The in-place layout (see the module docstring) and its writer, or
     ``None`` where it does not apply (a plain block not the request's own,
     a form's pages not full but the last)."""
-    d, bs, eb = _geometry(comp)
+    d, bs, eb = geometry(comp)
     mine = set(dest)
     if any(b not in mine for b in plain_blocks):
         return None
