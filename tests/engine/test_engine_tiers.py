@@ -155,10 +155,18 @@ def test_replay_has_teeth():
     v = torch.randn(2, 12, 64)
     e = {"logical_len": 10, "kept": [[[0, 3, 5, 9]] * 2], "level": [[[0, 1, 2, 0]] * 2],
          "storage": ["bf16", "int8_tok", "int2_tok"]}
-    k1, v1, vis = replay_tiers._held_after(k, v, e, 0)
+    form_of = torch.zeros(2, 12, dtype=torch.long)
+    k1, v1, vis = replay_tiers._held_after(k, v, e, 0, form_of)
     assert torch.equal(k1[:, 0], k[:, 0]) and not torch.equal(k1[:, 5], k[:, 5])
     assert float((k1[:, 3] - k[:, 3]).abs().max()) < float((k1[:, 5] - k[:, 5]).abs().max())
     assert vis[:, [0, 3, 5, 9]].all() and int(vis.sum()) == 8
+    assert form_of[:, [0, 3, 5, 9]].tolist() == [[0, 1, 2, 0]] * 2
+    # A later event keeping token 3 in int8: its values stay as they are
+    # (the engine leaves its bytes); token 9, entering int8, is stored anew.
+    e2 = {"logical_len": 12, "kept": [[[0, 3, 9, 11]] * 2], "level": [[[0, 1, 1, 0]] * 2],
+          "storage": ["bf16", "int8_tok", "int2_tok"]}
+    k2, _, _ = replay_tiers._held_after(k1, v1, e2, 0, form_of)
+    assert torch.equal(k2[:, 3], k1[:, 3]) and not torch.equal(k2[:, 9], k1[:, 9])
 
 
 def test_front_end_counts_blocks_by_form(model_path, tokenizer):

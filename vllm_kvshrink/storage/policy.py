@@ -349,7 +349,7 @@ def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
             continue
         # Row by row, the entering tokens first (ascending), padded with
         # copies of a row's last entering token where rows differ.
-        order = torch.sort(entering.to(torch.int8), -1, descending=True, stable=True)
+        order = torch.sort(entering.to(torch.int8), dim=-1, descending=True, stable=True)
         pos = order.indices[..., :c]
         real = order.values[..., :c].bool()
         pidx = pos[..., None].expand(l, h, c, d)

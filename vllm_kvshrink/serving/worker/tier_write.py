@@ -156,7 +156,7 @@ def _cat_pos(parts, layers, heads):
 
 
 # ---------------------------------------------------------------- in place
-def form_slots(segments, levels, capacity) -> torch.Tensor | None:
+def form_slots(segments, capacity) -> torch.Tensor | None:
     """``[M]`` each packed token's slot within its form's pages (the k-th
     page of a form holds slots ``[k * cap, (k + 1) * cap)``), or ``None``
     when a form's pages are not full but the last (then :func:`in_place`
@@ -199,9 +199,9 @@ def place(slot: torch.Tensor, stays: torch.Tensor, joins: torch.Tensor, c: int):
     p = int(nfree.max()) if c else 0
     if p == 0:
         return None, None, token_at
-    slots = torch.sort(free.to(torch.int8), -1, descending=True, stable=True).indices[:, :p]
+    slots = torch.sort(free.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :p]
     moving = joins & ~in_place
-    toks = torch.sort(moving.to(torch.int8), -1, descending=True, stable=True).indices[:, :p]
+    toks = torch.sort(moving.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :p]
     valid = torch.arange(p) < nfree[:, None]
     some = nfree > 0
     first_dst = torch.where(some, slots[:, 0], torch.zeros_like(nfree))
@@ -222,7 +222,7 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
     if any(b not in mine for b in plain_blocks):
         return None
     cap = {name: paged_form(name, d, bs, eb).capacity for name in levels[1:]}
-    local = form_slots(segments, levels, cap.__getitem__)
+    local = form_slots(segments, cap.__getitem__)
     if local is None:
         return None
     layers, heads, n = held.level.shape
