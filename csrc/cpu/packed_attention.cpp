@@ -9,6 +9,11 @@
 // that KV head times the tile's queries (every query of a decode step), so
 // each K/V token is read and dequantized once per item, C tokens at a time,
 // into small float buffers; one online softmax (fp32) over everything.
+// Queries come in, and outputs go out, in the model's dtype: a rotated form's
+// Hadamard rotation (queries in, its share of the output back) is done here
+// on each row (a fast Walsh-Hadamard transform), and each output row is
+// written where the caller asks (out_start), so attention writes straight
+// into vLLM's output tensor.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,6 +41,20 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // Form table columns (PackedBatch.form_table()).
 enum { F_KBITS, F_VBITS, F_ROT, F_CAP, F_KOFF, F_VOFF, F_POFF, F_COLS };
+
+// Orthonormal Hadamard rotation of one row in place: x <- x @ H, H the
+// Sylvester matrix / sqrt(d) (vllm_kvshrink/kernels/hadamard.py); d a power of two.
+inline void hadamard_row(float* x, int d) {
+  for (int h = 1; h < d; h *= 2)
+    for (int i = 0; i < d; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float norm = 1.0f / std::sqrt(float(d));
+  for (int e = 0; e < d; ++e) x[e] *= norm;
+}
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -306,10 +325,9 @@ struct Item {
 };
 
 struct Args {
-  const float* q;
-  const float* q_rot;
-  float* out;
-  float* out_rot;  // nullptr: no rotated form in the batch
+  const void* q;  // [T, Hq, D] in q_dtype
+  void* out;      // [T_out, Hq, D] in out_dtype
+  at::ScalarType q_dtype, out_dtype;
   const uint8_t* cache;
   int64_t esize, sb, sh;  // element size, block / head strides (elements)
   int64_t hq, hkv, bs, d, layout;
@@ -326,6 +344,23 @@ struct Args {
   const int64_t* out_start;
   float scale;
 };
+
+// Element i of a float tensor of dtype dt, as float.
+inline float load(const void* base, at::ScalarType dt, int64_t i) {
+  switch (dt) {
+    case at::kFloat: return static_cast<const float*>(base)[i];
+    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+    default: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+  }
+}
+
+inline void store(void* base, at::ScalarType dt, int64_t i, float x) {
+  switch (dt) {
+    case at::kFloat: static_cast<float*>(base)[i] = x; break;
+    case at::kBFloat16: static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(x); break;
+    default: static_cast<c10::Half*>(base)[i] = c10::Half(x); break;
+  }
+}
 
 template <typename T>
 void run_item(const Args& a, const Item& it) {
@@ -344,10 +379,11 @@ void run_item(const Args& a, const Item& it) {
     for (int64_t j = 0; j < g; ++j) {
       const int64_t src = ((qs + i) * a.hq + h * g + j) * d;
       float* dst = qb.data() + (i * g + j) * d;
-      for (int e = 0; e < d; ++e) dst[e] = a.q[src + e] * a.scale;
+      for (int e = 0; e < d; ++e) dst[e] = load(a.q, a.q_dtype, src + e) * a.scale;
       if (rot) {
         float* dr = qr.data() + (i * g + j) * d;
-        for (int e = 0; e < d; ++e) dr[e] = a.q_rot[src + e] * a.scale;
+        std::memcpy(dr, dst, sizeof(float) * d);
+        hadamard_row(dr, d);
       }
     }
   State st;
@@ -442,11 +478,16 @@ void run_item(const Args& a, const Item& it) {
       const float inv = st.l[row] > 0.0f ? 1.0f / st.l[row] : 0.0f;
       const int64_t dst = ((os + i) * a.hq + h * g + j) * d;
       const float* ar = st.acc.data() + size_t(row) * d;
-      for (int e = 0; e < d; ++e) a.out[dst + e] = ar[e] * inv;
-      if (a.out_rot) {
-        const float* br = rot ? st.acc_rot.data() + size_t(row) * d : nullptr;
-        for (int e = 0; e < d; ++e) a.out_rot[dst + e] = br ? br[e] * inv : 0.0f;
+      alignas(64) float o[MAX_D];
+      for (int e = 0; e < d; ++e) o[e] = ar[e] * inv;
+      if (rot) {  // the rotated values' share, rotated back
+        alignas(64) float b[MAX_D];
+        const float* br = st.acc_rot.data() + size_t(row) * d;
+        for (int e = 0; e < d; ++e) b[e] = br[e] * inv;
+        hadamard_row(b, d);
+        for (int e = 0; e < d; ++e) o[e] += b[e];
       }
+      for (int e = 0; e < d; ++e) store(a.out, a.out_dtype, dst + e, o[e]);
     }
 }
 
@@ -457,18 +498,24 @@ void check_index(const at::Tensor& t, const char* name, at::ScalarType dtype, in
               " dims, got ", t.scalar_type(), " ", t.sizes());
 }
 
-void packed_attention(at::Tensor out, at::Tensor out_rot, const at::Tensor& q,
-                      const at::Tensor& q_rot, const at::Tensor& cache, int64_t layout,
+void check_float(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 3 &&
+                  (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
+              name, " must be a contiguous 3-d CPU float32/bfloat16/float16 tensor, got ",
+              dt, " ", t.sizes());
+}
+
+void packed_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cache,
+                      int64_t layout,
                       const at::Tensor& q_start, const at::Tensor& q_len,
                       const at::Tensor& plain_len, const at::Tensor& plain_table,
                       const at::Tensor& seg_start, const at::Tensor& seg_block,
                       const at::Tensor& seg_form, const at::Tensor& seg_n,
                       const at::Tensor& form_table, const at::Tensor& out_start,
                       double scale) {
-  check_index(q, "q", at::kFloat, 3);
-  check_index(q_rot, "q_rot", at::kFloat, 3);
-  check_index(out, "out", at::kFloat, 3);
-  TORCH_CHECK(q_rot.sizes() == q.sizes(), "q_rot must have q's shape");
+  check_float(q, "q");
+  check_float(out, "out");
   TORCH_CHECK(cache.device().is_cpu() && cache.dim() == 4, "cache must be a 4-d CPU tensor");
   const auto dt = cache.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
@@ -482,11 +529,6 @@ void packed_attention(at::Tensor out, at::Tensor out_rot, const at::Tensor& q,
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "Hq must be a multiple of Hkv");
   TORCH_CHECK(layout == 0 || layout == 1, "layout must be 0 or 1");
   TORCH_CHECK(out.size(1) == hq && out.size(2) == d, "out must be [T, Hq, D]");
-  const bool rot_out = out_rot.numel() > 0;
-  if (rot_out) {
-    check_index(out_rot, "out_rot", at::kFloat, 3);
-    TORCH_CHECK(out_rot.sizes() == out.sizes(), "out_rot must have out's shape");
-  }
   check_index(q_start, "q_start", at::kLong, 1);
   check_index(q_len, "q_len", at::kLong, 1);
   check_index(plain_len, "plain_len", at::kLong, 1);
@@ -501,12 +543,17 @@ void packed_attention(at::Tensor out, at::Tensor out_rot, const at::Tensor& q,
   TORCH_CHECK(seg_start.size(0) == nr + 1 && plain_table.size(0) == nr,
               "seg_start must be [R + 1] and plain_table [R, W]");
   TORCH_CHECK(form_table.size(1) == F_COLS, "form_table must be [F, 7]");
+  TORCH_CHECK(out_start.size(0) == nr, "out_start must be [R]");
+  for (int64_t r = 0; r < nr; ++r)
+    TORCH_CHECK(out_start.data_ptr<int64_t>()[r] >= 0 &&
+                    out_start.data_ptr<int64_t>()[r] + q_len.data_ptr<int64_t>()[r] <= out.size(0),
+                "out_start + q_len reaches past out's ", out.size(0), " rows");
 
   Args a{};
-  a.q = q.data_ptr<float>();
-  a.q_rot = q_rot.data_ptr<float>();
-  a.out = out.data_ptr<float>();
-  a.out_rot = rot_out ? out_rot.data_ptr<float>() : nullptr;
+  a.q = q.data_ptr();
+  a.out = out.data_ptr();
+  a.q_dtype = q.scalar_type();
+  a.out_dtype = out.scalar_type();
   a.cache = static_cast<const uint8_t*>(cache.data_ptr());
   a.esize = cache.element_size();
   a.sb = cache.stride(0);
@@ -565,7 +612,7 @@ void packed_attention(at::Tensor out, at::Tensor out_rot, const at::Tensor& q,
 
 TORCH_LIBRARY(kvshrink_cpu, m) {
   m.def(
-      "packed_attention(Tensor(a!) out, Tensor(b!) out_rot, Tensor q, Tensor q_rot, "
+      "packed_attention(Tensor(a!) out, Tensor q, "
       "Tensor cache, int layout, Tensor q_start, Tensor q_len, Tensor plain_len, "
       "Tensor plain_table, Tensor seg_start, Tensor seg_block, Tensor seg_form, "
       "Tensor seg_n, Tensor form_table, Tensor out_start, float scale) -> ()");

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from vllm_kvshrink.kernels import cpu_ext, triton_packed
-from vllm_kvshrink.kernels.packed_attention import packed_attention
+from vllm_kvshrink.kernels.packed_attention import packed_attention, packed_attention_into
 from vllm_kvshrink.kernels.packed_batch import PackedBatch
 from vllm_kvshrink.kernels.packed_reference import reference
 from vllm_kvshrink.kernels.quant import pack, region_view
@@ -173,6 +173,29 @@ def test_cpu_bf16_queries_and_strided_cache(cpu):
     want = reference(q.bfloat16(), cache, "cpu_k_transposed", batch, 0.1)
     close(cpu_ext.packed_attention(q.bfloat16(), view, "cpu_k_transposed", batch, 0.1),
           want, ATOL_CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_writes_into_the_step_output(cpu, dtype):
+    """The engine's entry: each packed request's rows written into the
+    attention output at its own query rows, in the output's dtype, queries
+    given in the model dtype (rotated forms rotated inside the kernel); the
+    rows of other requests are not touched."""
+    q, cache, batch = make_case(
+        [dict(q_len=1, plain_len=50, segs=[("int4_tok_rot", 40), ("int2_tok", 30)]),
+         dict(q_len=3, plain_len=20, segs=[("int8_tok_rot", 25)])],
+        d=64, bs=16, hkv=2, g=2, dtype=dtype, seed=11, gap=2)
+    q = q.to(dtype)
+    want = reference(q, cache, "cpu_k_transposed", batch, 0.125)
+    for impl in ("cpu", "reference"):
+        out = torch.full_like(q, 7.0)
+        packed_attention_into(q, cache, "cpu_k_transposed", batch, 0.125, out, impl=impl)
+        rows = batch.row_index()
+        others = torch.ones(q.shape[0], dtype=torch.bool)
+        others[rows] = False
+        assert bool((out[others] == 7.0).all())
+        tol = ATOL_CPU if dtype == torch.float32 else 1e-2
+        close(out[rows].float(), want.to(dtype).float(), tol)
 
 
 def test_cpu_empty_batch(cpu):

@@ -20,14 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvshrink.kernels.packed_batch import (
-    LAYOUT_CODES,
-    PackedBatch,
-    check,
-    finish,
-    out_starts,
-    rotated_query,
-)
+from vllm_kvshrink.kernels.packed_batch import LAYOUT_CODES, PackedBatch, check, out_starts
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 SOURCES = ("packed_attention.cpp",)
@@ -160,12 +153,9 @@ def _check_cpu(q: torch.Tensor, cache: torch.Tensor, batch: PackedBatch) -> None
             raise ValueError(f"batch.plain_table names a block outside the cache's {nb}")
 
 
-def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch,
-                     scale: float) -> torch.Tensor:
-    """The C++ kernel: same arguments and result as :func:`~vllm_kvshrink.
-    kernels.packed_reference.reference`."""
-    # A step's batch is the same for every layer: check it and lay out its
-    # index tensors once (per cache geometry), not once per layer.
+def _prepared(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch):
+    """The batch's index tensors for the kernel, checked and laid out once per
+    step and cache geometry (a step's batch is the same for every layer)."""
     key = (tuple(q.shape), tuple(cache.shape), cache.dtype, layout)
     prep = batch.prepared.get(key)
     if prep is None:
@@ -180,18 +170,45 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: P
             batch.plain_table.to(torch.int32).contiguous(), i64(batch.seg_start),
             i64(batch.seg_block), i64(batch.seg_form), i64(batch.seg_n),
             batch.form_table().contiguous(), i64(out_starts(batch)),
-            int(batch.q_len.sum()) if batch.num_reqs else 0, batch.any_rotated())
-    *args, total, rot = prep
+            int(batch.q_len.sum()) if batch.num_reqs else 0)
+    return prep
+
+
+def _queries(q: torch.Tensor) -> torch.Tensor:
+    """``q`` as the kernel reads it: contiguous, in a float dtype it knows."""
+    return (q if q.dtype in CACHE_DTYPES else q.float()).contiguous()
+
+
+def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch,
+                     scale: float) -> torch.Tensor:
+    """The C++ kernel: same arguments and result as :func:`~vllm_kvshrink.
+    kernels.packed_reference.reference`."""
+    q_start, q_len, plain_len, table, seg_start, seg_block, seg_form, seg_n, forms, \
+        starts, total = _prepared(q, cache, layout, batch)
     hq, d = q.shape[1:]
     out = torch.empty(total, hq, d, dtype=torch.float32)
-    if total == 0:
-        return out
-    qf = q.float().contiguous()
-    q_rot = rotated_query(qf, batch).contiguous() if rot else qf
-    out_rot = torch.empty_like(out) if rot else torch.empty(0, hq, d)
-    torch.ops.kvshrink_cpu.packed_attention(
-        out, out_rot, qf, q_rot, cache, LAYOUT_CODES[layout], *args, float(scale))
-    return finish(out, out_rot, batch)
+    if total:
+        torch.ops.kvshrink_cpu.packed_attention(
+            out, _queries(q), cache, LAYOUT_CODES[layout], q_start, q_len, plain_len, table,
+            seg_start, seg_block, seg_form, seg_n, forms, starts, float(scale))
+    return out
+
+
+def packed_attention_into(q: torch.Tensor, cache: torch.Tensor, layout: str,
+                          batch: PackedBatch, scale: float, output: torch.Tensor) -> None:
+    """The C++ kernel writing each packed request's rows straight into
+    ``output`` ``[T, Hq, D]`` (the step's attention output, any float dtype:
+    row ``q_start + i`` for query ``i``), rows of other requests untouched."""
+    q_start, q_len, plain_len, table, seg_start, seg_block, seg_form, seg_n, forms, \
+        _, total = _prepared(q, cache, layout, batch)
+    if output.shape != q.shape or not output.is_contiguous() \
+            or output.dtype not in CACHE_DTYPES:
+        raise ValueError(f"output must be a contiguous float tensor of q's shape "
+                         f"{tuple(q.shape)}, got {output.dtype} {tuple(output.shape)}")
+    if total:
+        torch.ops.kvshrink_cpu.packed_attention(
+            output, _queries(q), cache, LAYOUT_CODES[layout], q_start, q_len, plain_len,
+            table, seg_start, seg_block, seg_form, seg_n, forms, q_start, float(scale))
 
 
 def main(argv: list[str] | None = None) -> int:

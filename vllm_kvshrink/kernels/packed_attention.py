@@ -22,6 +22,35 @@ from vllm_kvshrink.kernels.packed_reference import reference
 _WARNED: list = []
 
 
+def _auto(q: torch.Tensor) -> str:
+    if q.is_cuda:
+        return "triton"
+    impl = "cpu" if cpu_ext.load() else "reference"
+    if impl == "reference" and not _WARNED:
+        _WARNED.append(True)
+        logging.getLogger("vllm.kvshrink").warning(
+            "vllm-kvshrink: the C++ packed-attention kernel is not available "
+            "(%s); packed blocks are attended by the PyTorch reference, which is "
+            "much slower (build it: python -m vllm_kvshrink.kernels.cpu_ext build)",
+            cpu_ext.unavailable_reason())
+    return impl
+
+
+def packed_attention_into(q: torch.Tensor, cache: torch.Tensor, layout: str,
+                          batch: PackedBatch, scale: float, output: torch.Tensor,
+                          impl: str = "auto") -> None:
+    """:func:`packed_attention`, each packed request's rows written into
+    ``output`` ``[T, Hq, D]`` at its own query rows (the C++ kernel writes
+    them there itself, in ``output``'s dtype; the other backends' rows are
+    copied in)."""
+    impl = _auto(q) if impl == "auto" else impl
+    if impl == "cpu":
+        cpu_ext.packed_attention_into(q, cache, layout, batch, scale, output)
+        return
+    rows = packed_attention(q, cache, layout, batch, scale, impl)
+    output.index_copy_(0, batch.row_index().to(output.device), rows.to(output.dtype))
+
+
 def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str,
                      batch: PackedBatch, scale: float, impl: str = "auto") -> torch.Tensor:
     """Attention of the packed requests of a step over one layer's cache.
@@ -40,17 +69,7 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str,
         ``[sum(q_len), Hq, D]`` float32, each request's rows in batch order.
     """
     if impl == "auto":
-        if q.is_cuda:
-            impl = "triton"
-        else:
-            impl = "cpu" if cpu_ext.load() else "reference"
-            if impl == "reference" and not _WARNED:
-                _WARNED.append(True)
-                logging.getLogger("vllm.kvshrink").warning(
-                    "vllm-kvshrink: the C++ packed-attention kernel is not available "
-                    "(%s); packed blocks are attended by the PyTorch reference, which is "
-                    "much slower (build it: python -m vllm_kvshrink.kernels.cpu_ext build)",
-                    cpu_ext.unavailable_reason())
+        impl = _auto(q)
     if impl == "reference":
         return reference(q, cache, layout, batch, scale)
     if impl == "cpu":  # checks once per batch itself

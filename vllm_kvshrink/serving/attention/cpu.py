@@ -54,15 +54,12 @@ def _attend_packed(step: StepContext, impl, query, kv_cache, output, num_tokens)
     not their plain row); their rows of ``output`` (``[T, Hq * D]``) are
     replaced by attention over plain and packed tokens together
     (:mod:`vllm_kvshrink.kernels.packed_attention`)."""
-    from vllm_kvshrink.kernels.packed_attention import packed_attention
+    from vllm_kvshrink.kernels.packed_attention import packed_attention_into
 
-    batch = step.packed
     hq, d = impl.num_heads, impl.head_size
     q = query[:num_tokens].view(num_tokens, hq, d)
-    rows = packed_attention(q, kv_cache, step.packed_layout, batch, impl.scale)
-    idx = batch.row_index()
     out = output[:num_tokens].view(num_tokens, hq, d)
-    out.index_copy_(0, idx, rows.to(out.dtype))
+    packed_attention_into(q, kv_cache, step.packed_layout, step.packed, impl.scale, out)
 
 
 logger = logging.getLogger("vllm.kvshrink")
