@@ -293,9 +293,10 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
         entering = cur.gather(1, tok) != i
         blob = fresh
         if not bool(entering.all()):  # staying tokens moved: their bytes as they are
+            # (an entering token's entry reads slot 0 of some page, unused)
             w = where.gather(1, tok).clamp(max=max(m - 1, 0))
-            src = _byte_index(seg_block[seg_of[w]], hidx, slot_offsets(pf, in_seg[w]),
-                              heads, region)
+            t = torch.where(entering, 0, in_seg[w])
+            src = _byte_index(seg_block[seg_of[w]], hidx, slot_offsets(pf, t), heads, region)
             old = torch.cat([bv.gather(1, src.view(layers, -1)[sl]) for bv, sl in stacks])
             blob = torch.where(entering[..., None], fresh, old.view(rows, p, -1))
         page_ids = torch.tensor(pages, dtype=torch.int64)
