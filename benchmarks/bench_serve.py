@@ -15,7 +15,9 @@ pool bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage``
 naming forms other than bf16, ``tiers`` (tiered storage as
 ``VLLM_KVSHRINK_STORAGE``).  Needs pandas (vLLM's custom dataset reads with it).
 Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
-``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``),
+``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``; with
+tiers, ``output_throughput_ratio_tiers``: tiers / stock and
+``output_throughput_ratio_tiers_vs_eviction``: tiers / kvshrink),
 and the seconds the plugin spent per phase during the measured run
 (``vllm:kvshrink_seconds_total`` read from ``/metrics`` when it starts and
 after it) beside the run's duration (JSON per run: ``kvshrink_seconds``,
@@ -490,9 +492,12 @@ def main() -> int:
     }
     if tiered:
         ratios.update({
-            "tiers_output_throughput_ratio": ratio("tiers", "stock", "output_throughput"),
-            "tiers_output_throughput_ratio_fp8": ratio("tiers", "stock_fp8", "output_throughput"),
-            "tiers_max_running_ratio": ratio("tiers", "stock", "max_running"),
+            "output_throughput_ratio_tiers": ratio("tiers", "stock", "output_throughput"),
+            "output_throughput_ratio_tiers_vs_eviction": ratio("tiers", "kvshrink",
+                                                               "output_throughput"),
+            "output_throughput_ratio_tiers_fp8": ratio("tiers", "stock_fp8",
+                                                       "output_throughput"),
+            "max_running_ratio_tiers": ratio("tiers", "stock", "max_running"),
         })
     print()
     print("  ".join(f"{k}={v:.2f}" for k, v in ratios.items()))

@@ -107,7 +107,7 @@ def main() -> int:
 
     from vllm_kvshrink.lab.assets import resolve_model
     from vllm_kvshrink.lab.bench.launch import run_engine
-    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec
+    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec, kv_bytes_per_token
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -128,6 +128,12 @@ def main() -> int:
         print(f"  {len(run['timed'])} steps timed, median "
               f"{_median_ms(run['timed']):.1f} ms (engine start {run['startup_s']:.0f} s)",
               flush=True)
+    stock_held = args.context + out_len  # tokens each stock request holds at the end
+    for name, run in runs.items():
+        if not run.get("peak_bytes_held"):  # stock: every token, at its dtype's bytes
+            per_tok = kv_bytes_per_token(model, 1 if "fp8" in name else 2)
+            run["peak_bytes_held"] = {"fp8" if "fp8" in name else "bf16":
+                                      args.batch * stock_held * per_tok}
     table = summarize(runs, args)
     print()
     print(render(table))
@@ -152,8 +158,9 @@ def _median_ms(xs: list[float]) -> float:
 
 def summarize(runs: dict, args) -> list[dict]:
     """One row per engine: median step (ms), its ratio to stock bf16, the
-    10th / 90th percentiles, steps timed, KV bytes held per request at the
-    end and the plugin's seconds per phase over the whole run."""
+    10th / 90th percentiles, steps timed, KV bytes held per request (the
+    plugin's peak; stock: every token at its dtype's bytes) and the plugin's
+    seconds per phase over the whole run."""
     base = _median_ms(next(iter(runs.values()))["timed"])
     rows = []
     for name, r in runs.items():

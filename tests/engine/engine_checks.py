@@ -40,7 +40,18 @@ def check_evictions(result, events, hf_model, prompts, min_events=1, keys=None) 
     return compressed
 
 
-def check_tiers(result, events, hf_model, prompts, tie_margin, keys=None) -> None:
+#: Replays of tier events agree with the engine up to rounding-boundary code
+#: flips: vLLM's and transformers' fp32 keys differ by ~1e-6, and a value on
+#: a quantization boundary takes the next code (a whole int2 or int4 step).
+#: Measured on these prompts (fp32, snapkv, bf16/int4/int2, budget 0.15):
+#: engine vs replay log-probabilities differ by up to 0.04 (0.0017-0.04 per
+#: request), eviction alone by under 6e-5; a greedy mismatch whose replay
+#: top-2 gap is below this margin is such a flip.
+TIER_TIE_MARGIN = 0.05
+
+
+def check_tiers(result, events, hf_model, prompts, tie_margin=TIER_TIE_MARGIN,
+                keys=None) -> None:
     """Every request's greedy tokens equal the dequantized replay of its tier
     events; packed forms were used, and they matter (a mask-only replay is
     measurably different from the dequantized one)."""

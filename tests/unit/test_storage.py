@@ -307,6 +307,34 @@ def test_attention_distortion_orders_forms_and_matches_a_direct_computation():
     assert attention_distortion(Observation(keys), values, lv, 4, 16) is None
 
 
+def test_form_distortion_is_measured_first_and_again_once_the_cache_has_grown():
+    from vllm_kvshrink.methods.base import Observation
+    from vllm_kvshrink.storage import policy
+
+    g = torch.Generator().manual_seed(6)
+    lv = ["bf16", "int8_tok", "int4_tok"]
+
+    def obs(n):
+        keys = torch.randn(2, 2, n, 64, generator=g)
+        q = torch.randn(2, 4, 8, 64, generator=g)
+        return Observation(keys, q, torch.arange(n - 8, n), [0.125] * 2), keys * 0.5
+
+    memo = {}
+    o, v = obs(100)
+    first = policy.form_distortion(o, v, lv, 4, 16, memo)
+    assert first == policy.attention_distortion(o, v, lv, 4, 16)
+    assert memo == {"levels": tuple(lv), "tokens": 100, "distortion": first}
+    o2, v2 = obs(124)  # < 1.25x the tokens measured: reused
+    assert policy.form_distortion(o2, v2, lv, 4, 16, memo) == first
+    assert first != policy.attention_distortion(o2, v2, lv, 4, 16)
+    o3, v3 = obs(125)  # grown by the factor: measured again
+    third = policy.form_distortion(o3, v3, lv, 4, 16, memo)
+    assert third == policy.attention_distortion(o3, v3, lv, 4, 16) and memo["tokens"] == 125
+    # other forms, or no memo: measured
+    assert policy.form_distortion(o3, v3, lv[:2], 4, 16, memo) != third
+    assert policy.form_distortion(o2, v2, lv, 4, 16) != first
+
+
 def test_apply_tiers_leaves_tokens_that_stay_in_a_token_local_form_as_they_are():
     """A second event: tokens already held in int8_tok_rot that stay there
     keep their values bit for bit (the engine leaves their bytes alone);

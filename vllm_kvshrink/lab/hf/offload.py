@@ -129,7 +129,8 @@ def promote_event(runner, cache, state: dict, logical: int, budget: int) -> dict
         weight = torch.ones(l, h, p).masked_fill(~resident, 1.0 / off.margin)
     plan = tier_event(runner.method, obs, state, cache.levels, budget, cfg.sink_tokens,
                       cfg.recent_tokens, values, current,
-                      bf16_free="bf16" in cfg.storage, carry=every, weight=weight)
+                      bf16_free="bf16" in cfg.storage, carry=every, weight=weight,
+                      memo=cache.tier_memo)
     keep = plan.keep()
     new_k_res, new_v_res = apply_tiers(plan, keys, values, keep, current)
     new_level = plan.level

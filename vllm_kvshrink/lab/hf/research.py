@@ -67,6 +67,9 @@ class ResearchCache:
     #: and ``[L, Hkv, N]`` int8 level of each stored token, or None
     levels: tuple = ()
     level: torch.Tensor | None = None
+    #: tiered storage: the distortion measured for the plan, between events
+    #: (:func:`~vllm_kvshrink.storage.policy.form_distortion`)
+    tier_memo: dict = field(default_factory=dict)
     #: tiered storage with promotion: the offload copy
     #: (:class:`~vllm_kvshrink.lab.hf.offload.Offload`), or None
     offload: Any = None
@@ -465,7 +468,8 @@ class ResearchRunner:
         values = torch.stack(cache.values)
         plan = tier_event(self.method, obs, state, cache.levels, budget,
                           cfg.sink_tokens, cfg.recent_tokens, values,
-                          cache.level, bf16_free="bf16" in cfg.storage)
+                          cache.level, bf16_free="bf16" in cfg.storage,
+                          memo=cache.tier_memo)
         keep = plan.keep()
         keys, vals = apply_tiers(plan, obs.keys, values, keep, cache.level)
         for layer in range(self.num_layers):

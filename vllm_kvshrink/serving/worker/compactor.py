@@ -52,6 +52,9 @@ class _Req:
     #: Tiered storage: what the request holds in packed blocks
     #: (:class:`vllm_kvshrink.serving.worker.tiers.TierState`), None before its first event.
     tier: object = None
+    #: Tiered storage: the distortion measured for its plans, between events
+    #: (:func:`~vllm_kvshrink.storage.policy.form_distortion`)
+    tier_memo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -187,6 +190,7 @@ class Compactor:
             # Its packed blocks went back to the pool (the scheduler has them
             # zeroed, StepPlan.zero_blocks): forget them.
             r.tier = None
+            r.tier_memo = {}
 
     # -------------------------------------------------------------- timing
     def add_seconds(self, phase: str, seconds: float) -> None:

@@ -107,9 +107,10 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
         work = dict(r.method_state) if method.stateful else r.method_state
         obs = Observation(held.keys.to(cdt), q, qpos, comp.scales,
                           rope_inv_freq=comp.rope_inv_freq)
+        memo = dict(r.tier_memo)  # kept only if the event completes
         plan = tier_event(method, obs, work, levels, ev.budget_bytes, ev.sink_tokens,
                           ev.recent_tokens, held.values.to(cdt), held.level,
-                          bf16_free=FULL in ev.storage)
+                          bf16_free=FULL in ev.storage, memo=memo)
         keep = plan.keep()
         lev = plan.level.gather(2, keep)
         kpos = held.pos.gather(2, keep)
@@ -128,6 +129,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
         write()
     if method.stateful:
         r.method_state = work
+    r.tier_memo = memo
     kept_before = held.level.gather(2, keep)
     demoted = float(((lev > kept_before)).sum()) / (layers * heads)
     new_state = TierState(segments=layout.segments, pos_packed=layout.pos_packed,
