@@ -11,14 +11,17 @@ metadata``), the ISA of ``_get_attn_isa``, the cache written with
 ``ops.cpu_attn_reshape_and_cache``.  The packed side holds all but the newest
 ``--plain`` tokens in packed pages (``kernels.quant.pack``) and those in bf16
 in the stock layout (written by the same vLLM op), attended by
-``kernels.packed_attention.packed_attention(..., impl="cpu")`` -- the call the
-engine makes per layer (``attention/cpu.py``).
+``kernels.packed_attention.packed_attention_into(..., impl="cpu")`` -- the
+call the engine makes per layer (``attention/cpu.py``), writing bf16 rows
+into the step's output.
 
 Columns: ``stock``, ``packed`` (the Python entry point, as the engine calls
-it: argument checks, query rotation, the op, the rotation back), ``op`` (the
-registered C++ op alone, arguments prepared once), ``engine`` (an estimate of
-the engine's per-layer cost for such requests: the stock kernel over the
-plain region, which the engine still runs, plus ``packed``).  Times are the
+it: argument checks, the op -- which rotates queries and outputs of rotated
+forms itself -- writing into the output), ``op`` (the registered C++ op
+alone, arguments prepared once), ``engine`` (an estimate of the engine's
+per-layer cost for such requests: vLLM's kernel over their query rows only,
+which is all the engine still runs for them, ``runner_patch._attend_once``,
+plus ``packed``).  Times are the
 median of many calls (p10/p90 in the JSON), after warm-up.  Bytes are K/V
 bytes a call has to read: bf16 ``N * Hkv * 4D`` per request; packed: codes and
 parameters of the packed tokens (``PagedForm.token_bytes``) plus the bf16
@@ -314,23 +317,22 @@ def copies(cache, working_set: float, most: int):
 
 
 def raw_op(q, cache, batch, scale):
-    """The registered C++ op alone, with its arguments prepared once (the
-    rotated query included): what is left of ``packed`` without Python."""
+    """The registered C++ op alone, with its arguments prepared once, writing
+    into a bf16 output at the queries' rows: what is left of ``packed``
+    without Python."""
     import torch
 
-    from vllm_kvshrink.kernels.packed_batch import LAYOUT_CODES, out_starts, rotated_query
+    from vllm_kvshrink.kernels.packed_batch import LAYOUT_CODES
 
     i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
-    qf = q.float().contiguous()
-    rot = batch.any_rotated()
-    q_rot = rotated_query(qf, batch).contiguous() if rot else qf
-    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32)
-    out_rot = torch.empty_like(out) if rot else torch.empty(0, q.shape[1], q.shape[2])
-    args = (out, out_rot, qf, q_rot, cache, LAYOUT_CODES["cpu_k_transposed"],
+    qc = q.contiguous()
+    out = torch.empty_like(qc)
+    no_map = torch.zeros(0, dtype=torch.int32)
+    args = (out, qc, cache, LAYOUT_CODES["cpu_k_transposed"], no_map, no_map,
             i64(batch.q_start), i64(batch.q_len), i64(batch.plain_len),
             batch.plain_table.to(torch.int32).contiguous(), i64(batch.seg_start),
             i64(batch.seg_block), i64(batch.seg_form), i64(batch.seg_n),
-            batch.form_table().contiguous(), i64(out_starts(batch)), float(scale))
+            batch.form_table().contiguous(), i64(batch.q_start), float(scale))
     op = torch.ops.kvshrink_cpu.packed_attention
     return lambda: op(*args)
 
@@ -376,7 +378,7 @@ def main() -> int:
     import torch
 
     from vllm_kvshrink.kernels import cpu_ext
-    from vllm_kvshrink.kernels.packed_attention import packed_attention
+    from vllm_kvshrink.kernels.packed_attention import packed_attention, packed_attention_into
     from vllm_kvshrink.kernels.packed_reference import reference
     from vllm_kvshrink.storage.paged import paged_form
 
@@ -469,8 +471,9 @@ def main() -> int:
                                                           args.plain)
                     pcopies = copies(pcache, ws, most)
                     ncopies[form] = len(pcopies)
-                    run_packed = cycle([lambda pc=pc, bt=batch: packed_attention(
-                        q, pc, layout, bt, scale, impl="cpu") for pc in pcopies])
+                    out_into = torch.empty_like(q)
+                    run_packed = cycle([lambda pc=pc, bt=batch: packed_attention_into(
+                        q, pc, layout, bt, scale, out_into, impl="cpu") for pc in pcopies])
                     out_packed = packed_attention(q, pcache, layout, batch, scale, impl="cpu")
                     r2 = min(b, 2)
                     want = reference(q[:r2], pcache, layout, sub_batch(batch, r2), scale)
@@ -480,9 +483,8 @@ def main() -> int:
                         bytes=b * per_req, segments=int(batch.seg_block.numel()))
                     fns[f"packed:{form}"] = run_packed
                     fns[f"op:{form}"] = cycle([raw_op(q, pc, batch, scale) for pc in pcopies])
-                    if "stock_plain" not in fns:  # the stock kernel over the plain region
-                        fns["stock_plain"] = stock.call(q, pcopies, batch.plain_table,
-                                                        [args.plain] * b)
+                    if "stock_plain" not in fns:  # vLLM's kernel over the query rows only
+                        fns["stock_plain"] = stock.call(q, pcopies, batch.plain_table, [1] * b)
                 load = os.getloadavg()[0]
                 t = measure(fns, args.target_s, args.min_reps, args.max_reps, args.rounds)
                 del fns, cache, scopies, pcopies
@@ -526,8 +528,8 @@ def main() -> int:
               f"{c['ratio']:.2f} | {c['bytes_ratio']:.3f} | {c['op']['median_us']:.0f} | "
               f"{c['engine_us']:.0f} |")
     print("\nop: the C++ op alone, arguments prepared once (no Python wrapper); engine: "
-          f"the stock kernel over the {args.plain} plain tokens (the engine still runs it) "
-          "+ packed, medians added.")
+          "vLLM's kernel over each request's query row (all the engine still runs for a "
+          "packed request) + packed, medians added.")
     share = []
     for sname in shapes:
         sh = SHAPES[sname]

@@ -331,6 +331,10 @@ struct Args {
   const uint8_t* cache;
   int64_t esize, sb, sh;  // element size, block / head strides (elements)
   int64_t hq, hkv, bs, d, layout;
+  // layout 2: element offsets in a (block, head) region of K / V element
+  // (t, e) at [t * D + e] (any in-block layout, e.g. vLLM's AMX tiles)
+  const int32_t* k_index;
+  const int32_t* v_index;
   const int64_t* q_start;
   const int64_t* q_len;
   const int64_t* plain_len;
@@ -435,6 +439,19 @@ void run_item(const Args& a, const Item& it) {
     const float* k;
     int64_t ldk;
     const bool cols = a.layout == 0;
+    if (a.layout == 2) {  // index maps: gathered into row-major buffers
+      for (int c = 0; c < nc; ++c) {
+        const int32_t* ki = a.k_index + (slot + c) * a.d;
+        const int32_t* vi = a.v_index + (slot + c) * a.d;
+        for (int e = 0; e < d; ++e) {
+          kb[c * d + e] = to_float(reg[ki[e]]);
+          vb[c * d + e] = to_float(reg[vi[e]]);
+        }
+      }
+      st.chunk(qb.data(), nc, kb, d, false, vb, all ? nullptr : valid.data(), false);
+      p0 += nc;
+      continue;
+    }
     if (cols) {  // K element (t, e) at e*bs + t
       const T* src = reg + slot;
       if (direct && nc == C) {
@@ -507,7 +524,7 @@ void check_float(const at::Tensor& t, const char* name) {
 }
 
 void packed_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cache,
-                      int64_t layout,
+                      int64_t layout, const at::Tensor& k_index, const at::Tensor& v_index,
                       const at::Tensor& q_start, const at::Tensor& q_len,
                       const at::Tensor& plain_len, const at::Tensor& plain_table,
                       const at::Tensor& seg_start, const at::Tensor& seg_block,
@@ -527,7 +544,15 @@ void packed_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cac
   TORCH_CHECK(d >= 16 && d <= MAX_D && (d & (d - 1)) == 0,
               "head dim must be a power of two in [16, 256], got ", d);
   TORCH_CHECK(hkv > 0 && hq % hkv == 0, "Hq must be a multiple of Hkv");
-  TORCH_CHECK(layout == 0 || layout == 1, "layout must be 0 or 1");
+  TORCH_CHECK(layout == 0 || layout == 1 || layout == 2, "layout must be 0, 1 or 2");
+  if (layout == 2) {
+    for (const at::Tensor* t : {&k_index, &v_index}) {
+      check_index(*t, "k_index / v_index", at::kInt, 1);
+      TORCH_CHECK(t->size(0) == bs * d, "an index map must hold block_size * D offsets");
+      TORCH_CHECK(t->min().item<int32_t>() >= 0 && t->max().item<int32_t>() < 2 * bs * d,
+                  "an index map points outside its (block, head) region");
+    }
+  }
   TORCH_CHECK(out.size(1) == hq && out.size(2) == d, "out must be [T, Hq, D]");
   check_index(q_start, "q_start", at::kLong, 1);
   check_index(q_len, "q_len", at::kLong, 1);
@@ -563,6 +588,8 @@ void packed_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cac
   a.bs = bs;
   a.d = d;
   a.layout = layout;
+  a.k_index = layout == 2 ? k_index.data_ptr<int32_t>() : nullptr;
+  a.v_index = layout == 2 ? v_index.data_ptr<int32_t>() : nullptr;
   a.q_start = q_start.data_ptr<int64_t>();
   a.q_len = q_len.data_ptr<int64_t>();
   a.plain_len = plain_len.data_ptr<int64_t>();
@@ -613,7 +640,7 @@ void packed_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cac
 TORCH_LIBRARY(kvshrink_cpu, m) {
   m.def(
       "packed_attention(Tensor(a!) out, Tensor q, "
-      "Tensor cache, int layout, Tensor q_start, Tensor q_len, Tensor plain_len, "
+      "Tensor cache, int layout, Tensor k_index, Tensor v_index, Tensor q_start, Tensor q_len, Tensor plain_len, "
       "Tensor plain_table, Tensor seg_start, Tensor seg_block, Tensor seg_form, "
       "Tensor seg_n, Tensor form_table, Tensor out_start, float scale) -> ()");
 }

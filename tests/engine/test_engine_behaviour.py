@@ -23,9 +23,8 @@ def _llm(model_path, **kw):
 
 #: Tests that compare a compressing engine's uncompressed requests with stock
 #: run in fp32: in bf16 vLLM's CPU kernel splits work by the whole batch's
-#: sequence lengths (a neighbour's compacted cache changes the rounding), and
-#: on AMX CPUs a compressing engine runs vLLM's 'vec' kernel where stock runs
-#: 'amx' (attention/cpu.py) -- a greedy flip would then be noise, not a leak.
+#: sequence lengths (a neighbour's compacted cache changes the rounding) -- a
+#: greedy flip would then be noise, not a leak.
 FP32 = {"dtype": "float32"}
 
 

@@ -1,8 +1,8 @@
 """Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream;
 vLLM re-adds the live request to extend it): refused with a clear error when
-compression is on for the session, and served as stock when it opts out.
-fp32: on AMX CPUs a compressing engine runs vLLM's 'vec' kernel where stock
-runs 'amx' (vllm_kvshrink/serving/attention/cpu.py), equal only up to rounding in bf16."""
+compression is on for the session, and served as stock when it opts out
+(fp32: in bf16 vLLM's kernel splits work by the whole batch's sequence lengths,
+so a neighbour's compressed cache can change the rounding)."""
 
 from __future__ import annotations
 

@@ -271,3 +271,71 @@ def test_triton_dispatch_and_errors(triton_interpreter):
           reference(q, cache, "cpu_row_major", batch, 0.2), ATOL_TRITON)
     with pytest.raises(ValueError, match="precision"):
         triton_packed.packed_attention(q, cache, "cpu_row_major", batch, 0.2, precision="x")
+
+
+def _vllm_write(isa):
+    """vLLM's own CPU cache write for ``isa`` (the op its attention backend
+    runs), as ``probe_layout`` takes it."""
+    from vllm import _custom_ops as ops
+
+    def write(k, v, cache, slots):
+        nb, h, bs, _ = cache.shape
+        kc, vc = cache.view(nb, h, 2 * bs, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k.to(cache.dtype), v.to(cache.dtype), kc, vc, slots,
+                                       isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    return write
+
+
+@pytest.mark.parametrize("bs", [32, 64])
+def test_cpu_reads_vllm_amx_tiles_through_index_maps(cpu, bs):
+    """vLLM's AMX ISA lays a bf16 block out in VNNI tiles (no strided form).
+    Probed through vLLM's own cache write (which runs on any CPU), its index
+    maps let the kernel read it: the same tokens written in the AMX layout and
+    in the 'vec' layout, with the same packed pages, attend to the same
+    output, and the reference agrees."""
+    from vllm_kvshrink.kernels.packed_batch import IndexMap
+    from vllm_kvshrink.serving.worker.kv_layout import probe_layout
+
+    d, hkv, g = 64, 2, 3
+    amx = probe_layout(_vllm_write("amx"), hkv, bs, d, torch.bfloat16)
+    assert amx.kind == "generic"  # not a strided layout
+    vec = probe_layout(_vllm_write("vec"), hkv, bs, d, torch.bfloat16)
+    assert vec.kind == "k_transposed"
+    imap = IndexMap(amx.key_index.reshape(-1).int(), amx.value_index.reshape(-1).int())
+    gen = torch.Generator().manual_seed(4)
+    plain_len, nb = 3 * bs - 5, 8
+    table = [5, 1, 6]
+    caches = {}
+    for isa in ("vec", "amx"):
+        cache = torch.zeros(nb, hkv, bs, 2 * d, dtype=torch.bfloat16)
+        g2 = torch.Generator().manual_seed(9)
+        k = torch.randn(plain_len, hkv, d, generator=g2)
+        v = torch.randn(plain_len, hkv, d, generator=g2)
+        slots = torch.tensor([table[i // bs] * bs + i % bs for i in range(plain_len)])
+        kc, vc = cache.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+        from vllm import _custom_ops as ops
+
+        ops.cpu_attn_reshape_and_cache(k.bfloat16(), v.bfloat16(), kc, vc, slots, isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        caches[isa] = cache
+    segs = []
+    for blk, name, n in ((2, "int4_tok_rot", 40), (3, "int2_tok", 50)):
+        pf = paged_form(name, d, bs, 2)
+        pages = pack(pf, torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d,
+                                                                            generator=gen))
+        for cache in caches.values():
+            region_view(cache)[blk] = pages[:, 0]
+        segs.append((blk, name, n))
+    forms = [paged_form(n, d, bs, 2) for _, n, _ in segs]
+    batch = PackedBatch.build([dict(q_start=1, q_len=2, plain_len=plain_len, plain_blocks=table,
+                                    segments=[(b, i, n) for i, (b, _, n) in enumerate(segs)])],
+                              forms)
+    q = torch.randn(4, hkv * g, d, generator=gen).bfloat16()
+    want = reference(q, caches["vec"], "cpu_k_transposed", batch, 0.125)
+    close(reference(q, caches["amx"], imap, batch, 0.125), want, ATOL_CPU)
+    close(cpu_ext.packed_attention(q, caches["amx"], imap, batch, 0.125), want, ATOL_CPU)
+    close(cpu_ext.packed_attention(q, caches["vec"], "cpu_k_transposed", batch, 0.125), want,
+          ATOL_CPU)
+    with pytest.raises(ValueError, match="index"):
+        bad = IndexMap(imap.key_index[:-1], imap.value_index)
+        cpu_ext.packed_attention(q, caches["amx"], bad, batch, 0.125)

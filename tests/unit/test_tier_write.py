@@ -58,8 +58,12 @@ class _Pool:
 
     def __init__(self, layers=2, nb=60, heads=3, bs=16, d=64, kind="k_transposed"):
         t, j = torch.arange(bs)[:, None], torch.arange(d)[None, :]
-        key = j * bs + t if kind == "k_transposed" else t * d + j
-        self.layout = TokenLayout(bs, d, key, bs * d + t * d + j)
+        key, value = (j * bs + t if kind == "k_transposed" else t * d + j), bs * d + t * d + j
+        if kind == "generic":  # any in-block layout (vLLM's AMX tiles are one)
+            perm = torch.randperm(2 * bs * d, generator=torch.Generator().manual_seed(0))
+            key, value = perm[: bs * d].view(bs, d), perm[bs * d:].view(bs, d)
+        self.layout = TokenLayout(bs, d, key, value)
+        assert self.layout.kind == kind
         base = torch.randn(layers * nb * heads * bs * 2 * d).bfloat16()
         self.caches = [c.view(nb, heads, bs, 2 * d) for c in base.chunk(layers)]
         self.stacks = [(stack_layers(self.caches, contiguous=True), slice(None))]
@@ -144,7 +148,7 @@ def slots_in_range(monkeypatch):
 
 
 @pytest.mark.usefixtures("slots_in_range")
-@pytest.mark.parametrize("kind", ["k_transposed", "row_major"])
+@pytest.mark.parametrize("kind", ["k_transposed", "row_major", "generic"])
 def test_in_place_events_hold_what_the_research_path_holds(kind):
     """Three events on one request, new tokens arriving between them: each
     level's tokens read back equal apply_tiers' (tokens staying in a form

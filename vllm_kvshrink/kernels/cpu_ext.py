@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvshrink.kernels.packed_batch import LAYOUT_CODES, PackedBatch, check, out_starts
+from vllm_kvshrink.kernels.packed_batch import (
+    IndexMap,
+    PackedBatch,
+    check,
+    layout_code,
+    out_starts,
+)
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 SOURCES = ("packed_attention.cpp",)
@@ -165,13 +171,18 @@ def _prepared(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBa
             raise RuntimeError(
                 f"the kvshrink CPU kernel is not available: {unavailable_reason()}")
         i64 = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+        maps = ((layout.key_index.contiguous(), layout.value_index.contiguous())
+                if isinstance(layout, IndexMap) else (_NO_MAP, _NO_MAP))
         prep = batch.prepared[key] = (
-            i64(batch.q_start), i64(batch.q_len), i64(batch.plain_len),
+            layout_code(layout), *maps, i64(batch.q_start), i64(batch.q_len), i64(batch.plain_len),
             batch.plain_table.to(torch.int32).contiguous(), i64(batch.seg_start),
             i64(batch.seg_block), i64(batch.seg_form), i64(batch.seg_n),
             batch.form_table().contiguous(), i64(out_starts(batch)),
             int(batch.q_len.sum()) if batch.num_reqs else 0)
     return prep
+
+
+_NO_MAP = torch.zeros(0, dtype=torch.int32)
 
 
 def _queries(q: torch.Tensor) -> torch.Tensor:
@@ -183,13 +194,13 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: P
                      scale: float) -> torch.Tensor:
     """The C++ kernel: same arguments and result as :func:`~vllm_kvshrink.
     kernels.packed_reference.reference`."""
-    q_start, q_len, plain_len, table, seg_start, seg_block, seg_form, seg_n, forms, \
-        starts, total = _prepared(q, cache, layout, batch)
+    code, kmap, vmap, q_start, q_len, plain_len, table, seg_start, seg_block, seg_form, \
+        seg_n, forms, starts, total = _prepared(q, cache, layout, batch)
     hq, d = q.shape[1:]
     out = torch.empty(total, hq, d, dtype=torch.float32)
     if total:
         torch.ops.kvshrink_cpu.packed_attention(
-            out, _queries(q), cache, LAYOUT_CODES[layout], q_start, q_len, plain_len, table,
+            out, _queries(q), cache, code, kmap, vmap, q_start, q_len, plain_len, table,
             seg_start, seg_block, seg_form, seg_n, forms, starts, float(scale))
     return out
 
@@ -199,15 +210,15 @@ def packed_attention_into(q: torch.Tensor, cache: torch.Tensor, layout: str,
     """The C++ kernel writing each packed request's rows straight into
     ``output`` ``[T, Hq, D]`` (the step's attention output, any float dtype:
     row ``q_start + i`` for query ``i``), rows of other requests untouched."""
-    q_start, q_len, plain_len, table, seg_start, seg_block, seg_form, seg_n, forms, \
-        _, total = _prepared(q, cache, layout, batch)
+    code, kmap, vmap, q_start, q_len, plain_len, table, seg_start, seg_block, seg_form, \
+        seg_n, forms, _, total = _prepared(q, cache, layout, batch)
     if output.shape != q.shape or not output.is_contiguous() \
             or output.dtype not in CACHE_DTYPES:
         raise ValueError(f"output must be a contiguous float tensor of q's shape "
                          f"{tuple(q.shape)}, got {output.dtype} {tuple(output.shape)}")
     if total:
         torch.ops.kvshrink_cpu.packed_attention(
-            output, _queries(q), cache, LAYOUT_CODES[layout], q_start, q_len, plain_len,
+            output, _queries(q), cache, code, kmap, vmap, q_start, q_len, plain_len,
             table, seg_start, seg_block, seg_form, seg_n, forms, q_start, float(scale))
 
 

@@ -23,8 +23,33 @@ import torch
 from vllm_kvshrink.kernels.hadamard import hadamard
 from vllm_kvshrink.kernels.quant import PagedForm
 
-#: cache layouts of the plain region (vLLM's CPU "vec" ISA transposes keys)
+#: cache layouts of the plain region (vLLM's CPU "vec" ISA transposes keys);
+#: an :class:`IndexMap` is code 2
 LAYOUT_CODES = {"cpu_k_transposed": 0, "cpu_row_major": 1}
+
+
+@dataclass(frozen=True, eq=False)
+class IndexMap:
+    """A plain-cache layout given by where each element lies: ``key_index`` /
+    ``value_index`` ``[block_size * D]`` int32, the element offset within a
+    (block, head) region of K / V element ``(t, e)`` at ``[t * D + e]``.  Any
+    in-block layout has one, e.g. vLLM's AMX tiles (VNNI pairs of 16-token
+    tiles), which have no strided form; the worker probes it through vLLM's
+    own cache write (``serving/worker/kv_layout.probe_layout``)."""
+
+    key_index: torch.Tensor
+    value_index: torch.Tensor
+
+
+def layout_code(layout) -> int:
+    """The kernels' code of a plain-cache ``layout`` (a name of
+    :data:`LAYOUT_CODES` or an :class:`IndexMap`)."""
+    if isinstance(layout, IndexMap):
+        return 2
+    if layout not in LAYOUT_CODES:
+        raise ValueError(f"layout={layout!r}; allowed: {', '.join(LAYOUT_CODES)} or an "
+                         f"IndexMap")
+    return LAYOUT_CODES[layout]
 
 
 @dataclass
@@ -107,8 +132,7 @@ class PackedBatch:
 def check(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch) -> None:
     """``ValueError`` unless ``q [T, Hq, D]``, one layer's ``cache
     [NB, Hkv, bs, 2D]`` in ``layout`` and ``batch`` fit together."""
-    if layout not in LAYOUT_CODES:
-        raise ValueError(f"layout={layout!r}; allowed: {', '.join(LAYOUT_CODES)}")
+    layout_code(layout)
     if q.dim() != 3 or cache.dim() != 4:
         raise ValueError(f"q must be [T, Hq, D] and cache [NB, Hkv, bs, 2D]; got "
                          f"{tuple(q.shape)} and {tuple(cache.shape)}")
@@ -116,6 +140,13 @@ def check(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: PackedBatch)
     nb, hkv, bs, d2 = cache.shape
     if d2 != 2 * d or hq % hkv:
         raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(cache.shape)}")
+    if isinstance(layout, IndexMap):
+        for name, t in (("key_index", layout.key_index), ("value_index", layout.value_index)):
+            if t.shape != (bs * d,) or t.dtype != torch.int32:
+                raise ValueError(f"layout.{name} must be [block_size * D = {bs * d}] int32, "
+                                 f"got {t.dtype} {tuple(t.shape)}")
+            if int(t.min()) < 0 or int(t.max()) >= 2 * bs * d:
+                raise ValueError(f"layout.{name} points outside a (block, head) region")
     if batch.num_reqs and bool((batch.plain_len < batch.q_len).any()):
         raise ValueError("a request's plain region is shorter than its queries")
     if batch.seg_block.numel() and (int(batch.seg_block.max()) >= nb

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvshrink.kernels.layouts import kv_views
-from vllm_kvshrink.kernels.packed_batch import PackedBatch, check
+from vllm_kvshrink.kernels.packed_batch import IndexMap, PackedBatch, check
 from vllm_kvshrink.kernels.quant import PagedForm, region_view, unpack
 
 
@@ -63,13 +63,19 @@ def attention_ref(q: torch.Tensor, k_plain: torch.Tensor, v_plain: torch.Tensor,
     return out.permute(2, 0, 1, 3).reshape(t, hq, d)
 
 
-def _plain(cache: torch.Tensor, layout: str, blocks: torch.Tensor, n: int):
+def _plain(cache: torch.Tensor, layout, blocks: torch.Tensor, n: int):
     """``[Hkv, n, D]`` K and V of a plain region."""
-    k, v = kv_views(cache[None], layout)  # [1, NB, H, bs, D]
-    bs = cache.shape[2]
+    bs, d = cache.shape[2], cache.shape[3] // 2
     idx = torch.arange(n)
     blk = blocks.long()[idx // bs]
     off = idx % bs
+    if isinstance(layout, IndexMap):  # element (t, e) of a region at index[t * D + e]
+        regions = cache.reshape(cache.shape[0], cache.shape[1], -1)[blk]  # [n, H, R]
+        at = off[:, None] * d + torch.arange(d)  # [n, D]
+        pick = lambda index: regions.gather(  # noqa: E731
+            2, index.long()[at][:, None, :].expand(-1, regions.shape[1], -1))
+        return pick(layout.key_index).transpose(0, 1), pick(layout.value_index).transpose(0, 1)
+    k, v = kv_views(cache[None], layout)  # [1, NB, H, bs, D]
     return k[0][blk, :, off].transpose(0, 1), v[0][blk, :, off].transpose(0, 1)
 
 

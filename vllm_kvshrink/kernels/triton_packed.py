@@ -41,6 +41,9 @@ def packed_attention(q: torch.Tensor, cache: torch.Tensor, layout: str, batch: P
     ``input_precision`` (``"ieee"``: fp32 products; ``"tf32"`` is faster on
     GPUs and less exact)."""
     check(q, cache, layout, batch)
+    if layout not in LAYOUT_CODES:
+        raise ValueError(f"the Triton packed-attention kernel reads the strided layouts "
+                         f"({', '.join(LAYOUT_CODES)}), not {type(layout).__name__}")
     if not use_triton(q):
         raise ValueError("the Triton packed-attention kernel needs CUDA tensors "
                          "(or TRITON_INTERPRET=1 for CPU tensors)")

@@ -101,12 +101,6 @@ SYMBOLS: tuple[Symbol, ...] = (
             "output"), "capture the observation window of queries; attention of "
            "requests with packed blocks (tiered storage) by the plugin's kernel"),
     Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend", None),
-    Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.__init__",
-           ("self", "kv_cache_spec", "layer_names", "vllm_config", "device"),
-           "keep the attention ISA's in-block layout one the plugin's kernels read "
-           "('vec' where vLLM would pick 'amx')"),
-    Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder."
-           "_set_isa_to_layers", ("self", "layer_names"), "hand the chosen ISA to the layers"),
     Symbol("vllm.v1.attention.backends.registry:register_backend", None,
            "install the query-capturing attention backend"),
     Symbol("vllm.v1.attention.backends.registry:AttentionBackendEnum", None),

@@ -15,14 +15,9 @@ only: no synchronization, nothing allocated).
 
 from __future__ import annotations
 
-import logging
 import time
 
-from vllm.v1.attention.backends.cpu_attn import (
-    CPUAttentionBackend,
-    CPUAttentionBackendImpl,
-    CPUAttentionMetadataBuilder,
-)
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from vllm_kvshrink.serving.worker import step_context
 from vllm_kvshrink.serving.worker.step_context import StepContext
@@ -62,33 +57,8 @@ def _attend_packed(step: StepContext, impl, query, kv_cache, output, num_tokens)
     packed_attention_into(q, kv_cache, step.packed_layout, step.packed, impl.scale, out)
 
 
-logger = logging.getLogger("vllm.kvshrink")
-
-#: vLLM's ISA for bf16 on CPUs with AMX tiles packs each block in VNNI pairs
-#: of 16-token tiles; compaction reads and moves tokens in any layout (index
-#: maps), but the packed-block kernel and the strided fast paths know the
-#: "vec" layouts only, so a compressing engine runs vLLM's "vec" kernel there
-NO_STRIDED_FORM_ISAS = {"amx": "vec"}
-
-
-class KVShrinkCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if self.isa in NO_STRIDED_FORM_ISAS:
-            chosen, self.isa = self.isa, NO_STRIDED_FORM_ISAS[self.isa]
-            self._set_isa_to_layers(layer_names)
-            logger.warning(
-                "KV shrink: vLLM chose its %r attention ISA, whose in-block layout the "
-                "plugin's packed-block kernel cannot read; the compressing engine "
-                "runs vLLM's %r ISA instead (bf16 attention without AMX tiles: "
-                "slower, and equal to stock up to rounding)", chosen, self.isa)
-
-
 class KVShrinkCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls():
         return KVShrinkCPUAttentionBackendImpl
 
-    @staticmethod
-    def get_builder_cls():
-        return KVShrinkCPUAttentionMetadataBuilder

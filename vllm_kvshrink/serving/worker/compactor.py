@@ -82,8 +82,8 @@ class Compactor:
     results: dict[str, object] = field(default_factory=dict)
     pending: list = field(default_factory=list)  # this step's Compaction plans
     tier_pending: list = field(default_factory=list)  # this step's TierEvents
-    #: kernel layout name of the plain cache ("cpu_k_transposed" / "cpu_row_major")
-    kernel_layout: str | None = None
+    #: the plain cache's layout for the packed-attention kernel (attention_layout)
+    kernel_layout: object = None
     stats: dict[str, float] = field(default_factory=lambda: {"events": 0, "seconds": 0.0})
     #: Cumulative method statistics reported to the scheduler.
     method_stats: dict[str, float] = field(default_factory=lambda: {"merged_tokens": 0})
@@ -411,13 +411,21 @@ class Compactor:
         self.stats["seconds"] += time.perf_counter() - t0
         return res
 
-    def attention_layout(self) -> str:
-        """The plain cache's layout by the packed-attention kernel's name
-        ("cpu_k_transposed" / "cpu_row_major")."""
+    def attention_layout(self):
+        """The plain cache's layout as the packed-attention kernel takes it: a
+        strided layout's name ("cpu_k_transposed" / "cpu_row_major"), or the
+        probed index maps (:class:`~vllm_kvshrink.kernels.packed_batch.IndexMap`:
+        any other in-block layout, e.g. vLLM's AMX tiles)."""
         if self.kernel_layout is None:
             from vllm_kvshrink.kernels.layouts import layout_from_kind
+            from vllm_kvshrink.kernels.packed_batch import IndexMap
 
-            self.kernel_layout = layout_from_kind(self.token_layout().kind)
+            tl = self.token_layout()
+            if tl.kind == "generic":
+                self.kernel_layout = IndexMap(tl.key_index.reshape(-1).to(torch.int32),
+                                              tl.value_index.reshape(-1).to(torch.int32))
+            else:
+                self.kernel_layout = layout_from_kind(tl.kind)
         return self.kernel_layout
 
     def report_stats(self) -> dict:

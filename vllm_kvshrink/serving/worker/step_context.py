@@ -39,11 +39,11 @@ class StepContext:
     #: cut off) in the worker's query ring
     capture: Callable[[str, torch.Tensor], None] | None
     #: the step's requests holding packed blocks (tiered storage): their rows
-    #: of the attention output are recomputed over plain and packed tokens
+    #: of the attention output are computed over plain and packed tokens
     packed: PackedBatch | None
-    #: the plain cache's layout by the packed-attention kernel's name
-    #: ("cpu_k_transposed" / "cpu_row_major"); read with ``packed`` only
-    packed_layout: str | None = None
+    #: the plain cache's layout as the packed-attention kernel takes it (a
+    #: strided layout's name, or an ``IndexMap``); read with ``packed`` only
+    packed_layout: object = None
     #: ``timing(phase, seconds)``: where attention counts the seconds of its
     #: phases (``capture``, ``packed_attention``; see
     #: :mod:`~vllm_kvshrink.serving.metrics.phases`)
