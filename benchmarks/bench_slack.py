@@ -61,14 +61,13 @@ def main() -> int:
 
     from vllm_kvshrink.lab.assets import resolve_model
     from vllm_kvshrink.lab.bench.launch import run_engine
-    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec
+    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec, pool_tokens
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = build_workload(tok, args.num_prompts, args.min_len, args.max_len, args.seed)
     mean_seq = statistics.mean(len(p) for p in prompts) + args.output_len
-    pool = max(int(args.pool_seqs * mean_seq), max(map(len, prompts)) + args.output_len
-               + args.block_size)
+    pool = pool_tokens(prompts, args.output_len, args.pool_seqs, args.block_size)
     spec = greedy_spec(model, prompts, args.output_len, pool, args.block_size, "bfloat16",
                        args.seed)
     print(f"{len(prompts)} prompts of {args.min_len}-{args.max_len} essay tokens, "

@@ -93,6 +93,7 @@ def main() -> int:
         greedy_spec,
         kv_bytes_per_token,
     )
+    from vllm_kvshrink.lab.bench.workload import pool_tokens as pool_for
     from vllm_kvshrink.serving.metrics.phases import breakdown, total
 
     model = resolve_model(args.model)
@@ -101,10 +102,8 @@ def main() -> int:
     mean_seq = statistics.mean(len(p) for p in prompts) + args.output_len
     dtype_bytes = 4 if args.dtype == "float32" else 2
     per_tok = kv_bytes_per_token(model, dtype_bytes)
-    max_len = max(len(p) for p in prompts) + args.output_len
     if args.pool_seqs > 0:
-        pool_tokens = int(args.pool_seqs * mean_seq)
-        pool_tokens = max(pool_tokens, max_len + args.block_size)  # one must fit
+        pool_tokens = pool_for(prompts, args.output_len, args.pool_seqs, args.block_size)
     else:
         pool_tokens = int(sum(len(p) for p in prompts) + args.num_prompts * (args.output_len + 2 * args.block_size))
     spec = greedy_spec(model, prompts, args.output_len, pool_tokens, args.block_size,

@@ -13,7 +13,6 @@ text can be compared.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 
@@ -34,19 +33,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm_kvshrink.lab.assets import resolve_model
     from vllm_kvshrink.lab.bench.launch import run_side_by_side
-    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec
+    from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec, pool_tokens
 
     model = resolve_model(args.model)
     print(f"model: {model}", flush=True)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = build_workload(tok, args.num_prompts, 500, 900, seed=1)
-    mean_seq = statistics.mean(len(p) for p in prompts) + args.output_len
-    max_len = max(len(p) for p in prompts) + args.output_len
     block = 32
-    pool_tokens = max(int(2.5 * mean_seq), max_len + block)
-    spec = greedy_spec(model, prompts, args.output_len, pool_tokens, block)
+    pool = pool_tokens(prompts, args.output_len, 2.5, block)
+    spec = greedy_spec(model, prompts, args.output_len, pool, block)
     print(f"{len(prompts)} essay prompts of 500-900 tokens, {args.output_len} output tokens "
-          f"each; KV pool of {pool_tokens} tokens (~2.5 sequences)\n", flush=True)
+          f"each; KV pool of {pool} tokens (~2.5 sequences)\n", flush=True)
     ours = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
             "VLLM_KVSHRINK_SLACK_TOKENS": "32"}
     configs = [("stock vLLM", {"VLLM_KVSHRINK_METHOD": "none"}),

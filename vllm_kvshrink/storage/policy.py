@@ -370,9 +370,7 @@ def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
         entering = lev == i
         if form.token_local and was is not None:
             entering &= was != i
-        c = int(entering[0, 0].sum())
-        if bool((entering.sum(-1) != c).any()):  # rows enter unevenly: pad
-            c = int(entering.sum(-1).max())
+        c = int(entering.sum(-1).max())  # rows may enter unevenly: padded below
         if not c:
             continue
         # Row by row, the entering tokens first (ascending), padded with

@@ -39,24 +39,32 @@ def port_free(port: int) -> bool:
             return False
 
 
+def _samples(text: str):
+    """Prometheus text -> ``(series and labels, value)`` of every sample line
+    with a finite value."""
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        head, _, tail = line.rpartition(" ")
+        try:
+            value = float(tail)
+        except ValueError:
+            continue
+        if head and math.isfinite(value):
+            yield head, value
+
+
 def parse_metrics(text: str, **labels: str) -> dict[str, float]:
     """Prometheus text -> {series name: value summed over its label sets};
     ``labels`` (e.g. ``finished_reason="length"``) keeps only the samples
     carrying them."""
     want = [f'{k}="{v}"' for k, v in labels.items()]
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
+    for head, value in _samples(text):
+        if want and not all(w in head for w in want):
             continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if want and not all(w in line.rsplit(" ", 1)[0] for w in want):
-            continue
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if math.isfinite(value):
-            out[name] = out.get(name, 0.0) + value
+        name = head.split("{", 1)[0].split(" ", 1)[0]
+        out[name] = out.get(name, 0.0) + value
     return out
 
 
@@ -66,15 +74,9 @@ def by_label(text: str, name: str, label: str) -> dict[str, float]:
     ``phase``."""
     out: dict[str, float] = {}
     key = re.compile(rf'[{{,]{re.escape(label)}="([^"]*)"')
-    for line in text.splitlines():
-        found = key.search(line) if line.startswith(name + "{") else None
-        if found is None:
-            continue
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if math.isfinite(value):
+    for head, value in _samples(text):
+        found = key.search(head) if head.startswith(name + "{") else None
+        if found is not None:
             out[found.group(1)] = out.get(found.group(1), 0.0) + value
     return out
 

@@ -33,6 +33,16 @@ def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> int:
                        dtype_bytes)
 
 
+def pool_tokens(prompts: list[list[int]], output_len: int, pool_seqs: float,
+                block_size: int) -> int:
+    """A KV pool of ``pool_seqs`` mean sequences (prompt + output) of
+    ``prompts``, in tokens, never below the longest one plus a block (one
+    sequence must fit)."""
+    mean_seq = sum(len(p) for p in prompts) / len(prompts) + output_len
+    longest = max(len(p) for p in prompts) + output_len
+    return max(int(pool_seqs * mean_seq), longest + block_size)
+
+
 def greedy_spec(model: str, prompts: list[list[int]], output_len: int, pool_tokens: int,
                 block_size: int, dtype: str = "bfloat16", seed: int = 0) -> dict:
     """An :mod:`engine_run` spec: greedy decoding of ``prompts`` (token ids) on a

@@ -62,6 +62,12 @@ class Layout:
     pos_packed: torch.Tensor
 
 
+def region_bytes(stack: torch.Tensor) -> torch.Tensor:
+    """A stacked cache view ``[L', NB, H, bs, 2D]`` as the bytes of its
+    (block, head) regions: ``[L', NB, H, region_bytes]``."""
+    return stack.view(torch.uint8).view(*stack.shape[:3], -1)
+
+
 def _byte_stacks(comp):
     """``(bytes [L', NB * H * region_bytes], layers)`` per stacked cache view."""
     return [(stack.view(torch.uint8).view(stack.shape[0], -1), layers)
@@ -83,7 +89,8 @@ def zero_blocks(comp, blocks: list[int]) -> None:
         stack.view(torch.uint8)[:, t] = 0
 
 
-def _cache_dtype(comp):
+def cache_dtype(comp):
+    """The dtype tokens are written in: the cache's, float32 for a byte cache."""
     c = comp.caches[0]
     return c.dtype if c.is_floating_point() else torch.float32
 
@@ -129,7 +136,7 @@ def rewrite(comp, levels, counts, new_level, held: Held, dest: list[int],
     layout = Layout(plain_ids, segments, pos0, _cat_pos(pos_packed, layers, heads))
 
     def write() -> None:
-        cdt = _cache_dtype(comp)
+        cdt = cache_dtype(comp)
         token_layout = comp.token_layout()
         new_packed = {b for b, _, _ in segments}
         zero_blocks(comp, [b for b in old_packed if b not in new_packed])
@@ -144,8 +151,7 @@ def rewrite(comp, levels, counts, new_level, held: Held, dest: list[int],
                 _, ids, pages = w
                 t = torch.tensor(ids, dtype=torch.int64)
                 for stack, sl in comp.stacks:
-                    bv = stack.view(torch.uint8).reshape(*stack.shape[:3], -1)
-                    bv[:, t] = pages[sl].permute(0, 2, 1, 3)
+                    region_bytes(stack)[:, t] = pages[sl].permute(0, 2, 1, 3)
 
     return layout, write
 
@@ -271,7 +277,7 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
     pos_plain = held.pos.reshape(rows, n).gather(1, at0).view(layers, heads, c0)
 
     # Read and pack everything the writes need before writing any of it.
-    cdt = _cache_dtype(comp)
+    cdt = cache_dtype(comp)
     stacks = _byte_stacks(comp)
     region = 2 * bs * d * eb
     hidx = torch.arange(rows) % heads  # each row's KV head

@@ -63,8 +63,7 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
         tail = st.logical_at_event + torch.arange(p - c0)
         pos_plain = torch.cat([st.pos_plain, tail.expand(layers, heads, -1)], -1)
         ps = [st.pos_packed]
-        byte_stacks = [stack.view(torch.uint8).reshape(*stack.shape[:3], -1)
-                       for stack, _ in comp.stacks]
+        byte_stacks = [tier_write.region_bytes(stack) for stack, _ in comp.stacks]
         for block, form, n in st.segments:
             pf = paged_form(form, d, bs, eb)
             pages = torch.cat([bv[:, block] for bv in byte_stacks])  # [L, H, rb]
@@ -100,7 +99,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
     n = held.keys.shape[2]
     with comp.timed("event_plan"):
         method = comp.method_for(ev)
-        cdt = comp.caches[0].dtype if comp.caches[0].is_floating_point() else torch.float32
+        cdt = tier_write.cache_dtype(comp)
         q = qpos = None
         if method.needs_queries:
             q, qpos = comp.queries_for(ev.req_id, n, ev.logical_len)
