@@ -95,6 +95,8 @@ class KVShrinkConfig:
     record_dir: str = ""
     strict: bool = False
     inject_fault: str = ""
+    #: tensor-parallel rank the injected fault fires on (-1: every rank)
+    inject_fault_rank: int = -1
     method_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: ``method_args`` with defaults filled in and checked (derived).
     args: Mapping[str, Any] = dataclasses.field(
@@ -181,6 +183,7 @@ class KVShrinkConfig:
             ("obs_window", 1),
             ("pool_kernel", 1),
             ("min_prompt_tokens", 0),
+            ("inject_fault_rank", -1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -234,6 +237,7 @@ class KVShrinkConfig:
             record_dir=envs.get("RECORD_DIR"),
             strict=envs.get("STRICT"),
             inject_fault=envs.get("INJECT_FAULT"),
+            inject_fault_rank=envs.get("INJECT_FAULT_RANK"),
             method_args=envs.get("METHOD_ARGS"),
         )
 

@@ -198,6 +198,13 @@ _VARS: list[EnvVar] = [
         _str,
     ),
     EnvVar(
+        PREFIX + "INJECT_FAULT_RANK",
+        "-1",
+        "Testing, with VLLM_KVSHRINK_INJECT_FAULT under tensor parallelism: the "
+        "fault fires on this tensor-parallel rank only. -1 (the default): on every rank.",
+        _int,
+    ),
+    EnvVar(
         PREFIX + "STRICT",
         "0",
         "Testing: re-raise failures inside compaction instead of falling back "

@@ -17,8 +17,9 @@ from vllm_kvshrink.serving.core.scheduler import check_supported
 from vllm_kvshrink.envs import KVShrinkConfigError
 
 
-def _spec(cls=FullAttentionSpec, **kw):
-    return cls(block_size=32, num_kv_heads=3, head_size=64, dtype=torch.bfloat16, **kw)
+def _spec(cls=FullAttentionSpec, num_kv_heads=3, **kw):
+    return cls(block_size=32, num_kv_heads=num_kv_heads, head_size=64, dtype=torch.bfloat16,
+               **kw)
 
 
 def _kv(*specs):
@@ -29,7 +30,8 @@ def _vllm(**parallel):
     pc = dict(tensor_parallel_size=1, pipeline_parallel_size=1,
               decode_context_parallel_size=1, prefill_context_parallel_size=1)
     pc.update(parallel)
-    return SimpleNamespace(model_config=SimpleNamespace(model="org/some-model"),
+    return SimpleNamespace(model_config=SimpleNamespace(model="org/some-model",
+                                                        get_total_num_kv_heads=lambda: 3),
                            speculative_config=None, kv_transfer_config=None,
                            parallel_config=SimpleNamespace(**pc))
 
@@ -74,9 +76,14 @@ def test_kv_connector_is_refused():
     assert "kv_transfer_config" in _refused(cfg, _kv(_spec()))
 
 
-def test_tensor_parallelism_is_refused():
+def test_tensor_parallelism_that_splits_the_kv_heads_is_accepted():
+    check_supported(_vllm(tensor_parallel_size=3), _kv(_spec(num_kv_heads=1)))
+
+
+def test_tensor_parallelism_that_replicates_kv_heads_is_refused():
     msg = _refused(_vllm(tensor_parallel_size=2), _kv(_spec()))
-    assert "tensor_parallel_size=2" in msg and "allowed: tensor_parallel_size=1" in msg
+    assert "tensor_parallel_size=2" in msg and "3 KV heads" in msg
+    assert "a tensor_parallel_size that divides 3" in msg
 
 
 @pytest.mark.parametrize("setting", ["pipeline_parallel_size",

@@ -164,7 +164,7 @@ class AdaptiveSelect(ScoringMethod):
 
     def _coverage(self, scores: torch.Tensor, target: torch.Tensor,
                   total: torch.Tensor, exists: torch.Tensor | None, s0: int,
-                  p0: int) -> torch.Tensor:
+                  p0: int, heads) -> torch.Tensor:
         """``[L]`` held-out mass share on each layer's top-k (mean over heads);
         ``k = ceil(frac * M)`` of the ``M`` measured tokens that exist."""
         s = scores[:, :, s0:p0].to(torch.float32).nan_to_num(nan=float("-inf"))
@@ -177,7 +177,8 @@ class AdaptiveSelect(ScoringMethod):
         order = torch.sort(s, dim=-1, descending=True, stable=True).indices
         picked = torch.arange(m)[None, None, :] < k[..., None]
         mass = (target.gather(-1, order) * picked).sum(-1)
-        return (mass / total).mean(dim=1)
+        # every KV head of the layer, those of other tensor-parallel ranks too
+        return heads.gather(mass / total, 1).mean(dim=1)
 
     def score_layers(self, obs, state):
         if obs.queries is None or obs.queries.shape[2] == 0:
@@ -188,6 +189,7 @@ class AdaptiveSelect(ScoringMethod):
         # Held-out queries' attention entropy, normalised by log N.
         held_p = probs[:, :, :, w1:]
         ent = -torch.special.xlogy(held_p, held_p).sum(-1)  # [L, H, G, h]
+        ent = obs.heads.gather(ent, 1)
         ent_l = (ent / math.log(n) if n > 1 else torch.zeros_like(ent)).mean((1, 2, 3))
         # Fresh containers: the caller's state (and a shallow copy of it, as
         # the engine makes) is never written through.
@@ -204,7 +206,7 @@ class AdaptiveSelect(ScoringMethod):
             exists = None if mask is None else mask[:, :, s0:p0].to(torch.bool)
             cov = torch.stack([
                 self._coverage(self._probe(m, sub, subs[name]), target, total, exists,
-                               s0, p0)
+                               s0, p0, obs.heads)
                 for name, m in self.candidates])  # [C, L]
             acc = cov if acc is None else self.decay * acc + (1 - self.decay) * cov
         if acc is None:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from vllm_kvshrink.policy.heads import LOCAL, HeadGroup
 from vllm_kvshrink.policy.softmax import window_probs
 
 
@@ -49,6 +50,10 @@ class Observation:
             tokens neither resident nor offloaded are gone): :meth:`probs`
             gives the others no attention.  Scorers that read the keys
             directly see zeros there; the tier policy never picks them.
+        heads: the KV heads a reduction over heads must span
+            (:class:`~vllm_kvshrink.policy.heads.HeadGroup`): under tensor
+            parallelism this observation holds one rank's heads, and a method
+            that reduces over heads gathers the others first.
     """
 
     keys: torch.Tensor
@@ -58,6 +63,7 @@ class Observation:
     values: Any = None
     rope_inv_freq: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    heads: HeadGroup = LOCAL
     _probs: torch.Tensor | None = field(default=None, repr=False)
     _attn: torch.Tensor | None = field(default=None, repr=False)
 

@@ -21,4 +21,6 @@ class TOVA(ScoringMethod):
         l, h, n = obs.keys.shape[:3]
         newest = int(obs.query_pos.argmax())
         p = obs.probs()[:, :, :, newest]  # [L, H, G, N]
+        # every KV head of the layer, those of other tensor-parallel ranks too
+        p = obs.heads.gather(p, 1)
         return p.mean(dim=(1, 2))[:, None, :].expand(l, h, n).contiguous()

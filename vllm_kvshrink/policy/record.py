@@ -19,6 +19,11 @@ held) and ``budget_bytes``.  The engine adds ``req_id`` and ``epoch`` (times
 the request was preempted and recomputed); a preemption writes a marker
 ``{"req_id", "restart_at", "epoch"}`` whose ``restart_at`` is the index of the
 new epoch's first sampled token.
+
+Under tensor parallelism each rank writes the records of its own KV heads,
+tagged ``tp_rank`` and ``tp_size``; the readers here merge them into one
+record over every head (rank order, as vLLM splits them), so a TP engine's
+records read like the single-rank engine's.
 """
 
 from __future__ import annotations
@@ -66,16 +71,61 @@ def append_record(record_dir: str, record: dict) -> None:
 
 
 def _lines(record_dir: str | Path, external_ids: bool):
-    """``(request key, record)`` of every line of every record file; vLLM
-    appends ``-<8 hex>`` to the id a caller gives a request, and with
+    """``(request key, record)`` of every line of every record file, the
+    ranks' records of one event merged (:func:`merge_ranks`); vLLM appends
+    ``-<8 hex>`` to the id a caller gives a request, and with
     ``external_ids`` the key is the caller's id."""
+    lines, ranked = [], {}
     for path in sorted(Path(record_dir).glob(RECORD_GLOB)):
         for line in path.read_text().splitlines():
             e = json.loads(line)
-            key = e["req_id"]
-            if external_ids and "-" in key:
-                key = key.rsplit("-", 1)[0]
-            yield key, e
+            if e.get("tp_size", 1) > 1:
+                what = ("restart_at", e["restart_at"]) if "restart_at" in e \
+                    else ("logical_len", e["logical_len"])
+                ident = (e["req_id"], e.get("epoch", 0), what)
+                if ident not in ranked:
+                    ranked[ident] = []
+                    lines.append(ident)
+                ranked[ident].append(e)
+            else:
+                lines.append(e)
+    for e in lines:
+        if isinstance(e, tuple):
+            e = merge_ranks(ranked[e])
+        key = e["req_id"]
+        if external_ids and "-" in key:
+            key = key.rsplit("-", 1)[0]
+        yield key, e
+
+
+#: per-(layer, KV head) fields of a record: ``[L, Hkv, ...]`` nested lists
+HEAD_FIELDS = ("kept", "level")
+
+
+def merge_ranks(parts: list[dict]) -> dict:
+    """One record over every KV head from the tensor-parallel ranks' records
+    of the same event (each ``[L, Hkv / tp_size, ...]``): heads concatenated
+    in rank order, bytes summed; every other field must agree."""
+    size = parts[0]["tp_size"]
+    by_rank = {p["tp_rank"]: p for p in parts}
+    if sorted(by_rank) != list(range(size)) or len(parts) != size:
+        raise ValueError(f"event of {parts[0]['req_id']!r} recorded by tensor-parallel "
+                         f"ranks {sorted(p['tp_rank'] for p in parts)} of {size}")
+    ordered = [by_rank[r] for r in range(size)]
+    out = {k: v for k, v in ordered[0].items() if k not in ("tp_rank", "tp_size")}
+    for k, v in out.items():
+        if k in HEAD_FIELDS or k == "bytes":
+            continue
+        if any(p.get(k) != v for p in ordered[1:]):
+            raise ValueError(f"tensor-parallel ranks disagree on {k!r} in an event of "
+                             f"{out['req_id']!r}: {[p.get(k) for p in ordered]}")
+    for k in HEAD_FIELDS:
+        if k in out:
+            out[k] = [sum((p[k][layer] for p in ordered), [])
+                      for layer in range(len(out[k]))]
+    if "bytes" in out:
+        out["bytes"] = sum(p["bytes"] for p in ordered)
+    return out
 
 
 def load_events(record_dir: str | Path, external_ids: bool = True) -> dict[str, list[dict]]:

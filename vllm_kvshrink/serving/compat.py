@@ -95,6 +95,9 @@ SYMBOLS: tuple[Symbol, ...] = (
            "slot mapping from physical positions"),
     Symbol("vllm.v1.worker.block_table:BlockTable.add_row",
            ("self", "block_ids", "row_idx"), "replace a compacted request's row"),
+    Symbol("vllm.distributed.parallel_state:get_tp_group", (),
+           "the tensor-parallel group whose ranks agree on every event "
+           "(world_size, rank_in_group, cpu_group)"),
     # ---- attention (CPU)
     Symbol("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
            ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata",
@@ -149,6 +152,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "block_pool": ("blocks", "get_new_blocks", "free_blocks", "get_num_free_blocks",
                    "evict_blocks"),
     "block": ("block_id", "ref_cnt"),
+    "tp_group": ("world_size", "rank_in_group", "cpu_group"),
     "model_runner": (
         "kv_cache_config.kv_cache_groups",
         "compilation_config.static_forward_context",

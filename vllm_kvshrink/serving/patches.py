@@ -127,7 +127,7 @@ def _check_fits(vllm_config, cfg: KVShrinkConfig, request) -> None:
     geo = None
     if req_cfg.tiered:
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
-        geo = TierGeometry(mc.get_num_layers(pc), mc.get_num_kv_heads(pc),
+        geo = TierGeometry(mc.get_num_layers(pc), mc.get_total_num_kv_heads(),
                            mc.get_head_size(), bs, mc.dtype.itemsize)
     need = request_peak_blocks(req_cfg, total, bs, chunk, geo)
     if need <= cache.num_gpu_blocks - 1:

@@ -31,12 +31,17 @@ class TierGeometry:
     elem_bytes: int
 
     @staticmethod
-    def of(kv_cache_config, block_size: int) -> "TierGeometry":
-        """From vLLM's ``KVCacheConfig`` (its one full-attention group)."""
+    def of(kv_cache_config, block_size: int, tensor_parallel_size: int = 1
+           ) -> "TierGeometry":
+        """From vLLM's ``KVCacheConfig`` (its one full-attention group), whose
+        spec counts one tensor-parallel rank's KV heads: the scheduler counts
+        every rank's, as the single-rank engine does (a block holds the same
+        tokens on every rank), so budgets and events fall on the same steps."""
         group = kv_cache_config.kv_cache_groups[0]
         spec = group.kv_cache_spec
         dtype = spec.dtype
-        return TierGeometry(len(group.layer_names), spec.num_kv_heads, spec.head_size,
+        return TierGeometry(len(group.layer_names),
+                            spec.num_kv_heads * tensor_parallel_size, spec.head_size,
                             block_size, dtype.itemsize)
 
     @property

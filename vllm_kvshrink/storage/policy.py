@@ -39,6 +39,7 @@ from typing import Sequence
 
 import torch
 
+from vllm_kvshrink.policy.heads import LOCAL, HeadGroup
 from vllm_kvshrink.policy.softmax import window_probs
 from vllm_kvshrink.storage import FULL, get_form
 
@@ -90,17 +91,24 @@ def held_bytes(level: torch.Tensor, levels: Sequence[str], head_dim: int) -> int
 
 
 def measure_distortion(keys: torch.Tensor, values: torch.Tensor,
-                       levels: Sequence[str], sample: int = 256) -> list[float]:
+                       levels: Sequence[str], sample: int = 256,
+                       heads: HeadGroup = LOCAL) -> list[float]:
     """Relative error ``sqrt(|x - x'|^2 / |x|^2)`` of K and V (root of the
     mean of the two squared) of each level, on the first ``sample`` tokens of every (layer,
-    head); ``keys``/``values`` ``[L, H, N, D]``."""
+    head); ``keys``/``values`` ``[L, H, N, D]``; sums over every KV head of
+    ``heads``."""
     k = keys[:, :, :sample].reshape(-1, min(sample, keys.shape[2]), keys.shape[-1])
     v = values[:, :, :sample].reshape(k.shape)
+    l, h = keys.shape[:2]
     out = []
     for name in levels:
         kh, vh = get_form(name).roundtrip(k, v)
-        err = [float(((a.float() - b.float()) ** 2).sum() / (b.float() ** 2).sum().clamp_min(1e-30))
-               for a, b in ((kh, k), (vh, v))]
+        # squared error and squared norm of K and V per (layer, head): [4, L, H]
+        part = torch.stack([s.view(l, h) for a, b in ((kh, k), (vh, v))
+                            for s in (((a.float() - b.float()) ** 2).sum((1, 2)),
+                                      (b.float() ** 2).sum((1, 2)))])
+        tot = heads.gather(part, 2).sum((1, 2))  # over every rank's heads
+        err = [float(tot[0] / tot[1].clamp_min(1e-30)), float(tot[2] / tot[3].clamp_min(1e-30))]
         out.append(math.sqrt(sum(err) / 2))
     return out
 
@@ -139,8 +147,11 @@ def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
         p = window_probs(q, k, obs.query_pos, scale, held)
         return torch.einsum("lhgwn,lhnd->lhgwd", p, v.float())
 
+    def dist(a, b) -> float:  # over every rank's heads
+        return float(obs.heads.gather(a - b, 1).norm())
+
     ref = out(keys, values)
-    evict = max(float((out(keys, values, protect) - ref).norm()), 1e-30)
+    evict = max(dist(out(keys, values, protect), ref), 1e-30)
     res = []
     flat_k = keys.reshape(l * h, n, d)
     flat_v = values.reshape(l * h, n, d)
@@ -151,7 +162,7 @@ def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
         kq, vq = get_form(name).roundtrip(flat_k, flat_v)
         kq = torch.where(protect[None, :, None], flat_k, kq).view(l, h, n, d)
         vq = torch.where(protect[None, :, None], flat_v, vq).view(l, h, n, d)
-        res.append(min(1.0, float((out(kq, vq) - ref).norm()) / evict))
+        res.append(min(1.0, dist(out(kq, vq), ref) / evict))
     return res
 
 
@@ -179,6 +190,7 @@ def plan_tiers(
     bf16_free: bool = True,
     available: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
+    heads: HeadGroup = LOCAL,
 ) -> TierPlan:
     """Assign every token a level so the bytes held fit ``budget_bytes``.
 
@@ -199,6 +211,9 @@ def plan_tiers(
             scores of its row are shifted to start at 0 (``None``: 1); the
             promotion view uses it for a margin a token must clear to come
             back from eviction.
+        heads: the KV heads the plan spans (tensor parallelism: ``scores``
+            hold this rank's, ``budget_bytes`` covers every rank's; the
+            counts, the same on every rank, are the single-rank plan's).
 
     Returns:
         :class:`TierPlan`.  Raises ``ValueError`` if the protected tokens alone
@@ -215,7 +230,8 @@ def plan_tiers(
     n_prot = int(protect.sum())
     if bool((current[:, :, protect] != 0).any()):
         raise ValueError("a protected token (sink or recent) is not held in bf16")
-    prot_bytes = l * h * forms[0].nbytes(n_prot, head_dim)
+    rows = l * h * heads.size  # (layer, KV head) pairs on every rank
+    prot_bytes = rows * forms[0].nbytes(n_prot, head_dim)
     if prot_bytes > budget_bytes:
         raise ValueError(f"the sinks and recent window ({n_prot} tokens, {prot_bytes} "
                          f"bytes) exceed the byte budget {budget_bytes}")
@@ -233,7 +249,7 @@ def plan_tiers(
     if have is not None:
         s = s.masked_fill(~have, 0.0)
     s = s / s.sum(-1, keepdim=True).clamp_min(1e-30)
-    w = torch.sort(s, dim=-1, descending=True).values.mean((0, 1))  # [M]
+    w = heads.gather(torch.sort(s, dim=-1, descending=True).values, 1).mean((0, 1))  # [M]
     cost = [f.bytes_per_token(head_dim) for f in forms]
     dist = list(distortion)
     if not bf16_free:  # bf16 stays for protected tokens only
@@ -242,7 +258,7 @@ def plan_tiers(
     def exact(counts: list[int]) -> int:
         c = list(counts)
         c[0] += n_prot
-        return l * h * sum(f.nbytes(k, head_dim) for f, k in zip(forms, c))
+        return rows * sum(f.nbytes(k, head_dim) for f, k in zip(forms, c))
 
     lo, hi = 0.0, 1.0
     while exact(_split(w, cost, dist, hi)) > budget_bytes and hi < 1e12:
@@ -272,7 +288,8 @@ def plan_tiers(
         eligible = (~taken) & (current <= i)
         if available is not None:
             eligible &= available
-        want = min(counts[i], int(eligible.sum(-1).min())) if counts[i] else 0
+        fill = heads.gather(eligible.sum(-1), 1)  # every rank's (layer, head)s
+        want = min(counts[i], int(fill.min())) if counts[i] else 0
         if want:
             r = ranked.masked_fill(~eligible, float("-inf"))
             idx = torch.topk(r, want, dim=-1).indices
@@ -307,7 +324,7 @@ def form_distortion(obs, values: torch.Tensor, levels: Sequence[str], sink_token
         return list(memo["distortion"])
     dist = attention_distortion(obs, values, levels, sink_tokens, recent_tokens)
     if dist is None:  # query-free scorers: the K/V error itself
-        dist = measure_distortion(obs.keys, values, levels)
+        dist = measure_distortion(obs.keys, values, levels, heads=obs.heads)
     if memo is not None:
         memo.update(levels=tuple(levels), tokens=n, distortion=list(dist))
     return dist
@@ -335,7 +352,7 @@ def tier_event(method, obs, state: dict, levels: Sequence[str], budget_bytes: in
     dist = form_distortion(obs, values, levels, sink_tokens, recent_tokens, memo)
     plan = plan_tiers(scores, levels, budget_bytes, d, sink_tokens, recent_tokens, dist,
                       current=current, bf16_free=bf16_free, available=obs.key_mask,
-                      weight=weight)
+                      weight=weight, heads=obs.heads)
     method.update(state, plan.keep() if carry is None else carry)
     return plan
 

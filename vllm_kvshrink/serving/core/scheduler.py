@@ -91,16 +91,17 @@ def check_supported(vllm_config, kv_cache_config) -> None:
             "VLLM_KVSHRINK_METHOD (set one of them off)"
         )
     pc = vllm_config.parallel_config
-    if pc.tensor_parallel_size > 1:
-        # vLLM takes a step's output from one rank only: a compaction that
-        # failed on another rank would be counted as done and its KV heads
-        # would disagree with the block table.
+    tp = pc.tensor_parallel_size
+    heads = vllm_config.model_config.get_total_num_kv_heads()
+    if tp > 1 and heads % tp:
+        # vLLM would replicate KV heads across ranks: the ranks' heads would
+        # no longer add up to the model's, which every cross-head decision
+        # (policy.heads) relies on.
         raise KVShrinkConfigError(
-            f"tensor_parallel_size={pc.tensor_parallel_size} is not supported "
-            f"together with VLLM_KVSHRINK_METHOD (every rank would have to "
-            f"report each compaction, and vLLM reads a step's output from one "
-            f"rank); allowed: tensor_parallel_size=1, or set "
-            f"VLLM_KVSHRINK_METHOD=none")
+            f"tensor_parallel_size={tp} does not divide the {heads} KV heads of "
+            f"model {model!r} (vLLM would replicate KV heads across ranks), which "
+            f"VLLM_KVSHRINK_METHOD does not support; allowed: a tensor_parallel_size "
+            f"that divides {heads}, or set VLLM_KVSHRINK_METHOD=none")
     if pc.pipeline_parallel_size > 1 or getattr(pc, "decode_context_parallel_size", 1) > 1 \
             or getattr(pc, "prefill_context_parallel_size", 1) > 1:
         raise KVShrinkConfigError(
@@ -124,7 +125,9 @@ class KVShrinkScheduler(Scheduler):
         check_cache_dtype(self.kvs_config, self.kvs_cache_dtype)
         self.kvs_block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.kvs_state: dict[str, _ReqState] = {}
-        self.kvs_tiers = TierGeometry.of(self.kv_cache_config, self.kvs_block_size)
+        self.kvs_tiers = TierGeometry.of(
+            self.kv_cache_config, self.kvs_block_size,
+            self.vllm_config.parallel_config.tensor_parallel_size)
         self._kvs_zero: list[int] = []  # packed blocks freed since the last step
         self.kvs_counters = Counters()
         #: the worker's latest statistics as it reported them

@@ -20,6 +20,7 @@ from vllm_kvshrink.config import KVShrinkConfig
 from vllm_kvshrink.kernels.layouts import stack_layers
 from vllm_kvshrink.methods import Observation, build_method, compress_event, select_keep
 from vllm_kvshrink.policy import record
+from vllm_kvshrink.policy.heads import LOCAL, HeadGroup
 from vllm_kvshrink.policy.observation import query_index
 from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.serving.metrics import phases
@@ -98,6 +99,9 @@ class Compactor:
     _weights_logged: set = field(default_factory=set)
     #: times each live request was preempted (and so recomputed)
     epochs: dict = field(default_factory=dict)
+    #: the KV heads an event's decisions span: this rank's and, under tensor
+    #: parallelism, the other ranks' (:mod:`~vllm_kvshrink.policy.heads`)
+    heads: HeadGroup = LOCAL
 
     def __post_init__(self) -> None:
         self.layer_index = {n: i for i, n in enumerate(self.layer_names)}
@@ -310,9 +314,10 @@ class Compactor:
         return m
 
     def check_fault(self, req_id: str) -> None:
-        fault = self.config.inject_fault
-        if fault and req_id.startswith(fault):
-            raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r})")
+        fault, rank = self.config.inject_fault, self.config.inject_fault_rank
+        if fault and req_id.startswith(fault) and rank in (-1, self.heads.rank):
+            raise RuntimeError(f"fault injected (VLLM_KVSHRINK_INJECT_FAULT={fault!r}, "
+                               f"tensor-parallel rank {self.heads.rank})")
 
     def queries_for(self, req_id: str, n: int, logical_len: int):
         """The observation window of a request holding ``n`` tokens in cache
@@ -349,7 +354,8 @@ class Compactor:
         # Stateful methods update their state in place: work on a copy so a
         # failure below leaves the request's state as it was.
         work = dict(state) if method.stateful else state
-        obs = Observation(keys, q, qpos, self.scales, rope_inv_freq=self.rope_inv_freq)
+        obs = Observation(keys, q, qpos, self.scales, rope_inv_freq=self.rope_inv_freq,
+                          heads=self.heads)
         res = compress_event(method, obs, work, comp.keep, comp.sink_tokens,
                              comp.recent_tokens, values=lambda: self.read_values(*slots))
         if r is not None and method.stateful:
@@ -372,6 +378,7 @@ class Compactor:
             comp.keep and int(keep.max()) >= comp.old_len
         ):
             raise RuntimeError("selection out of range")
+        self.heads.agree()  # every rank has planned (or none writes)
         # Everything checked: now write.  Nothing above touched the cache.
         with self.timed("move"):
             self._move(comp, old_blocks, keep, new_keys, new_values)
@@ -474,6 +481,8 @@ class Compactor:
         if not self.config.record_dir:
             return
         rec["epoch"] = self.epochs.get(rec["req_id"], 0)
+        if self.heads.size > 1:  # this rank's heads; the readers merge the ranks'
+            rec.update(tp_rank=self.heads.rank, tp_size=self.heads.size)
         record.append_record(self.config.record_dir, rec)
 
     def restart(self, req_id: str, num_tokens: int) -> None:

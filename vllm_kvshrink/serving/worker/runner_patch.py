@@ -26,6 +26,7 @@ import torch
 
 from vllm_kvshrink import config as config_mod
 from vllm_kvshrink.config import KVShrinkConfig
+from vllm_kvshrink.policy.heads import PeerFailed
 from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.serving.worker import step_context
 from vllm_kvshrink.serving.worker.compactor import Compactor
@@ -69,7 +70,10 @@ def _build_compactor(runner, cfg: KVShrinkConfig) -> Compactor:
             k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_dtype,
         )
 
+    from vllm_kvshrink.serving.worker.tp_group import worker_heads
+
     return Compactor(
+        heads=worker_heads(),
         rope_inv_freq=_rope_inv_freq(runner, impl.head_size),
         model_name=str(runner.model_config.model),
         config=cfg,
@@ -143,13 +147,20 @@ def _run_compactions(runner, comp: Compactor) -> None:
     results: dict[str, object] = {}
 
     def attempt(req_id: str, what: str, fn) -> None:
-        """Run one plan; a failure moves nothing, is logged and reported."""
+        """Run one plan; a failure moves nothing, is logged and reported.
+        Under tensor parallelism every rank runs the same plans in the same
+        order and a failure on any rank, before anything is written, falls
+        back on all (:mod:`~vllm_kvshrink.policy.heads`): the outcome rank 0
+        reports is every rank's."""
         req_state = runner.requests.get(req_id)
+        comp.heads.begin()
         try:
             if req_state is None:
                 raise RuntimeError("request unknown to the worker")
             new_row, result = fn(list(req_state.block_ids[0]))
         except Exception as e:  # noqa: BLE001 - any failure falls back
+            if not isinstance(e, PeerFailed):
+                comp.heads.fail(f"{type(e).__name__}: {e}")
             if comp.config.strict:
                 raise
             logger.warning("vllm-kvshrink: %s of %s failed: %r", what, req_id, e)

@@ -105,7 +105,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
             q, qpos = comp.queries_for(ev.req_id, n, ev.logical_len)
         work = dict(r.method_state) if method.stateful else r.method_state
         obs = Observation(held.keys.to(cdt), q, qpos, comp.scales,
-                          rope_inv_freq=comp.rope_inv_freq)
+                          rope_inv_freq=comp.rope_inv_freq, heads=comp.heads)
         memo = dict(r.tier_memo)  # kept only if the event completes
         plan = tier_event(method, obs, work, levels, ev.budget_bytes, ev.sink_tokens,
                           ev.recent_tokens, held.values.to(cdt), held.level,
@@ -124,6 +124,7 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
             laid = tier_write.rewrite(comp, levels, plan.counts, plan.level, held,
                                       ev.dest_blocks, [])
         layout, write = laid
+    comp.heads.agree()  # every rank has read and planned (or none writes)
     with comp.timed("event_write"):
         write()
     if method.stateful:
