@@ -103,7 +103,31 @@ def _fork_server(base_env: dict[str, str]):
 
 #: vLLM variables read when an engine starts (not at import), which a forked
 #: run may set itself, besides the plugin's own
-_ENGINE_START_ENV = ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING")
+_ENGINE_START_ENV = ("VLLM_PLUGINS", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                     "VLLM_CPU_OMP_THREADS_BIND")
+
+
+def tp_thread_binding(tensor_parallel_size: int) -> dict[str, str]:
+    """The environment a CPU engine with ``tensor_parallel_size`` ranks needs
+    on this machine: vLLM binds each rank's threads to its own NUMA node and
+    refuses to start with fewer nodes than ranks, so where there are fewer
+    and ``VLLM_CPU_OMP_THREADS_BIND`` is not set already the ranks take this
+    process's CPUs round-robin (``"0|1|0"`` for 3 ranks on 2 CPUs: ranks
+    share cores, which makes absolute timings meaningless but ratios
+    comparable).  ``{}`` for one rank."""
+    if tensor_parallel_size <= 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return {}
+    import glob
+
+    if len(glob.glob("/sys/devices/system/node/node[0-9]*")) >= tensor_parallel_size:
+        return {}  # vLLM's own binding, one node per rank
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= tensor_parallel_size:
+        per = len(cpus) // tensor_parallel_size
+        lists = [cpus[r * per:(r + 1) * per] for r in range(tensor_parallel_size)]
+    else:
+        lists = [[cpus[r % len(cpus)]] for r in range(tensor_parallel_size)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, c)) for c in lists)}
 
 
 #: variables that change from call to call without bearing on the import
