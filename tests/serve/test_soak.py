@@ -19,10 +19,13 @@ POOL_TOKENS = 2560
 MAX_LEN = 4096
 
 
-def _args(model_path: str, pool_tokens: int) -> list[str]:
+def _args(model_path: str, pool_tokens: int, tp: int = 1) -> list[str]:
+    """Server arguments; the pool holds ``pool_tokens`` tokens on every rank
+    (vLLM's ``--kv-cache-memory-bytes`` is per rank, a rank holds ``1 / tp``
+    of a token's bytes)."""
     return ["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--block-size", "32",
             "--max-num-seqs", "16", "--enforce-eager", "--kv-cache-memory-bytes",
-            str(pool_tokens * kv_bytes_per_token(model_path, 4))]
+            str(pool_tokens * kv_bytes_per_token(model_path, 4) // tp)]
 
 
 def test_soak_small(tmp_path, model_path, tokenizer):
@@ -44,4 +47,26 @@ def test_soak_small(tmp_path, model_path, tokenizer):
     summary = soak.check(reqs, ours, final, stock, tie_margin=1e-3)
     assert summary["completed"] >= 30 and summary["disconnected"] >= 1
     assert summary["optout_compared"] >= 4
+    assert summary["tokens_evicted"] > 0
+
+
+def test_soak_tensor_parallel(tmp_path, model_path, tokenizer):
+    """`vllm serve --tensor-parallel-size 3` (one KV head per rank) with a
+    method on: streaming clients, disconnects, opt-outs, invalid requests
+    answered 400, and the counters add up with no fallback.  That a TP
+    engine keeps what one rank keeps is tests/engine/test_engine_tp.py."""
+    from vllm_kvshrink.lab.bench.launch import tp_thread_binding
+
+    reqs = soak.build_requests(tokenizer, 24, seed=1, too_long_tokens=3000)
+    env = {"VLLM_KVSHRINK_METHOD": "tova", "VLLM_KVSHRINK_BUDGET": "0.25",
+           "VLLM_KVSHRINK_SLACK_TOKENS": "32", **tp_thread_binding(3)}
+    args = _args(model_path, POOL_TOKENS, 3) + ["--tensor-parallel-size", "3",
+                                             "--distributed-executor-backend", "mp"]
+    with Server(model_path, args, env, tmp_path / "tp.log") as s:
+        ours = soak.drive(s, reqs, clients=8)
+        final = soak.settle(s)
+        assert s.get("/health") == ""
+        assert s.proc.poll() is None
+    summary = soak.check(reqs, ours, final, None, tie_margin=1e-3)
+    assert summary["completed"] >= 12 and summary["disconnected"] >= 1
     assert summary["tokens_evicted"] > 0
