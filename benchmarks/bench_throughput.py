@@ -22,6 +22,15 @@ per run).
     python benchmarks/bench_throughput.py --pool-seqs 0   # ample memory
     python benchmarks/bench_throughput.py --shape decode --budget 0.125 \
         --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot   # decode-heavy, tiers
+    python benchmarks/bench_throughput.py --quick --tensor-parallel-size 3 \
+        --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot   # every engine on 3 ranks
+
+With ``--tensor-parallel-size`` every engine (stock included) runs on that
+many ranks through vLLM's multiprocess executor, each rank's pool holding the
+same tokens; where the machine has fewer NUMA nodes than ranks the ranks'
+threads are bound round-robin to its CPUs (``VLLM_CPU_OMP_THREADS_BIND``,
+unless set), which on a small machine makes the absolute figures meaningless
+and leaves the ratios.
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ def main() -> int:
                     help="prefill: long essay prompts, short answers (the defaults); "
                     "decode: short prompts, long generations (memory-bound decoding)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ranks every engine runs on (vLLM's CPU tensor parallelism)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short version (a few minutes)")
     ap.add_argument("--json", dest="json_path", help="write the figures here")
@@ -83,11 +94,13 @@ def main() -> int:
     except ValueError as e:
         ap.error(str(e))
     tiered = storage != ("bf16",)
+    if args.tensor_parallel_size < 1:
+        ap.error(f"--tensor-parallel-size={args.tensor_parallel_size}; allowed: 1 or more")
 
     from transformers import AutoTokenizer
 
     from vllm_kvshrink.lab.assets import resolve_model
-    from vllm_kvshrink.lab.bench.launch import run_engine
+    from vllm_kvshrink.lab.bench.launch import run_engine, tp_thread_binding
     from vllm_kvshrink.lab.bench.workload import (
         build_workload,
         greedy_spec,
@@ -106,12 +119,16 @@ def main() -> int:
         pool_tokens = pool_for(prompts, args.output_len, args.pool_seqs, args.block_size)
     else:
         pool_tokens = int(sum(len(p) for p in prompts) + args.num_prompts * (args.output_len + 2 * args.block_size))
+    tp = args.tensor_parallel_size
     spec = greedy_spec(model, prompts, args.output_len, pool_tokens, args.block_size,
-                       args.dtype, args.seed)
+                       args.dtype, args.seed, tensor_parallel_size=tp)
+    binding = tp_thread_binding(tp)
     print(f"workload: {len(prompts)} prompts of {args.min_len}-{args.max_len} essay tokens "
           f"(mean {mean_seq - args.output_len:.0f}), {args.output_len} output tokens; KV pool "
           f"{pool_tokens} tokens = {pool_tokens / mean_seq:.1f} mean sequences "
-          f"({pool_tokens * per_tok / 2**20:.0f} MiB {args.dtype}), block {args.block_size}",
+          f"({pool_tokens * per_tok / 2**20:.0f} MiB {args.dtype}), block {args.block_size}"
+          + (f"; {tp} tensor-parallel ranks" + (f" ({', '.join(f'{k}={v}' for k, v in binding.items())})"
+                                                if binding else "") if tp > 1 else ""),
           flush=True)
     ours_env = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
                 "VLLM_KVSHRINK_SLACK_TOKENS": args.slack}
@@ -129,7 +146,7 @@ def main() -> int:
     for name, env, llm_over in configs:
         print(f"running {name} ...", flush=True)
         run_spec = {**spec, "llm": {**spec["llm"], **llm_over}}
-        runs[name] = run_engine(run_spec, env)
+        runs[name] = run_engine(run_spec, {**env, **binding})
         print(f"  finished in {runs[name]['elapsed_s']:.0f} s of steps (engine start "
               f"{runs[name]['startup_s']:.0f} s)", flush=True)
 

@@ -97,6 +97,11 @@ def test_sink_tokens_negative(monkeypatch):
     assert ">= 0" in msg
 
 
+def test_inject_fault_rank_below_minus_one(monkeypatch):
+    msg = _error(monkeypatch, INJECT_FAULT_RANK="-2")
+    assert "VLLM_KVSHRINK_INJECT_FAULT_RANK=-2" in msg and ">= -1" in msg
+
+
 def test_recent_tokens_zero(monkeypatch):
     msg = _error(monkeypatch, RECENT_TOKENS="0")
     assert "VLLM_KVSHRINK_RECENT_TOKENS=0" in msg

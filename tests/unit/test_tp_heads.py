@@ -194,3 +194,17 @@ def test_records_of_the_ranks_merge_into_the_single_process_record():
     bad = dict(parts[0], counts=[2, 0])
     with pytest.raises(ValueError, match="disagree on 'counts'"):
         merge_ranks([bad, parts[1], parts[2]])
+
+
+def test_thread_binding_for_more_ranks_than_numa_nodes(monkeypatch):
+    from vllm_kvshrink.lab.bench import launch
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("glob.glob", lambda pattern: ["/sys/devices/system/node/node0"])
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _: {0, 1})
+    assert launch.tp_thread_binding(1) == {}
+    assert launch.tp_thread_binding(3) == {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda _: set(range(8)))
+    assert launch.tp_thread_binding(2) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3|4,5,6,7"}
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    assert launch.tp_thread_binding(3) == {}  # the user's setting stands

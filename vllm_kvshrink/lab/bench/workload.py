@@ -44,18 +44,27 @@ def pool_tokens(prompts: list[list[int]], output_len: int, pool_seqs: float,
 
 
 def greedy_spec(model: str, prompts: list[list[int]], output_len: int, pool_tokens: int,
-                block_size: int, dtype: str = "bfloat16", seed: int = 0) -> dict:
+                block_size: int, dtype: str = "bfloat16", seed: int = 0,
+                tensor_parallel_size: int = 1) -> dict:
     """An :mod:`engine_run` spec: greedy decoding of ``prompts`` (token ids) on a
-    KV pool of ``pool_tokens`` tokens; every prompt may run at once."""
+    KV pool of ``pool_tokens`` tokens; every prompt may run at once.  With
+    ``tensor_parallel_size`` ranks (vLLM's multiprocess executor) each rank's
+    pool holds the same ``pool_tokens`` (vLLM's pool bytes are per rank, and a
+    rank holds ``1 / tensor_parallel_size`` of each token)."""
     dtype_bytes = 4 if dtype == "float32" else 2
     max_len = max(len(p) for p in prompts) + output_len
+    llm = dict(
+        model=model, dtype=dtype, max_model_len=max_len + block_size,
+        kv_cache_memory_bytes=(pool_tokens * kv_bytes_per_token(model, dtype_bytes)
+                               // tensor_parallel_size),
+        block_size=block_size, max_num_seqs=len(prompts), enforce_eager=True,
+        seed=seed,
+    )
+    if tensor_parallel_size > 1:
+        llm.update(tensor_parallel_size=tensor_parallel_size,
+                   distributed_executor_backend="mp")
     return {
-        "llm": dict(
-            model=model, dtype=dtype, max_model_len=max_len + block_size,
-            kv_cache_memory_bytes=pool_tokens * kv_bytes_per_token(model, dtype_bytes),
-            block_size=block_size, max_num_seqs=len(prompts), enforce_eager=True,
-            seed=seed,
-        ),
+        "llm": llm,
         "prompts": [{"prompt_token_ids": p} for p in prompts],
         "sampling": {"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True},
         "progress": True,
