@@ -208,3 +208,23 @@ def test_thread_binding_for_more_ranks_than_numa_nodes(monkeypatch):
     assert launch.tp_thread_binding(2) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3|4,5,6,7"}
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     assert launch.tp_thread_binding(3) == {}  # the user's setting stands
+
+
+def test_each_rank_saves_its_online_trained_predictor_to_its_own_file(tmp_path):
+    """Ranks train on their own heads: rank 0 saves where asked, rank r to
+    ``<path>.tp<r>``, so no two ranks write one file."""
+    from types import SimpleNamespace
+
+    from vllm_kvshrink.serving.worker.compactor import Compactor
+
+    path = str(tmp_path / "pred.pt")
+    plan = SimpleNamespace(method="temporal", pool_kernel=7,
+                           method_args={"predictor_save": path})
+    saved = []
+    for rank in (0, 2):
+        comp = Compactor(config=KVShrinkConfig(method="temporal"), layer_names=["l0"],
+                         caches=[torch.zeros(4, 1, 32, 2 * D)], scales=[1.0],
+                         num_q_heads=G, head_size=D, max_reqs=2, write_fn=None,
+                         heads=_ThreadRank(_Hub(3), 3, rank))
+        saved.append(comp.method_for(plan).save_path)
+    assert saved == [path, path + ".tp2"]

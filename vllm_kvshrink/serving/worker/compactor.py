@@ -308,8 +308,13 @@ class Compactor:
         key = (comp.method, comp.pool_kernel, json.dumps(comp.method_args, sort_keys=True))
         m = self._methods.get(key)
         if m is None:
+            args = dict(comp.method_args)
+            if args.get("predictor_save") and self.heads.rank > 0:
+                # Under tensor parallelism each rank trains on its own heads:
+                # rank 0 saves where asked, rank r beside it (never the same file).
+                args["predictor_save"] = f"{args['predictor_save']}.tp{self.heads.rank}"
             cfg_like = KVShrinkConfig(method=comp.method, pool_kernel=comp.pool_kernel,
-                                      method_args=comp.method_args)
+                                      method_args=args)
             m = self._methods[key] = build_method(cfg_like)
         return m
 
