@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "page_format.h"
+
 namespace kvshrink_cpu {
 namespace {
 
@@ -42,32 +44,9 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // Form table columns (PackedBatch.form_table()).
 enum { F_KBITS, F_VBITS, F_ROT, F_CAP, F_KOFF, F_VOFF, F_POFF, F_COLS };
 
-// Orthonormal Hadamard rotation of one row in place: x <- x @ H, H the
-// Sylvester matrix / sqrt(d) (vllm_kvshrink/kernels/hadamard.py); d a power of two.
-inline void hadamard_row(float* x, int d) {
-  for (int h = 1; h < d; h *= 2)
-    for (int i = 0; i < d; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-  const float norm = 1.0f / std::sqrt(float(d));
-  for (int e = 0; e < d; ++e) x[e] *= norm;
-}
-
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
-
-inline float bf16_bits(const uint8_t* p) {
-  uint16_t b;
-  std::memcpy(&b, p, 2);
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // exp(x) for x <= 0 (softmax weights), branch-free so loops over it
 // vectorise; relative error ~2e-7, exactly 0 below -87 (and for -inf).
@@ -87,52 +66,6 @@ inline float exp_nonpos(float x) {
   float s;
   std::memcpy(&s, &e, 4);
   return x < -87.0f ? 0.0f : p * s;
-}
-
-// One token's codes -> D floats: x = code * scale + zero.
-template <int BITS>
-inline void dequant_row(const uint8_t* __restrict codes, float scale, float zero,
-                        float* __restrict out, int d) {
-  constexpr int PER = 8 / BITS;
-  constexpr unsigned MASK = (1u << BITS) - 1u;
-  const int nb = d / PER;
-#pragma omp simd
-  for (int b = 0; b < nb; ++b) {
-    const unsigned x = codes[b];
-    for (int j = 0; j < PER; ++j)
-      out[b * PER + j] = float((x >> (j * BITS)) & MASK) * scale + zero;
-  }
-}
-
-// 2-bit codes: a byte -> its four codes as four bytes (one table load per
-// byte), then a plain u8 -> float loop the compiler vectorises.
-struct Expand2 {
-  uint32_t t[256];
-  Expand2() {
-    for (unsigned x = 0; x < 256; ++x) {
-      uint32_t w = 0;
-      for (unsigned j = 0; j < 4; ++j) w |= ((x >> (2 * j)) & 3u) << (8 * j);
-      t[x] = w;
-    }
-  }
-};
-static const Expand2 EXPAND2;
-
-inline void dequant_row2(const uint8_t* __restrict codes, float scale, float zero,
-                         float* __restrict out, int d) {
-  uint8_t q[256];
-  for (int b = 0; b < d / 4; ++b) std::memcpy(q + 4 * b, &EXPAND2.t[codes[b]], 4);
-#pragma omp simd
-  for (int e = 0; e < d; ++e) out[e] = float(q[e]) * scale + zero;
-}
-
-inline void dequant(int bits, const uint8_t* codes, float scale, float zero, float* out,
-                    int d) {
-  switch (bits) {
-    case 2: dequant_row2(codes, scale, zero, out, d); break;
-    case 4: dequant_row<4>(codes, scale, zero, out, d); break;
-    default: dequant_row<8>(codes, scale, zero, out, d); break;
-  }
 }
 
 // 16 floats; GCC/Clang lower it to whatever vector width -march gives.

@@ -1,6 +1,7 @@
-"""The C++ CPU kernel of :func:`~vllm_kvshrink.kernels.packed_attention.
-packed_attention` (``csrc/cpu/packed_attention.cpp``), built with torch's
-extension machinery.
+"""The C++ CPU kernels: :func:`~vllm_kvshrink.kernels.packed_attention.
+packed_attention` (``csrc/cpu/packed_attention.cpp``) and :func:`unpack`
+(``csrc/cpu/unpack.cpp``: packed pages back to float K/V, what a tier event
+reads), built together with torch's extension machinery.
 
 ``make install`` builds it once (``python -m vllm_kvshrink.kernels.cpu_ext
 build``) into a directory that depends on the torch version and the CPU (it is
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_kvshrink.kernels import quant
 from vllm_kvshrink.kernels.packed_batch import (
     IndexMap,
     PackedBatch,
@@ -29,7 +31,7 @@ from vllm_kvshrink.kernels.packed_batch import (
 )
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-SOURCES = ("packed_attention.cpp",)
+SOURCES = ("packed_attention.cpp", "unpack.cpp")
 NAME = "kvshrink_cpu"
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NATIVE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
@@ -114,6 +116,25 @@ def unavailable_reason() -> str | None:
     """Why :func:`load` returned ``False`` (``None`` if it did not, or was not
     called yet)."""
     return _STATE.get("reason")  # type: ignore[return-value]
+
+
+def unpack(pf: quant.PagedForm, pages: torch.Tensor, n: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~vllm_kvshrink.kernels.quant.unpack` (the first ``n`` tokens of
+    ``pages`` ``[A, P, region_bytes]`` as float32 ``(keys, values)`` ``[A, n,
+    D]``, rotated back) by the C++ kernel, one pass over the codes; the
+    PyTorch version where the kernel is not built or ``pages`` is not on the
+    CPU."""
+    d = pf.head_dim
+    if pages.device.type != "cpu" or d < 16 or d > 256 or d & (d - 1) or not load():
+        return quant.unpack(pf, pages, n)
+    a = pages.shape[0]
+    keys = torch.empty(a, n, d)
+    values = torch.empty(a, n, d)
+    ko, vo, po = pf.offsets()
+    torch.ops.kvshrink_cpu.unpack_pages(keys, values, pages.contiguous(), n, pf.k_bits,
+                                        pf.v_bits, int(pf.rotate), pf.capacity, ko, vo, po)
+    return keys, values
 
 
 def _check_cpu(q: torch.Tensor, cache: torch.Tensor, batch: PackedBatch) -> None:

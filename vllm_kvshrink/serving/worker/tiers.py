@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvshrink.kernels.packed_batch import PackedBatch
-from vllm_kvshrink.kernels.quant import unpack
+from vllm_kvshrink.kernels.cpu_ext import unpack
 from vllm_kvshrink.methods import Observation
 from vllm_kvshrink.policy.record import tier_record
 from vllm_kvshrink.serving import plan as plan_mod

@@ -1,0 +1,109 @@
+// The page format's per-token arithmetic, shared by the CPU kernels
+// (packed_attention.cpp, unpack.cpp): a token's codes -> floats, its bf16
+// parameters, and the Hadamard rotation of rotated forms.  Page format:
+// vllm_kvshrink/storage/paged.py and vllm_kvshrink/kernels/quant.py (PagedForm).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace kvshrink_cpu {
+
+// Sylvester Hadamard matrix of order 16, unnormalised: H16[k][e] = (-1)^popcount(k & e).
+struct Hadamard16 {
+  alignas(64) float m[16][16];
+  Hadamard16() {
+    for (int k = 0; k < 16; ++k)
+      for (int e = 0; e < 16; ++e) m[k][e] = (__builtin_popcount(k & e) & 1) ? -1.0f : 1.0f;
+  }
+};
+static const Hadamard16 HADAMARD16;
+
+// Orthonormal Hadamard rotation of one row in place: x <- x @ H, H the
+// Sylvester matrix / sqrt(d) (vllm_kvshrink/kernels/hadamard.py); d a power of
+// two.  H_d = H_(d/16) (x) H_16, so the first four butterfly stages are one
+// 16 x 16 product per 16-float chunk and the rest are butterflies between
+// chunks, both loops the compiler vectorises; d < 16 takes the plain butterflies.
+inline void hadamard_row(float* __restrict x, int d) {
+  if (d >= 16) {
+    for (int c = 0; c < d; c += 16) {
+      alignas(64) float acc[16] = {};
+      for (int k = 0; k < 16; ++k) {
+        const float xk = x[c + k];
+#pragma omp simd
+        for (int e = 0; e < 16; ++e) acc[e] += xk * HADAMARD16.m[k][e];
+      }
+      std::memcpy(x + c, acc, sizeof(acc));
+    }
+  }
+  for (int h = d >= 16 ? 16 : 1; h < d; h *= 2)
+    for (int i = 0; i < d; i += 2 * h) {
+#pragma omp simd
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+    }
+  const float norm = 1.0f / std::sqrt(float(d));
+#pragma omp simd
+  for (int e = 0; e < d; ++e) x[e] *= norm;
+}
+
+inline float bf16_bits(const uint8_t* p) {
+  uint16_t b;
+  std::memcpy(&b, p, 2);
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One token's codes -> D floats: x = code * scale + zero.
+template <int BITS>
+inline void dequant_row(const uint8_t* __restrict codes, float scale, float zero,
+                        float* __restrict out, int d) {
+  constexpr int PER = 8 / BITS;
+  constexpr unsigned MASK = (1u << BITS) - 1u;
+  const int nb = d / PER;
+#pragma omp simd
+  for (int b = 0; b < nb; ++b) {
+    const unsigned x = codes[b];
+    for (int j = 0; j < PER; ++j)
+      out[b * PER + j] = float((x >> (j * BITS)) & MASK) * scale + zero;
+  }
+}
+
+// 2-bit codes: a byte -> its four codes as four bytes (one table load per
+// byte), then a plain u8 -> float loop the compiler vectorises.
+struct Expand2 {
+  uint32_t t[256];
+  Expand2() {
+    for (unsigned x = 0; x < 256; ++x) {
+      uint32_t w = 0;
+      for (unsigned j = 0; j < 4; ++j) w |= ((x >> (2 * j)) & 3u) << (8 * j);
+      t[x] = w;
+    }
+  }
+};
+static const Expand2 EXPAND2;
+
+inline void dequant_row2(const uint8_t* __restrict codes, float scale, float zero,
+                         float* __restrict out, int d) {
+  uint8_t q[256];
+  for (int b = 0; b < d / 4; ++b) std::memcpy(q + 4 * b, &EXPAND2.t[codes[b]], 4);
+#pragma omp simd
+  for (int e = 0; e < d; ++e) out[e] = float(q[e]) * scale + zero;
+}
+
+inline void dequant(int bits, const uint8_t* codes, float scale, float zero, float* out,
+                    int d) {
+  switch (bits) {
+    case 2: dequant_row2(codes, scale, zero, out, d); break;
+    case 4: dequant_row<4>(codes, scale, zero, out, d); break;
+    default: dequant_row<8>(codes, scale, zero, out, d); break;
+  }
+}
+
+}  // namespace kvshrink_cpu
