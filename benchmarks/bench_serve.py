@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vllm_kvshrink.lab.bench.launch import plugin_free_env  # noqa: E402
-from vllm_kvshrink.lab.bench.machine import cpu_model  # noqa: E402
+from vllm_kvshrink.lab.bench.machine import cpu_model, fp8_kv_unavailable  # noqa: E402
 from vllm_kvshrink.lab.bench.server import (  # noqa: E402
     Server, by_label, free_port, parse_metrics, vllm_command)
 from vllm_kvshrink.serving.metrics import phases  # noqa: E402
@@ -339,6 +339,10 @@ def main() -> int:
                ("kvshrink", ours_env, [])]
     if tiered:
         servers.append(("tiers", {**ours_env, "VLLM_KVSHRINK_STORAGE": ",".join(storage)}, []))
+    no_fp8 = fp8_kv_unavailable()
+    if no_fp8:
+        print(f"stock_fp8 left out: {no_fp8}", flush=True)
+        servers = [s for s in servers if s[0] != "stock_fp8"]
 
     runs: dict[str, dict] = {}
     t_all = time.perf_counter()
@@ -477,6 +481,8 @@ def main() -> int:
         print(f"| {label} | " + " | ".join(cell(fmt, get(runs[n])) for n in names) + " |")
 
     def ratio(a: str, b: str, key: str) -> float:
+        if a not in runs or b not in runs:  # a run left out (stock fp8 on this CPU)
+            return float("nan")
         va = (runs[a]["bench"].get(key) if key != "max_running" else runs[a]["max_running"])
         vb = (runs[b]["bench"].get(key) if key != "max_running" else runs[b]["max_running"])
         return (va / vb) if va is not None and vb else float("nan")

@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vllm_kvshrink.lab.bench.machine import cpu_model  # noqa: E402
+from vllm_kvshrink.lab.bench.machine import cpu_model, fp8_kv_unavailable  # noqa: E402
 
 #: steps decoded before the timed ones (compression happens in them)
 WARM_STEPS = 16
@@ -61,9 +61,10 @@ def configs(args) -> list[tuple[str, dict, dict]]:
     ours = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": str(args.budget),
             "VLLM_KVSHRINK_SLACK_TOKENS": slack}
     off = {"VLLM_KVSHRINK_METHOD": "none"}
+    fp8 = [] if fp8_kv_unavailable() else [("stock fp8", off, {"kv_cache_dtype": "fp8"})]
     return [
         ("stock bf16", off, {}),
-        ("stock fp8", off, {"kv_cache_dtype": "fp8"}),
+        *fp8,
         (f"evict {args.method}@{args.budget}", ours, {}),
         (f"tiers {args.method}@{args.budget}",
          {**ours, "VLLM_KVSHRINK_STORAGE": args.storage}, {}),
@@ -119,6 +120,8 @@ def main() -> int:
     print(f"B={args.batch} sequences of C={args.context} essay tokens, {out_len} decode "
           f"steps ({args.steps} timed), budget {args.budget}, block {args.block_size}",
           flush=True)
+    if fp8_kv_unavailable():
+        print(f"stock fp8 left out: {fp8_kv_unavailable()}", flush=True)
     runs = {}
     for name, env, over in configs(args):
         print(f"running {name} ...", flush=True)
