@@ -289,15 +289,22 @@ def _vllm_write(isa):
 @pytest.mark.parametrize("bs", [32, 64])
 def test_cpu_reads_vllm_amx_tiles_through_index_maps(cpu, bs):
     """vLLM's AMX ISA lays a bf16 block out in VNNI tiles (no strided form).
-    Probed through vLLM's own cache write (which runs on any CPU), its index
-    maps let the kernel read it: the same tokens written in the AMX layout and
-    in the 'vec' layout, with the same packed pages, attend to the same
-    output, and the reference agrees."""
+    Probed through vLLM's own cache write (which runs on any CPU with
+    AVX-512), its index maps let the kernel read it: the same tokens written
+    in the AMX layout and in the 'vec' layout, with the same packed pages,
+    attend to the same output, and the reference agrees.  vLLM's library for
+    CPUs without AVX-512 is built without the AMX write: skipped there,
+    saying so."""
     from vllm_kvshrink.kernels.packed_batch import IndexMap
     from vllm_kvshrink.serving.worker.kv_layout import probe_layout
 
     d, hkv, g = 64, 2, 3
-    amx = probe_layout(_vllm_write("amx"), hkv, bs, d, torch.bfloat16)
+    try:
+        amx = probe_layout(_vllm_write("amx"), hkv, bs, d, torch.bfloat16)
+    except RuntimeError as e:
+        if "Unsupported CPU attention configuration" not in str(e):
+            raise
+        pytest.skip(f"vLLM's CPU library here has no AMX cache write ({e})")
     assert amx.kind == "generic"  # not a strided layout
     vec = probe_layout(_vllm_write("vec"), hkv, bs, d, torch.bfloat16)
     assert vec.kind == "k_transposed"
