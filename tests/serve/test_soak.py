@@ -3,7 +3,8 @@ benchmarks/soak_serve.py): 16 concurrent streaming clients, mixed requests,
 disconnects, opt-outs, per-request budgets, invalid requests answered 400; at
 the end the server is healthy, no block leaked, the counters add up, and the
 opted-out requests equal stock `vllm serve` (up to near-ties of both servers,
-see vllm_kvshrink/lab/bench/soak.py)."""
+see vllm_kvshrink/lab/bench/soak.py).  The small soak's server then answers
+the API and metrics checks of serve_checks.py (one server start for both)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from vllm_kvshrink.lab.bench import soak
 from vllm_kvshrink.lab.bench.server import Server
 from vllm_kvshrink.lab.bench.workload import kv_bytes_per_token
+
+import serve_checks
 
 pytestmark = pytest.mark.engine
 
@@ -28,16 +31,18 @@ def _args(model_path: str, pool_tokens: int, tp: int = 1) -> list[str]:
             str(pool_tokens * kv_bytes_per_token(model_path, 4) // tp)]
 
 
-def test_soak_small(tmp_path, model_path, tokenizer):
+def test_soak_small(tmp_path, model_path, tokenizer, essay_prompts):
     reqs = soak.build_requests(tokenizer, 48, seed=0, too_long_tokens=3000)
     assert {r.kind for r in reqs} == set(soak.KINDS)
     env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "0.25",
-           "VLLM_KVSHRINK_SLACK_TOKENS": "32"}
+           "VLLM_KVSHRINK_SLACK_TOKENS": "32", **serve_checks.ENV}
     with Server(model_path, _args(model_path, POOL_TOKENS), env, tmp_path / "ours.log") as s:
         ours = soak.drive(s, reqs, clients=16)
         final = soak.settle(s)
         assert s.get("/health") == ""
         assert s.proc.poll() is None
+        # the soak's counters are taken: the same server answers the API checks
+        serve_checks.check_api_and_metrics(s, model_path, tokenizer, essay_prompts)
     # Stock serves only what it is compared on: the opted-out requests (their
     # tokens may differ from ours only at a near-tie of both servers, whatever
     # the batch).  It needs a pool that holds one max_model_len sequence to start.
