@@ -35,7 +35,6 @@
 namespace kvshrink_cpu {
 namespace {
 
-constexpr int C = 32;        // tokens per chunk
 constexpr int MAX_D = 256;   // largest head dim
 constexpr int TILE_ROWS = 64;  // query rows (queries x heads) per work item
 constexpr int RB = 4;        // rows per register block
@@ -68,9 +67,17 @@ inline float exp_nonpos(float x) {
   return x < -87.0f ? 0.0f : p * s;
 }
 
-// 16 floats; GCC/Clang lower it to whatever vector width -march gives.
+// One vector: 16 floats where the target has AVX-512, else 8 (a 16-float
+// generic vector on AVX2 is two ymm halves per operation and spills the
+// register blocks below).
+#if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
 constexpr int W = 16;
+#else
+typedef float vf __attribute__((vector_size(32)));
+constexpr int W = 8;
+#endif
+constexpr int C = 2 * W;  // tokens per chunk
 
 inline vf vload(const float* p) {
   vf v;
@@ -80,17 +87,15 @@ inline vf vload(const float* p) {
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
-inline float hsum(vf v) {  // a tree: halves added, not 16 dependent adds
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+inline float hsum(vf v) {  // a tree: halves added, not W dependent adds
+#if defined(__AVX512F__)
   const vf8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  const vf8 s8 = v;
+#endif
   const vf4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) +
                  __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-#else
-  const vf8 s8 = vf8{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]} +
-                 vf8{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-  const vf4 s4 = vf4{s8[0], s8[1], s8[2], s8[3]} + vf4{s8[4], s8[5], s8[6], s8[7]};
-#endif
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
