@@ -120,8 +120,9 @@ def main() -> int:
     print(f"B={args.batch} sequences of C={args.context} essay tokens, {out_len} decode "
           f"steps ({args.steps} timed), budget {args.budget}, block {args.block_size}",
           flush=True)
-    if fp8_kv_unavailable():
-        print(f"stock fp8 left out: {fp8_kv_unavailable()}", flush=True)
+    no_fp8 = fp8_kv_unavailable()
+    if no_fp8:
+        print(f"stock fp8 left out: {no_fp8}", flush=True)
     runs = {}
     for name, env, over in configs(args):
         print(f"running {name} ...", flush=True)

@@ -88,6 +88,7 @@ inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 inline float hsum(vf v) {  // a tree: halves added, not W dependent adds
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #if defined(__AVX512F__)
   const vf8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -96,6 +97,15 @@ inline float hsum(vf v) {  // a tree: halves added, not W dependent adds
 #endif
   const vf4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) +
                  __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+#else
+#if defined(__AVX512F__)
+  const vf8 s8 = vf8{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]} +
+                 vf8{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+#else
+  const vf8 s8 = v;
+#endif
+  const vf4 s4 = vf4{s8[0], s8[1], s8[2], s8[3]} + vf4{s8[4], s8[5], s8[6], s8[7]};
+#endif
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
@@ -348,7 +358,7 @@ void run_item(const Args& a, const Item& it) {
       const int nc = int(std::min<int64_t>(C, n - t0));
       for (int c = 0; c < nc; ++c) {
         const int64_t t = t0 + c;
-        const uint8_t* pp = params + t * 8;
+        const uint8_t* pp = params + t * PARAM_BYTES;
         dequant(kbits, kcodes + t * kc, bf16_bits(pp), bf16_bits(pp + 2), kb + c * d, d);
         dequant(vbits, vcodes + t * vc, bf16_bits(pp + 4), bf16_bits(pp + 6), vb + c * d, d);
       }

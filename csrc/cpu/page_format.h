@@ -10,6 +10,8 @@
 
 namespace kvshrink_cpu {
 
+constexpr int PARAM_BYTES = 8;  // per token: k scale, k zero, v scale, v zero (bf16)
+
 // Sylvester Hadamard matrix of order 16, unnormalised: H16[k][e] = (-1)^popcount(k & e).
 struct Hadamard16 {
   alignas(64) float m[16][16];
@@ -22,22 +24,20 @@ static const Hadamard16 HADAMARD16;
 
 // Orthonormal Hadamard rotation of one row in place: x <- x @ H, H the
 // Sylvester matrix / sqrt(d) (vllm_kvshrink/kernels/hadamard.py); d a power of
-// two.  H_d = H_(d/16) (x) H_16, so the first four butterfly stages are one
-// 16 x 16 product per 16-float chunk and the rest are butterflies between
-// chunks, both loops the compiler vectorises; d < 16 takes the plain butterflies.
+// two, at least 16 (both kernels check it).  H_d = H_(d/16) (x) H_16, so the
+// first four butterfly stages are one 16 x 16 product per 16-float chunk and
+// the rest are butterflies between chunks, both loops the compiler vectorises.
 inline void hadamard_row(float* __restrict x, int d) {
-  if (d >= 16) {
-    for (int c = 0; c < d; c += 16) {
-      alignas(64) float acc[16] = {};
-      for (int k = 0; k < 16; ++k) {
-        const float xk = x[c + k];
+  for (int c = 0; c < d; c += 16) {
+    alignas(64) float acc[16] = {};
+    for (int k = 0; k < 16; ++k) {
+      const float xk = x[c + k];
 #pragma omp simd
-        for (int e = 0; e < 16; ++e) acc[e] += xk * HADAMARD16.m[k][e];
-      }
-      std::memcpy(x + c, acc, sizeof(acc));
+      for (int e = 0; e < 16; ++e) acc[e] += xk * HADAMARD16.m[k][e];
     }
+    std::memcpy(x + c, acc, sizeof(acc));
   }
-  for (int h = d >= 16 ? 16 : 1; h < d; h *= 2)
+  for (int h = 16; h < d; h *= 2)
     for (int i = 0; i < d; i += 2 * h) {
 #pragma omp simd
       for (int j = i; j < i + h; ++j) {

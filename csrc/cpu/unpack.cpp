@@ -19,8 +19,6 @@
 namespace kvshrink_cpu {
 namespace {
 
-constexpr int PARAM_BYTES = 8;  // per token: k scale, k zero, v scale, v zero (bf16)
-
 void unpack_pages(at::Tensor keys, at::Tensor values, const at::Tensor& pages, int64_t n,
                   int64_t k_bits, int64_t v_bits, int64_t rotate, int64_t capacity,
                   int64_t k_off, int64_t v_off, int64_t p_off) {
