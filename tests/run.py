@@ -27,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -124,6 +125,9 @@ def main(argv: list[str]) -> int:
         ap.error(f"unknown test group(s) {', '.join(unknown)}; allowed: {', '.join(GROUPS)}")
     groups = args.groups or list(GROUPS)
     results: dict[str, tuple[int, float, str]] = {}
+    # runs both lanes' engine tests compare with are made once (engine/conftest.py)
+    shared = tempfile.TemporaryDirectory(prefix="kvshrink-tests-")
+    os.environ["KVSHRINK_TEST_SHARED_DIR"] = shared.name
     total = time.perf_counter()
     two = args.lanes == 2 and ALONE in groups and len(groups) > 1
     if not two:

@@ -1,9 +1,17 @@
-"""Greedy tokens from the engine with eviction equal a transformers replay.
+"""Greedy tokens from the engine equal a transformers replay of what it did.
 
-The replay masks exactly the positions the engine evicted, per layer and KV
-head, at the moment it evicted them, and keeps logical position ids (see
-vllm_kvshrink/lab/hf/replay.py).  fp32 on both sides, so the only slack allowed is
-a numerical tie (top-2 logits within 1e-4), after which sequences may diverge.
+For eviction the replay masks exactly the positions the engine evicted, per
+layer and KV head, at the moment it evicted them, and keeps logical position
+ids (vllm_kvshrink/lab/hf/replay.py); for tiered storage it also reads every
+kept token through its form's store-and-read-back
+(vllm_kvshrink/lab/hf/replay_tiers.py).  fp32 on both sides, so the only
+slack allowed is a numerical tie (top-2 logits within 1e-4 for eviction, see
+engine_checks.TIER_TIE_MARGIN for tiers), after which sequences may diverge.
+
+Each engine run serves several checks at once: every request picks its
+method, budget and storage (extra_args), so one run per engine-level setting
+(block size, prefill chunking, process layout, pool size) is enough.
+vLLM's default compiled mode: test_engine_compiled.py.
 """
 
 from __future__ import annotations
@@ -14,14 +22,15 @@ from vllm_kvshrink.lab.bench.launch import run_engine
 from vllm_kvshrink.lab.hf.replay import compare_greedy, replay_logits
 from vllm_kvshrink.policy.record import load_events
 
-from engine_checks import check_evictions
+from engine_checks import check_evictions, check_tiers
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 40
+MIX = "bf16,int4_tok_rot,int2_tok_rot"
 
 
-def _spec(model_path, prompts, block_size, max_batched=None):
+def _spec(model_path, prompts, block_size, max_batched=None, extra=None):
     llm = dict(model=model_path, dtype="float32", max_model_len=2048,
                kv_cache_memory_bytes=256 << 20, block_size=block_size,
                max_num_seqs=8, enforce_eager=True, seed=0)
@@ -30,76 +39,99 @@ def _spec(model_path, prompts, block_size, max_batched=None):
     return {
         "llm": llm,
         "prompts": [{"prompt_token_ids": p} for p in prompts],
+        "per_request_extra": extra or {},
         "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True},
         "check_invariants": True,
     }
 
 
-@pytest.mark.parametrize(
-    "method,block_size,budget,max_batched",
-    [
-        ("snapkv", 32, "96", None),       # token-level, small blocks
-        ("streaming", 128, "0.25", None),  # big blocks, fractional budget
-        ("snapkv", 32, "0.25", 256),       # compaction between prefill chunks
-        ("knorm", 32, "128", None),        # query-free, per-head scores
-        # vLLM's default mode (torch.compile): test_engine_compiled.py
-    ],
-)
-def test_engine_matches_masked_replay(tmp_path, model_path, hf_model, essay_prompts,
-                                      method, block_size, budget, max_batched):
-    prompts = essay_prompts[:5]
-    env = {
-        "VLLM_KVSHRINK_METHOD": method,
-        "VLLM_KVSHRINK_BUDGET": budget,
-        "VLLM_KVSHRINK_SLACK_TOKENS": "16",
-        "VLLM_KVSHRINK_RECENT_TOKENS": "32",
-        "VLLM_KVSHRINK_OBS_WINDOW": "16",
-        "VLLM_KVSHRINK_RECORD_DIR": str(tmp_path),
-        "VLLM_KVSHRINK_STRICT": "1",
-    }
-    spec = _spec(model_path, prompts, block_size, max_batched)
-    result = run_engine(spec, env)
+def _env(record, method="snapkv", budget="0.25", **extra):
+    return {"VLLM_KVSHRINK_METHOD": method, "VLLM_KVSHRINK_BUDGET": budget,
+            "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_KVSHRINK_RECENT_TOKENS": "32",
+            "VLLM_KVSHRINK_OBS_WINDOW": "16", "VLLM_KVSHRINK_RECORD_DIR": str(record),
+            "VLLM_KVSHRINK_STRICT": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def tier_prompts(tokenizer):
+    """Essays the eviction requests do not use (no prefix-cache hits between
+    the two kinds)."""
+    from vllm_kvshrink.lab.assets import load_essays
+
+    essays = load_essays()
+    return [tokenizer(essays[12 + i], add_special_tokens=False)["input_ids"][:500 + 60 * i]
+            for i in range(3)]
+
+
+def _check_mixed(result, events, hf_model, evict, tiered, evict_keys, tier_keys):
+    """Eviction requests equal the masked replay, tiered ones the dequantized
+    replay; decode-time events happened; every block came back."""
+    k = result["kvshrink"]
     assert result["scheduler_cls"] == "KVShrinkScheduler"
-    events = load_events(tmp_path)
-    n = check_evictions(result, events, hf_model, prompts, min_events=3)
-    # The short prompt (61 tokens) stays under budget + slack for a while.
-    assert result["kvshrink"]["compactions"] >= n
-    assert result["kvshrink"]["fallbacks"] == 0
+    assert k["fallbacks"] == 0 and k["tier_events"] >= 3
+    n = check_evictions(result, events, hf_model, evict, min_events=3, keys=evict_keys)
+    assert k["compactions"] >= n
+    check_tiers(result, events, hf_model, tiered, keys=tier_keys)
+    assert all("level" not in e for key in evict_keys for e in events.get(key, []))
+    assert all("level" in e for key in tier_keys for e in events[key])
+    assert set(result["peak_bytes_held"]) - {"bf16"}  # packed forms held, in bytes
+    prompt_of = dict(zip(evict_keys + tier_keys, evict + tiered))
+    # Decode-time events happened too, not only after prefill.
+    assert any(e["logical_len"] > len(prompt_of[r]) for r, evs in events.items() for e in evs)
     assert result["free_blocks_end"] == result["total_blocks"]
-    # Decode-time compaction happened too, not only after prefill.
-    assert any(e["logical_len"] > len(prompts[int(r)]) for r, evs in events.items()
-               for e in evs)
-    if max_batched:
-        # Some request was compacted before its prompt was fully prefilled.
-        assert any(e["logical_len"] < len(prompts[int(r)]) for r, evs in events.items()
-                   for e in evs)
-    # The replay has teeth: without the evictions it disagrees somewhere
-    # (one disagreeing request is enough; the rest are not replayed).
+    # The eviction replay has teeth: without the evictions it disagrees
+    # somewhere (one disagreeing request is enough).
     def disagrees(r):
-        tokens = prompts[int(r)] + result["outputs"][r]["token_ids"]
-        full = compare_greedy(replay_logits(hf_model, tokens, []), tokens,
-                              len(prompts[int(r)]))
+        tokens = prompt_of[r] + result["outputs"][r]["token_ids"]
+        full = compare_greedy(replay_logits(hf_model, tokens, []), tokens, len(prompt_of[r]))
         return full["mismatch"] is not None
 
-    assert any(disagrees(r) for r in events)
+    assert any(disagrees(r) for r in evict_keys if events.get(r))
+
+
+def test_chunked_prefill_matches_both_replays(tmp_path, model_path, hf_model, essay_prompts,
+                                              tier_prompts):
+    """Blocks of 32 tokens, prompts prefilled in chunks of 256: events also
+    fall between chunks.  Eviction: snapkv at a token budget and at a
+    fraction, knorm (query-free, per-head scores); tiers: three levels with
+    eviction, and a form with 4-bit keys and 2-bit values."""
+    evict = essay_prompts[:5]
+    extra = {0: {"budget": 96}, 1: {"method": "knorm", "budget": 128},
+             3: {"method": "knorm", "budget": 128},
+             5: {"storage": MIX, "budget": 0.15}, 6: {"storage": "bf16,k4v2_tok", "budget": 0.25},
+             7: {"storage": MIX, "budget": 0.15}}
+    result = run_engine(_spec(model_path, evict + tier_prompts, 32, 256, extra),
+                        _env(tmp_path))
+    events = load_events(tmp_path)
+    _check_mixed(result, events, hf_model, evict, tier_prompts,
+                 [str(i) for i in range(5)], ["5", "6", "7"])
+    # Some request was compressed before its prompt was fully prefilled.
+    prompts = evict + tier_prompts
+    assert any(e["logical_len"] < len(prompts[int(r)]) for r, evs in events.items()
+               for e in evs)
+
+
+def test_big_blocks_match_both_replays(tmp_path, model_path, hf_model, essay_prompts,
+                                       tier_prompts):
+    """Blocks of 128 tokens, whole prompts: streaming eviction at a fraction
+    of each request; tiers with no bf16 beyond the sinks and recent tokens."""
+    evict, tiered = essay_prompts[:3], tier_prompts[:2]
+    extra = {3 + i: {"method": "snapkv", "storage": "int8_tok,int2_tok_rot", "budget": 0.12}
+             for i in range(2)}
+    result = run_engine(_spec(model_path, evict + tiered, 128, extra=extra),
+                        _env(tmp_path, method="streaming"))
+    _check_mixed(result, load_events(tmp_path), hf_model, evict, tiered,
+                 ["0", "1", "2"], ["3", "4"])
 
 
 def test_multiprocess_engine_matches_replay(tmp_path, model_path, hf_model, essay_prompts):
     """Default multiprocess engine: the plugin loads in every process."""
     import os
 
-    prompts = essay_prompts[:3]
-    env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
-        "VLLM_KVSHRINK_METHOD": "snapkv",
-        "VLLM_KVSHRINK_BUDGET": "128",
-        "VLLM_KVSHRINK_SLACK_TOKENS": "16",
-        "VLLM_KVSHRINK_RECORD_DIR": str(tmp_path),
-        "VLLM_KVSHRINK_STRICT": "1",
-    }
+    prompts = essay_prompts[1:3]
     spec = _spec(model_path, prompts, 32)
     spec["check_invariants"] = False  # the scheduler lives in another process
-    result = run_engine(spec, env)
+    result = run_engine(spec, _env(tmp_path, budget="128", VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     files = list(tmp_path.glob("events-*.jsonl"))
     assert files, "no compaction recorded"
     pids = {int(f.stem.split("-")[1]) for f in files}
@@ -108,35 +140,7 @@ def test_multiprocess_engine_matches_replay(tmp_path, model_path, hf_model, essa
     assert result["plugin_active_here"]
     assert result["pid"] not in pids
     assert os.getpid() not in pids
-    check_evictions(result, load_events(tmp_path), hf_model, prompts, min_events=3)
-
-
-def test_worker_in_its_own_process_matches_replay(tmp_path, model_path, hf_model,
-                                                  essay_prompts):
-    """vLLM's multiprocess executor: the scheduler (here, in the front-end
-    process, where its bookkeeping is checked at every step) and the worker
-    are different processes, so every plan and every result crosses a process
-    boundary through vLLM's own message queue."""
-    prompts = essay_prompts[:3]
-    env = {
-        "VLLM_KVSHRINK_METHOD": "snapkv",
-        "VLLM_KVSHRINK_BUDGET": "128",
-        "VLLM_KVSHRINK_SLACK_TOKENS": "16",
-        "VLLM_KVSHRINK_RECORD_DIR": str(tmp_path),
-        "VLLM_KVSHRINK_STRICT": "1",
-    }
-    spec = _spec(model_path, prompts, 32)
-    spec["llm"]["distributed_executor_backend"] = "mp"
-    result = run_engine(spec, env)
-    pids = {int(f.stem.split("-")[1]) for f in tmp_path.glob("events-*.jsonl")}
-    assert pids and result["pid"] not in pids  # compacted in the worker process
-    n = check_evictions(result, load_events(tmp_path), hf_model, prompts,
-                              min_events=3)
-    # The results came back: the scheduler counted every compaction and freed
-    # the blocks it planned to free.
-    assert result["kvshrink"]["compactions"] >= n
-    assert result["kvshrink"]["fallbacks"] == 0 and result["kvshrink"]["blocks_freed"] > 0
-    assert result["free_blocks_end"] == result["total_blocks"]
+    check_evictions(result, load_events(tmp_path), hf_model, prompts, min_events=2)
 
 
 def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
@@ -151,16 +155,9 @@ def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
     assert len(ids) == 1500
     spec = _spec(model_path, [ids], 32, max_batched=256)
     spec["llm"].update(kv_cache_memory_bytes=640 * 46080, max_model_len=2048)
-    spec["check_invariants"] = True
     with pytest.raises(RuntimeError, match="KV cache is needed"):
         run_engine(spec, {"VLLM_KVSHRINK_METHOD": "none"})
-    env = {
-        "VLLM_KVSHRINK_METHOD": "snapkv",
-        "VLLM_KVSHRINK_BUDGET": "128",
-        "VLLM_KVSHRINK_SLACK_TOKENS": "32",
-        "VLLM_KVSHRINK_RECORD_DIR": str(tmp_path),
-        "VLLM_KVSHRINK_STRICT": "1",
-    }
+    env = _env(tmp_path, budget="128", VLLM_KVSHRINK_SLACK_TOKENS="32")
     result = run_engine(spec, env)
     assert len(result["outputs"]["0"]["token_ids"]) == MAX_TOKENS
     events = load_events(tmp_path)["0"]
@@ -173,33 +170,52 @@ def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
         run_engine(spec, env)
 
 
-def test_preempted_requests_match_the_replay_of_each_recomputation(
-        tmp_path, model_path, hf_model, essay_prompts):
-    """A tight pool preempts compressed requests; each is recomputed from
-    scratch and compressed again.  Every token it sampled is checked against
-    a replay of the epoch it was sampled in (the events of that recomputation
-    only), so the recomputed requests are compared with a reference too."""
+#: fp32 bytes of one token of the default model (30 layers, 3 KV heads of 64)
+TOKEN_BYTES = 46080
+
+
+def test_preemption_aborts_and_recomputation(tmp_path, model_path, hf_model, essay_prompts):
+    """A tight pool preempts evicting and tiered requests (packed blocks
+    included); each is recomputed from scratch and compressed again; two are
+    aborted.  Block ownership holds at every step and every block comes back.
+    Every token an evicting request sampled is checked against a replay of the
+    epoch it was sampled in (the events of that recomputation only), so the
+    recomputed requests are compared with a reference too."""
     from vllm_kvshrink.policy.record import load_epochs
 
-    prompts = [p[:400] for p in (essay_prompts * 2)[:8]]
-    spec = _spec(model_path, prompts, 32)
+    prompts = [p[:400] for p in (essay_prompts * 2)[:10]]
+    # half the requests tiered, among them one of the two preempted last
+    tiered = {i: {"storage": MIX, "budget": 0.4} for i in (1, 2, 4, 6, 9)}
+    spec = _spec(model_path, prompts, 32, extra=tiered)
     spec["sampling"]["max_tokens"] = 120
-    spec["llm"].update(kv_cache_memory_bytes=1200 * 46080, max_model_len=1024)
-    env = {
-        "VLLM_KVSHRINK_METHOD": "snapkv",
-        "VLLM_KVSHRINK_BUDGET": "0.8",
-        "VLLM_KVSHRINK_SLACK_TOKENS": "32",
-        "VLLM_KVSHRINK_RECORD_DIR": str(tmp_path),
-        "VLLM_KVSHRINK_STRICT": "1",
-    }
-    result = run_engine(spec, env)
+    spec["abort_after"] = {2: 6, 7: 15}
+    spec["llm"].update(kv_cache_memory_bytes=680 * TOKEN_BYTES, max_model_len=1024)
+    result = run_engine(spec, _env(tmp_path, budget="0.8", VLLM_KVSHRINK_SLACK_TOKENS="32"))
+    k = result["kvshrink"]
     assert result["preemptions"] > 0, "pool not tight enough to preempt"
+    assert k["compactions"] > 0 and k["tier_events"] > 0 and k["fallbacks"] == 0
+    assert sorted(result["aborted"]) == [2, 7]
+    assert len(result["outputs"]) == len(prompts) - 2
+    assert all(len(out["token_ids"]) == 120 for out in result["outputs"].values())
     assert result["free_blocks_end"] == result["total_blocks"]
+    # Where the time went: eviction's scoring and moves, every part of the
+    # tier events, the packed blocks attended and batched, the capture and
+    # the scheduler's bookkeeping.
+    spent = result["kvshrink_seconds"]
+    for phase in ("scoring", "move", "event_read", "event_plan", "event_pack", "event_write",
+                  "packed_attention", "packed_batch", "capture", "scheduler"):
+        assert spent.get(phase, 0.0) > 0, (phase, spent)
+    assert 0 < result["compression_share"] < 1
     epochs = load_epochs(tmp_path)
-    restarted = [r for r, eps in epochs.items() if len(eps) > 1]
-    assert restarted, "no compressed request was preempted"
+    evicting = {r: eps for r, eps in epochs.items() if int(r) not in tiered}
+    restarted = [r for r, eps in evicting.items() if len(eps) > 1]
+    assert restarted, ("no evicting request was preempted", result["preempted"])
+    assert any(int(r) in tiered for r in result["preempted"]), \
+        ("no tiered request was preempted", result["preempted"])
     checked_after_restart = 0
-    for r, eps in epochs.items():
+    for r, eps in evicting.items():
+        if r not in result["outputs"]:
+            continue  # aborted
         p = prompts[int(r)]
         tokens = p + result["outputs"][r]["token_ids"]
         starts = [len(p)] + [ep["start"] for ep in eps[1:]]
@@ -218,13 +234,11 @@ def test_preempted_requests_match_the_replay_of_each_recomputation(
     # The epochs matter: replaying every event at once, as if the request had
     # never been recomputed, gives other logits for the tokens sampled after a
     # restart -- so the check above could fail.
-    gap = 0.0
-    for r in restarted:
-        p = prompts[int(r)]
-        tokens = p + result["outputs"][r]["token_ids"]
-        start = epochs[r][1]["start"]
-        merged = [ev for ep in epochs[r] for ev in ep["events"]]
-        stale = replay_logits(hf_model, tokens, merged)[start - 1:]
-        right = replay_logits(hf_model, tokens, epochs[r][1]["events"])[start - 1:]
-        gap = max(gap, float((stale - right).abs().max()))
-    assert gap > 1e-2, gap
+    r = next(r for r in restarted if r in result["outputs"])
+    p = prompts[int(r)]
+    tokens = p + result["outputs"][r]["token_ids"]
+    start = evicting[r][1]["start"]
+    merged = [ev for ep in evicting[r] for ev in ep["events"]]
+    stale = replay_logits(hf_model, tokens, merged)[start - 1:]
+    right = replay_logits(hf_model, tokens, evicting[r][1]["events"])[start - 1:]
+    assert float((stale - right).abs().max()) > 1e-2

@@ -58,7 +58,7 @@ def test_online_learning_in_the_engine_is_counted(model_path, prompts):
     """Online training and merging really happen while serving, and their
     figures reach the scheduler's counters (and so /metrics)."""
     spec = {
-        "llm": dict(model=model_path, dtype="bfloat16", max_model_len=2048,
+        "llm": dict(model=model_path, dtype="float32", max_model_len=2048,
                     kv_cache_memory_bytes=128 << 20, block_size=32, max_num_seqs=4,
                     enforce_eager=True, seed=0),
         "prompts": [{"prompt_token_ids": p} for p in prompts[:3]],

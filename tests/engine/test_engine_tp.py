@@ -48,7 +48,11 @@ def _run(model_path, prompts, tp):
         llm["distributed_executor_backend"] = "mp"
     spec = {"llm": llm, "prompts": [{"prompt_token_ids": p} for p in prompts],
             "sampling": {"max_tokens": TOKENS, "temperature": 0.0, "ignore_eos": True},
-            "per_request_extra": REQUESTS}
+            "per_request_extra": REQUESTS,
+            # the scheduler (this process) checks block ownership at every
+            # step while the workers live in other processes: every plan and
+            # result crosses vLLM's message queue
+            "check_invariants": True}
     env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "128",
            "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_KVSHRINK_RECORD_DIR": record,
            "VLLM_KVSHRINK_INJECT_FAULT": "4-", "VLLM_KVSHRINK_INJECT_FAULT_RANK": "1",

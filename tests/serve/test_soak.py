@@ -32,7 +32,8 @@ def _args(model_path: str, pool_tokens: int, tp: int = 1) -> list[str]:
 
 
 def test_soak_small(tmp_path, model_path, tokenizer, essay_prompts):
-    reqs = soak.build_requests(tokenizer, 48, seed=0, too_long_tokens=3000)
+    # 40 requests: every kind, four opt-outs to compare with stock
+    reqs = soak.build_requests(tokenizer, 40, seed=0, too_long_tokens=3000, max_len=500)
     assert {r.kind for r in reqs} == set(soak.KINDS)
     env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "0.25",
            "VLLM_KVSHRINK_SLACK_TOKENS": "32", **serve_checks.ENV}
@@ -50,7 +51,7 @@ def test_soak_small(tmp_path, model_path, tokenizer, essay_prompts):
     with Server(model_path, _args(model_path, MAX_LEN + 64), {}, tmp_path / "stock.log") as s:
         stock = soak.drive(s, optout, clients=16)
     summary = soak.check(reqs, ours, final, stock, tie_margin=1e-3)
-    assert summary["completed"] >= 30 and summary["disconnected"] >= 1
+    assert summary["completed"] >= 24 and summary["disconnected"] >= 1
     assert summary["optout_compared"] >= 4
     assert summary["tokens_evicted"] > 0
 
@@ -62,7 +63,7 @@ def test_soak_tensor_parallel(tmp_path, model_path, tokenizer):
     engine keeps what one rank keeps is tests/engine/test_engine_tp.py."""
     from vllm_kvshrink.lab.bench.launch import tp_thread_binding
 
-    reqs = soak.build_requests(tokenizer, 24, seed=1, too_long_tokens=3000)
+    reqs = soak.build_requests(tokenizer, 24, seed=1, too_long_tokens=3000, max_len=400)
     env = {"VLLM_KVSHRINK_METHOD": "tova", "VLLM_KVSHRINK_BUDGET": "0.25",
            "VLLM_KVSHRINK_SLACK_TOKENS": "32", **tp_thread_binding(3)}
     args = _args(model_path, POOL_TOKENS, 3) + ["--tensor-parallel-size", "3",
