@@ -11,13 +11,16 @@ switched on before anything imports Triton, which a process that imported
 vLLM (the other groups) has already done.
 
 The groups run in two lanes at once by default: most of the engine group in
-one; the others one after another in the second, computing in one thread,
-then the rest of the engine group (:data:`SECOND_LANE_TAIL`, chosen from
-measured durations so the lanes end together).  A small model's engine step
-is mostly single-threaded Python, as are most unit tests, so two lanes keep
-both cores of a 2-core machine busy.  Each group's output is printed when it
-ends (a line says when each starts), every group runs even after one fails,
-and the exit status is non-zero if any failed.
+one; the others one after another in the second, then the rest of the engine
+group (:data:`SECOND_LANE_TAIL`, chosen from measured durations so the lanes
+end together).  Each lane runs on its own half of this process's CPUs (one
+core each on a 2-core machine), with as many compute threads as it has
+cores: vLLM binds an engine's threads to the CPUs it is allowed, so two lanes
+sharing every core had their engines' threads pinned onto the same cores,
+spinning against each other (engine tests ran 3 to 6 times slower beside the
+other lane than alone).  Each group's output is printed when it ends (a line
+says when each starts), every group runs even after one fails, and the exit
+status is non-zero if any failed.
 """
 
 from __future__ import annotations
@@ -49,10 +52,9 @@ ALONE = "engine"
 
 #: test files of that group the second lane runs after the other groups,
 #: chosen from measured durations so the lanes end together (on a 2-core AVX2
-#: machine: engine lane 1742 s, the other groups 1332 s before these moved;
-#: the tiers file is about 270 s, and makes the shared stock run again, 50 s).
-SECOND_LANE_TAIL = ("test_engine_research_agreement.py", "test_engine_streaming.py",
-                    "test_forkserver.py", "test_engine_tiers.py")
+#: machine, a core per lane: engine lane 650 s and the second lane 997 s with
+#: the agreement and streaming files there too, about 190 s of it).
+SECOND_LANE_TAIL = ("test_forkserver.py", "test_engine_tiers.py")
 
 #: pytest's last line: "543 passed, 1 skipped in 95.83s (0:01:35)" (-q), or
 #: the same between "=" bars
@@ -67,21 +69,32 @@ def _say(text: str) -> None:
         sys.stdout.flush()
 
 
-#: the second lane's groups compute in one thread: two lanes of 2-thread
-#: OpenMP pools on 2 cores spin against each other
-SECOND_LANE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def lane_cpus() -> list[list[int]]:
+    """This process's CPUs split in two halves, one per lane (``[]`` with
+    fewer than two)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    return [cpus[:half], cpus[half:]] if half else []
+
+
+def _lane_env(cpus: list[int]) -> dict[str, str]:
+    """As many compute threads as the lane has cores."""
+    n = str(len(cpus))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
 def _run(job: tuple[str, str, list[str]], extra: list[str], results: dict, live: bool,
-         lane_env: dict[str, str] | None = None) -> None:
-    """``job``: (name in the table, group, its paths)."""
+         cpus: list[int] | None = None) -> None:
+    """``job``: (name in the table, group, its paths); ``cpus``: the lane's
+    CPUs (its processes and their children stay on them)."""
     name, group, paths = job
-    env = {**os.environ, **(lane_env or {}), **GROUPS[group][1]}
+    env = {**os.environ, **(_lane_env(cpus) if cpus else {}), **GROUPS[group][1]}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths, *extra]
     _say(f"=== {name} started: {GROUPS[group][0]}\n")
     start = time.perf_counter()
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     proc = subprocess.Popen(cmd, env=env, cwd=TESTS.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=pin)
     summary, lines = "", []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -99,9 +112,9 @@ def _run(job: tuple[str, str, list[str]], extra: list[str], results: dict, live:
 
 
 def _lane(jobs: list, extra: list[str], results: dict, live: bool,
-          lane_env: dict[str, str] | None = None) -> None:
+          cpus: list[int] | None = None) -> None:
     for job in jobs:
-        _run(job, extra, results, live, lane_env)
+        _run(job, extra, results, live, cpus)
 
 
 def _whole(group: str) -> tuple[str, str, list[str]]:
@@ -129,7 +142,8 @@ def main(argv: list[str]) -> int:
     shared = tempfile.TemporaryDirectory(prefix="kvshrink-tests-")
     os.environ["KVSHRINK_TEST_SHARED_DIR"] = shared.name
     total = time.perf_counter()
-    two = args.lanes == 2 and ALONE in groups and len(groups) > 1
+    halves = lane_cpus()
+    two = args.lanes == 2 and ALONE in groups and len(groups) > 1 and bool(halves)
     if not two:
         jobs = [_whole(g) for g in groups]
         _lane(jobs, extra, results, live=True)
@@ -140,9 +154,9 @@ def main(argv: list[str]) -> int:
         first = [(ALONE, ALONE, head)]
         second = [_whole(g) for g in groups if g != ALONE] + [(f"{ALONE}-2", ALONE, tail)]
         jobs = first + second
-        lanes = [threading.Thread(target=_lane, args=(first, extra, results, False)),
+        lanes = [threading.Thread(target=_lane, args=(first, extra, results, False, halves[0])),
                  threading.Thread(target=_lane, args=(second, extra, results, False,
-                                                      SECOND_LANE_ENV))]
+                                                      halves[1]))]
         for t in lanes:
             t.start()
         for t in lanes:
