@@ -73,3 +73,16 @@ def check_tiers(result, events, hf_model, prompts, tie_margin=TIER_TIE_MARGIN,
             gen = slice(len(p) - 1, len(tokens) - 1)
             quantization_matters = float((masked[gen] - logits[gen]).abs().max()) > 1e-2
     assert packed_seen and quantization_matters
+
+
+def check_mixed(result, events, hf_model, evict, tiered, evict_keys, tier_keys) -> int:
+    """One engine run serving evicting and tiered requests side by side: the
+    evicting ones equal the masked replay (:func:`check_evictions`, at least
+    three compressed), the tiered ones the dequantized replay
+    (:func:`check_tiers`), and each request was compressed the way it asked.
+    Returns how many evicting requests were compressed."""
+    n = check_evictions(result, events, hf_model, evict, min_events=3, keys=evict_keys)
+    check_tiers(result, events, hf_model, tiered, keys=tier_keys)
+    assert all("level" not in e for key in evict_keys for e in events.get(key, []))
+    assert all("level" in e for key in tier_keys for e in events[key])
+    return n

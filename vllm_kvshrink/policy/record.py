@@ -70,11 +70,15 @@ def append_record(record_dir: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def external_id(req_id: str) -> str:
+    """The id a caller gave a request: vLLM appends ``-<8 hex>`` to it."""
+    return req_id.rsplit("-", 1)[0]
+
+
 def _lines(record_dir: str | Path, external_ids: bool):
     """``(request key, record)`` of every line of every record file, the
-    ranks' records of one event merged (:func:`merge_ranks`); vLLM appends
-    ``-<8 hex>`` to the id a caller gives a request, and with
-    ``external_ids`` the key is the caller's id."""
+    ranks' records of one event merged (:func:`merge_ranks`); with
+    ``external_ids`` the key is the caller's id (:func:`external_id`)."""
     lines, ranked = [], {}
     for path in sorted(Path(record_dir).glob(RECORD_GLOB)):
         for line in path.read_text().splitlines():
@@ -92,10 +96,7 @@ def _lines(record_dir: str | Path, external_ids: bool):
     for e in lines:
         if isinstance(e, tuple):
             e = merge_ranks(ranked[e])
-        key = e["req_id"]
-        if external_ids and "-" in key:
-            key = key.rsplit("-", 1)[0]
-        yield key, e
+        yield (external_id(e["req_id"]) if external_ids else e["req_id"]), e
 
 
 #: per-(layer, KV head) fields of a record: ``[L, Hkv, ...]`` nested lists

@@ -28,6 +28,8 @@ import sys
 import time
 from collections import Counter
 
+from vllm_kvshrink.policy.record import external_id
+
 
 def _scheduler(llm):
     core = llm.llm_engine.engine_core
@@ -179,8 +181,7 @@ def run(spec: dict) -> dict:
         "output_tokens": sum(len(o["token_ids"]) for o in outputs.values()),
         "max_running": max_running,
         "preemptions": sum(preemptions.values()),
-        # by the caller's request id (vLLM appends "-<random>" to it)
-        "preempted": {k.rsplit("-", 1)[0]: n for k, n in sorted(preemptions.items()) if n},
+        "preempted": {external_id(k): n for k, n in sorted(preemptions.items()) if n},
         "peak_kv_usage": peak_usage,
         "pid": os.getpid(),
         "plugin_active_here": _plugin_active(),
