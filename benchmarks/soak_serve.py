@@ -41,6 +41,9 @@ def main() -> int:
                     "(default 1e-3 in fp32, 0.1 in bf16)")
     ap.add_argument("--control", action="store_true", help="also stock vs stock")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ranks of the compressed server (stock runs on one; the "
+                         "pool is --pool-tokens tokens on every rank)")
     ap.add_argument("--out", default="results/soak_serve")
     args = ap.parse_args()
 
@@ -48,6 +51,7 @@ def main() -> int:
 
     from vllm_kvshrink.lab.assets import resolve_model
     from vllm_kvshrink.lab.bench import soak
+    from vllm_kvshrink.lab.bench.launch import tp_thread_binding
     from vllm_kvshrink.lab.bench.server import Server
     from vllm_kvshrink.lab.bench.workload import kv_bytes_per_token
 
@@ -60,23 +64,28 @@ def main() -> int:
     max_len = args.pool_tokens + 1024  # stock needs a pool of max_model_len
     per_tok = kv_bytes_per_token(model, 4 if args.dtype == "float32" else 2)
 
-    def serve_args(pool: int) -> list[str]:
+    def serve_args(pool: int, tp: int = 1) -> list[str]:
+        # vLLM's --kv-cache-memory-bytes is per rank; a rank holds 1/tp of a token
+        extra = [] if tp == 1 else ["--tensor-parallel-size", str(tp),
+                                    "--distributed-executor-backend", "mp"]
         return ["--dtype", args.dtype, "--max-model-len", str(max_len), "--block-size",
                 "32", "--max-num-seqs", str(args.clients), "--enforce-eager",
-                "--kv-cache-memory-bytes", str(pool * per_tok)]
+                "--kv-cache-memory-bytes", str(pool * per_tok // tp)] + extra
 
     reqs = soak.build_requests(tok, args.requests, args.seed,
                                too_long_tokens=args.pool_tokens + 256)
+    tp = args.tensor_parallel_size
     env = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
-           "VLLM_KVSHRINK_SLACK_TOKENS": "32"}
+           "VLLM_KVSHRINK_SLACK_TOKENS": "32", **(tp_thread_binding(tp) if tp > 1 else {})}
     runs, times = {}, {}
-    plan = [("kvshrink", args.pool_tokens, env), ("stock", max_len + 64, {})]
+    plan = [("kvshrink", args.pool_tokens, env, tp), ("stock", max_len + 64, {}, 1)]
     if args.control:
-        plan.append(("stock_again", max_len + 64, {}))
+        plan.append(("stock_again", max_len + 64, {}, 1))
     final = ""
-    for name, pool, e in plan:
-        print(f"starting {name} (pool {pool} tokens, {args.dtype}) ...", flush=True)
-        with Server(model, serve_args(pool), e, out / f"{name}.log") as s:
+    for name, pool, e, ranks in plan:
+        print(f"starting {name} (pool {pool} tokens, {args.dtype}, {ranks} rank(s)) ...",
+              flush=True)
+        with Server(model, serve_args(pool, ranks), e, out / f"{name}.log") as s:
             print(f"  healthy after {s.startup_s:.0f} s; {len(reqs)} requests from "
                   f"{args.clients} clients", flush=True)
             t0 = time.perf_counter()

@@ -57,3 +57,14 @@ def stock(model_path, essay_prompts):
         "sampling": {"max_tokens": STOCK_TOKENS, "temperature": 0.0, "ignore_eos": True},
     }
     return _once(spec, {"VLLM_KVSHRINK_METHOD": "none"})
+
+
+@pytest.fixture(scope="session")
+def tier_prompts(tokenizer):
+    """Three essays ``essay_prompts`` does not use (no prefix-cache hits
+    between evicting and tiered requests), 500, 560 and 620 tokens."""
+    from vllm_kvshrink.lab.assets import load_essays
+
+    essays = load_essays()
+    return [tokenizer(essays[12 + i], add_special_tokens=False)["input_ids"][:500 + 60 * i]
+            for i in range(3)]

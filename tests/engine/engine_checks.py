@@ -31,7 +31,7 @@ def check_evictions(result, events, hf_model, prompts, min_events=1, keys=None) 
         tokens = p + out["token_ids"]
         evs = events.get(key, [])
         compressed += bool(evs)
-        logits = replay_logits(hf_model, tokens, evs)
+        logits = replay_logits(hf_model, tokens, evs, first=len(p) - 1)
         verdict = compare_greedy(logits, tokens, len(p))
         assert verdict["mismatch"] is None or verdict["tie"], (
             f"request {key}: engine token at {verdict['mismatch']} differs from the "
@@ -63,15 +63,15 @@ def check_tiers(result, events, hf_model, prompts, tie_margin=TIER_TIE_MARGIN,
         evs = events.get(key, [])
         assert len(evs) >= 2
         packed_seen |= any(sum(e["counts"][1:]) > 0 for e in evs)
-        logits = replay_tier_logits(hf_model, tokens, evs)
+        logits = replay_tier_logits(hf_model, tokens, evs, first=len(p) - 1)
         verdict = compare_greedy(logits, tokens, len(p), tie_margin=tie_margin)
         assert verdict["mismatch"] is None or verdict["tie"], (
             f"request {key}: engine token at {verdict['mismatch']} differs from the "
             f"dequantized replay ({len(evs)} events; logit gap {verdict['gap']:.2e})")
         if not quantization_matters:  # shown once is enough
-            masked = replay_logits(hf_model, tokens, evs)
-            gen = slice(len(p) - 1, len(tokens) - 1)
-            quantization_matters = float((masked[gen] - logits[gen]).abs().max()) > 1e-2
+            masked = replay_logits(hf_model, tokens, evs, first=len(p) - 1)
+            # rows from the last prompt token to the last sampled one
+            quantization_matters = float((masked[:-1] - logits[:-1]).abs().max()) > 1e-2
     assert packed_seen and quantization_matters
 
 

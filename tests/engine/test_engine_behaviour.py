@@ -92,16 +92,25 @@ def test_prefix_cache_never_serves_compacted_blocks(model_path, essay_prompts, s
     assert result["free_blocks_end"] == result["total_blocks"]
 
 
-def test_per_request_budget_and_fallback(model_path, essay_prompts, stock):
+def _budget_and_fault(model_path, essay_prompts):
+    """Spec and settings of :func:`test_per_request_budget_and_fallback`."""
+    spec = _spec(model_path, essay_prompts[:3], llm=FP32, per_request_extra={1: {"budget": 400}})
+    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64",
+           "VLLM_KVSHRINK_INJECT_FAULT": "0-", "VLLM_KVSHRINK_RECORD_DIR": "",
+           "VLLM_KVSHRINK_SLACK_TOKENS": "16"}
+    return spec, env
+
+
+@pytest.fixture(scope="module")
+def budget_run(model_path, essay_prompts):
+    return run_engine(*_budget_and_fault(model_path, essay_prompts))
+
+
+def test_per_request_budget_and_fallback(budget_run, stock):
     """Request 0 fails inside compaction (injected): it is served uncompressed,
     identical to stock, and counted.  Request 1 asks for a bigger budget.
     fp32: see FP32."""
-    prompts = essay_prompts[:3]
-    result = run_engine(
-        _spec(model_path, prompts, llm=FP32, per_request_extra={1: {"budget": 400}}),
-        {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64",
-         "VLLM_KVSHRINK_INJECT_FAULT": "0-", "VLLM_KVSHRINK_RECORD_DIR": "",
-         "VLLM_KVSHRINK_SLACK_TOKENS": "16"})
+    result = budget_run
     assert result["outputs"]["0"]["token_ids"] == stock_tokens(stock, 0, 32)
     assert "packed_attention" not in result["kvshrink_seconds"]  # eviction packs nothing
     assert result["kvshrink"]["fallbacks"] == 1
@@ -122,19 +131,21 @@ def test_max_model_len_is_logical(model_path, essay_prompts):
     assert len(ours["outputs"]["0"]["token_ids"]) == 512 - 400
 
 
-def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkeypatch, stock):
+def test_forked_run_equals_a_fresh_interpreter(model_path, essay_prompts, monkeypatch,
+                                               budget_run, stock):
     """The suite forks engine runs from one process that imported torch and
     vLLM (bench/forkserver.py): a forked run must be the run a fresh
-    interpreter makes -- same tokens, same plugin counters, plugin registered
-    from the child's own settings."""
+    interpreter makes -- same tokens, same plugin counters (an injected
+    fallback included), plugin registered from the child's own settings."""
     from vllm_kvshrink.lab.bench import launch
 
-    spec = _spec(model_path, essay_prompts[:2], llm=FP32)
-    env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "64"}
-    forked = run_engine(spec, env)
     monkeypatch.setattr(launch, "FORK_SERVER", False)
-    fresh = run_engine(spec, env)
+    fresh = run_engine(*_budget_and_fault(model_path, essay_prompts))
+    forked = budget_run
     assert forked["pid"] != fresh["pid"]
     assert forked["scheduler_cls"] == fresh["scheduler_cls"] == "KVShrinkScheduler"
-    assert _tokens(forked) == _tokens(fresh) != _stock(stock, 32, range(2))
-    assert forked["kvshrink"]["compactions"] == fresh["kvshrink"]["compactions"] > 0
+    assert _tokens(forked) == _tokens(fresh)
+    assert _tokens(fresh)["2"] != stock_tokens(stock, 2, 32)  # compressed to 64 tokens
+    for key in ("compactions", "fallbacks"):
+        assert forked["kvshrink"][key] == fresh["kvshrink"][key]
+    assert fresh["kvshrink"]["compactions"] > 0

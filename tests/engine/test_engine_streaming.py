@@ -1,18 +1,31 @@
-"""Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream;
-vLLM re-adds the live request to extend it): refused with a clear error when
+"""The front end in its own process (``AsyncLLM``: the engine core runs in
+another process, as under ``vllm serve``).
+
+Streaming-input sessions (``AsyncLLM.generate`` fed by an input stream; vLLM
+re-adds the live request to extend it): refused with a clear error when
 compression is on for the session, and served as stock when it opts out
 (fp32: in bf16 vLLM's kernel splits work by the whole batch's sequence lengths,
-so a neighbour's compressed cache can change the rounding)."""
+so a neighbour's compressed cache can change the rounding).
+
+The same compressing engine then serves two plain requests: the plugin is
+registered in the front end and compacts in the engine core's process,
+following the scheduler's plans there, and the greedy tokens equal the masked
+replay of what was recorded.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from vllm_kvshrink.lab.bench.launch import plugin_free_env
+from vllm_kvshrink.policy.record import load_events
+
+from engine_checks import check_evictions
 
 pytestmark = pytest.mark.engine
 
@@ -24,7 +37,7 @@ from vllm.engine.protocol import StreamingInput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.inputs import TokensPrompt
 
-model = sys.argv[1]
+model, plain_path = sys.argv[1], sys.argv[2]
 
 async def session(llm, rid, extra):
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, extra_args=extra)
@@ -40,12 +53,26 @@ async def session(llm, rid, extra):
         return {"error": f"{type(e).__name__}: {e}"}
     return {"outputs": out}
 
+async def plain(llm, rid, ids):
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    async for o in llm.generate(TokensPrompt(prompt_token_ids=ids), sp, rid):
+        last = o
+    return list(last.outputs[0].token_ids)
+
 async def main():
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", max_model_len=512,
-        kv_cache_memory_bytes=32 << 20, block_size=32, max_num_seqs=4, enforce_eager=True))
+    import os
+    import vllm_kvshrink
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", max_model_len=1024,
+        kv_cache_memory_bytes=64 << 20, block_size=32, max_num_seqs=4, enforce_eager=True))
     try:
         res = {"on": await session(llm, "s-on", None),
                "off": await session(llm, "s-off", {"kvshrink": {"method": "none"}})}
+        with open(plain_path) as f:
+            prompts = json.load(f)
+        if prompts:
+            res["plain"] = await asyncio.gather(*(plain(llm, str(i), p) for i, p in enumerate(prompts)))
+            res["pid"] = os.getpid()
+            res["plugin_active"] = vllm_kvshrink.is_active()
     finally:
         llm.shutdown()
     print("RESULT " + json.dumps(res))
@@ -55,13 +82,17 @@ if __name__ == "__main__":
 '''
 
 
-def _start(tmp_path, model_path, env: dict) -> subprocess.Popen:
+def _start(tmp_path, model_path, env: dict, plain: list[list[int]]) -> subprocess.Popen:
+    """The script in a fresh interpreter; ``plain``: prompts it also serves
+    as plain requests after the sessions."""
     path = tmp_path / "stream.py"
     path.write_text(SCRIPT)
+    plain_path = tmp_path / f"plain-{len(plain)}.json"
+    plain_path.write_text(json.dumps(plain))
     full = plugin_free_env()
     full.update(env)
-    return subprocess.Popen([sys.executable, str(path), model_path], env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(path), model_path, str(plain_path)],
+                            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -75,11 +106,18 @@ def _result(proc: subprocess.Popen) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_streaming_input_sessions(tmp_path, model_path):
+def test_streaming_sessions_and_the_engine_core_in_its_own_process(tmp_path, model_path,
+                                                                   hf_model, essay_prompts):
     # Both engines start at once (an AsyncLLM start is mostly imports in two
     # processes, the front end and the engine core).
-    procs = [_start(tmp_path, model_path, {}),
-             _start(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv"})]
+    record = tmp_path / "record"
+    plain = [p[:400] for p in essay_prompts[1:3]]
+    procs = [_start(tmp_path, model_path, {}, []),
+             _start(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv",
+                                           "VLLM_KVSHRINK_BUDGET": "128",
+                                           "VLLM_KVSHRINK_SLACK_TOKENS": "16",
+                                           "VLLM_KVSHRINK_RECORD_DIR": str(record),
+                                           "VLLM_KVSHRINK_STRICT": "1"}, plain)]
     stock, ours = (_result(p) for p in procs)
     # Stock serves both sessions.
     assert "outputs" in stock["on"] and "outputs" in stock["off"]
@@ -90,3 +128,14 @@ def test_streaming_input_sessions(tmp_path, model_path):
     assert "'method': 'none'" in err
     # Opted out, it is served exactly as stock.
     assert ours["off"] == stock["off"]
+    # Plain requests: registered in the front end, compacted in another
+    # process (the engine core's), and equal to the masked replay.
+    files = list(record.glob("events-*.jsonl"))
+    assert files, "no compaction recorded"
+    pids = {int(f.stem.split("-")[1]) for f in files}
+    assert ours["plugin_active"]
+    assert ours["pid"] not in pids and os.getpid() not in pids
+    result = {"outputs": {str(i): {"token_ids": t} for i, t in enumerate(ours["plain"])}}
+    events = load_events(record)
+    assert set(events) == {"0", "1"}  # the sessions were not compressed
+    check_evictions(result, events, hf_model, plain, min_events=2)

@@ -5,7 +5,10 @@ against the same engine on one rank.
 One run of each serves every check (per-request settings): snapkv, tova
 (whose layer score spans the heads of all ranks), expected_attention and
 snapkv with tiered storage (whose rank weights, fills and distortion span
-them), and a request whose event fails on rank 1 only.  fp32, greedy.
+them), a request whose event fails on rank 1 only, a tiered request aborted
+mid-generation (its plain and packed blocks return on every rank) and one
+that opts out.  fp32, greedy.  What `vllm serve --tensor-parallel-size`
+adds on top is the front end, the same at any TP size (tests/serve).
 """
 
 from __future__ import annotations
@@ -21,15 +24,21 @@ from engine_checks import check_evictions, stock_tokens
 
 TP = 3
 MIX = "bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot"
-TOKENS = 40
-#: request index -> its settings; request 4's events fail on rank 1
+TOKENS = 24
+#: request index -> its settings; request 4's events fail on rank 1,
+#: request 5 is aborted at step :data:`ABORT_STEP`, request 6 opts out
 REQUESTS = {
     0: {"method": "snapkv"},
     1: {"method": "tova"},
     2: {"method": "expected_attention"},
     3: {"method": "snapkv", "storage": MIX, "budget": 0.25},
     4: {"method": "snapkv"},
+    5: {"method": "snapkv", "storage": MIX, "budget": 0.25},
+    6: {"method": "none"},
 }
+ABORT_STEP = 12
+#: prompts are cut to this many tokens (the stock-compared ones are whole)
+CUT = 320
 #: vLLM's tensor-parallel all-reduce rounds the fp32 activations differently
 #: from one rank (~1e-7), so a token whose score ties the top-k cut-off to
 #: that precision may be kept on one engine and not the other.  Measured on
@@ -48,7 +57,7 @@ def _run(model_path, prompts, tp):
         llm["distributed_executor_backend"] = "mp"
     spec = {"llm": llm, "prompts": [{"prompt_token_ids": p} for p in prompts],
             "sampling": {"max_tokens": TOKENS, "temperature": 0.0, "ignore_eos": True},
-            "per_request_extra": REQUESTS,
+            "per_request_extra": REQUESTS, "abort_after": {5: ABORT_STEP},
             # the scheduler (this process) checks block ownership at every
             # step while the workers live in other processes: every plan and
             # result crosses vLLM's message queue
@@ -62,7 +71,9 @@ def _run(model_path, prompts, tp):
 
 @pytest.fixture(scope="module")
 def runs(model_path, essay_prompts):
-    prompts = essay_prompts[:4] + [essay_prompts[1]]
+    # requests 4 and 6 are compared with stock on essay_prompts[2] (333 tokens)
+    cut = [p[:CUT] for p in essay_prompts[:4]]
+    prompts = cut + [essay_prompts[2], cut[3], essay_prompts[2]]
     return prompts, _run(model_path, prompts, 1), _run(model_path, prompts, TP)
 
 
@@ -129,5 +140,18 @@ def test_fault_on_one_rank_falls_back_on_every_rank(runs, stock):
     assert one["kvshrink"]["fallbacks"] == 0
     assert tp["kvshrink"]["fallbacks"] >= 1
     assert tp["kvshrink"]["compactions"] == one["kvshrink"]["compactions"] - len(ev1["4"])
-    assert tp["outputs"]["4"]["token_ids"] == stock_tokens(stock, 1, TOKENS)
+    assert tp["outputs"]["4"]["token_ids"] == stock_tokens(stock, 2, TOKENS)
     assert tp["free_blocks_end"] == tp["total_blocks"]
+
+
+def test_abort_and_opt_out_under_tp(runs, stock):
+    """The tiered request aborted mid-generation leaves nothing held on any
+    rank (every step's ownership check and the blocks at the end), and the
+    opted-out request beside compressed ones equals stock."""
+    _, (one, ev1), (tp, ev3) = runs
+    for run, ev in ((one, ev1), (tp, ev3)):
+        assert run["aborted"] == [5] and "5" not in run["outputs"]
+        assert ev["5"] and any(sum(e["counts"][1:]) for e in ev["5"])  # packed, then aborted
+        assert "6" not in ev
+        assert run["outputs"]["6"]["token_ids"] == stock_tokens(stock, 2, TOKENS)
+        assert run["free_blocks_end"] == run["total_blocks"]

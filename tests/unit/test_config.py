@@ -378,59 +378,51 @@ def test_with_overrides_conflict_names_both_sources(monkeypatch):
 
 
 # ----------------------------------------------------------------------- CLI
-def _start(args, **env):
-    full = {k: v for k, v in os.environ.items() if not k.startswith(P)}
-    full.update(env)
-    return subprocess.Popen(
-        [sys.executable, "-m", "vllm_kvshrink", *args], cwd=REPO, env=full,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def cli_runs():
-    """All CLI invocations, started at once (the good --check imports vLLM)."""
-    procs = {
-        "list": _start(["--list"]),
-        "check_bad": _start(["--check"], VLLM_KVSHRINK_BUDGET="7.5"),
-        "check_good": _start(["--check"], VLLM_KVSHRINK_METHOD="snapkv",
-                             VLLM_KVSHRINK_BUDGET="0.5"),
-        # install-time variables the README documents must not stop start-up
-        "check_install_vars": _start(["--check"], VLLM_KVSHRINK_TARGET="cpu",
-                                     VLLM_KVSHRINK_DEBIAN_MIRROR="http://deb.debian.org/debian/"),
-    }
-    out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
-        out[name] = (p.returncode, stdout, stderr)
-    return out
-
-
-def test_cli_list(cli_runs):
-    rc, out, err = cli_runs["list"]
-    assert rc == 0, err
+def test_cli_list():
+    """``python -m vllm_kvshrink --list`` as a user runs it (no vLLM import)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(P)}
+    p = subprocess.run([sys.executable, "-m", "vllm_kvshrink", "--list"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
     for m in available_methods():
-        assert m in out
+        assert m in p.stdout
     for name in envs.ENV_VARS:
-        assert name in out
+        assert name in p.stdout
 
 
-def test_cli_check_bad_budget(cli_runs):
-    rc, out, err = cli_runs["check_bad"]
+def _check(monkeypatch, capsys, **settings) -> tuple[int, str, str]:
+    """``vllm-kvshrink --check`` with exactly ``settings`` in the environment,
+    called in this process (the checks it runs are the start-up ones)."""
+    from vllm_kvshrink.__main__ import main
+
+    for k in [k for k in os.environ if k.startswith(P)]:
+        monkeypatch.delenv(k)
+    for k, v in settings.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["--check"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_check_bad_budget(monkeypatch, capsys):
+    rc, out, err = _check(monkeypatch, capsys, VLLM_KVSHRINK_BUDGET="7.5")
     assert rc == 2, (out, err)
     assert "VLLM_KVSHRINK_BUDGET" in err
     assert "7.5" in err
 
 
-def test_cli_check_good(cli_runs):
-    rc, out, err = cli_runs["check_good"]
+def test_cli_check_good(monkeypatch, capsys):
+    rc, out, err = _check(monkeypatch, capsys, VLLM_KVSHRINK_METHOD="snapkv",
+                          VLLM_KVSHRINK_BUDGET="0.5")
     assert rc == 0, err
     assert out.startswith("ok:")
     assert "method='snapkv'" in out and "budget=0.5" in out
 
 
-def test_cli_check_accepts_install_time_variables(cli_runs):
-    rc, out, err = cli_runs["check_install_vars"]
+def test_cli_check_accepts_install_time_variables(monkeypatch, capsys):
+    # install-time variables the README documents must not stop start-up
+    rc, out, err = _check(monkeypatch, capsys, VLLM_KVSHRINK_TARGET="cpu",
+                          VLLM_KVSHRINK_DEBIAN_MIRROR="http://deb.debian.org/debian/")
     assert rc == 0, err
     assert "unknown setting" not in err
     assert out.startswith("ok:")

@@ -14,7 +14,9 @@ SPEC (JSON)::
      "arrival": "all" | int (requests added per step),
      "trace_steps": bool}
 
-With ``trace_steps`` the result carries ``step_trace``: one
+Each output carries ``logprobs`` (per sampled token, ``{token id: log
+probability}``) when the sampling asks for them.  With ``trace_steps`` the
+result carries ``step_trace``: one
 ``[seconds, prefilling, running, events]`` per engine step, ``events`` being
 the compression events (compactions, tier events, fallbacks) completed so
 far.
@@ -146,6 +148,10 @@ def run(spec: dict) -> dict:
                     "token_ids": list(out.outputs[0].token_ids),
                     "prompt_token_ids": list(out.prompt_token_ids or []),
                 }
+                if out.outputs[0].logprobs:  # sampling asked for them
+                    outputs[int(out.request_id)]["logprobs"] = [
+                        {str(t): lp.logprob for t, lp in top.items()}
+                        for top in out.outputs[0].logprobs]
         steps += 1
         for i, limit in list(abort_after.items()):
             if steps == limit and str(i) not in {str(k) for k in outputs}:

@@ -71,8 +71,11 @@ def _register() -> None:
 
 
 @torch.no_grad()
-def replay_logits(model, token_ids: list[int], events: Iterable[dict]) -> torch.Tensor:
-    """Logits ``[T, vocab]`` of ``model`` over ``token_ids`` under the evictions."""
+def replay_logits(model, token_ids: list[int], events: Iterable[dict], first: int = 0
+                  ) -> torch.Tensor:
+    """Logits of ``model`` over ``token_ids`` under the evictions, for the
+    positions ``first`` to ``T - 1`` (``[T - first, vocab]``; the language
+    model head runs on those positions only)."""
     _register()
     cfg = model.config
     t = len(token_ids)
@@ -83,7 +86,8 @@ def replay_logits(model, token_ids: list[int], events: Iterable[dict]) -> torch.
     try:
         model.set_attn_implementation(_IMPL)
         ids = torch.tensor([token_ids])
-        out = model(input_ids=ids, position_ids=torch.arange(t)[None], use_cache=False)
+        out = model(input_ids=ids, position_ids=torch.arange(t)[None], use_cache=False,
+                    logits_to_keep=t - first)
         return out.logits[0].float()
     finally:
         model.set_attn_implementation(previous)
@@ -93,16 +97,20 @@ def replay_logits(model, token_ids: list[int], events: Iterable[dict]) -> torch.
 def compare_greedy(
     logits: torch.Tensor, token_ids: list[int], prompt_len: int, tie_margin: float = 1e-4
 ) -> dict:
-    """Check that each generated token is the replay's argmax.
+    """Check that each generated token is the replay's argmax.  ``logits``
+    are the replay's rows for the last ``len(logits)`` positions of
+    ``token_ids`` (all of them, or from ``prompt_len - 1`` on).
 
     Returns ``{"checked": n, "mismatch": index or None, "tie": bool, "gap":
     replay's top logit minus the engine token's}``; a
     mismatch where the replay's top-2 logits are within ``tie_margin`` is a
     numerical tie, after which the sequences may legitimately diverge.
     """
+    offset = len(token_ids) - len(logits)
+    assert 0 <= offset <= prompt_len - 1, (offset, prompt_len)
     checked = 0
     for pos in range(prompt_len, len(token_ids)):
-        row = logits[pos - 1]
+        row = logits[pos - 1 - offset]
         pred = int(row.argmax())
         checked += 1
         if pred != token_ids[pos]:

@@ -92,9 +92,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 @torch.no_grad()
-def replay_tier_logits(model, token_ids: list[int], events: Iterable[dict]) -> torch.Tensor:
-    """Logits ``[T, vocab]`` of ``model`` over ``token_ids`` under the recorded
-    tier events (evictions masked, kept tokens in their forms)."""
+def replay_tier_logits(model, token_ids: list[int], events: Iterable[dict], first: int = 0
+                       ) -> torch.Tensor:
+    """Logits of ``model`` over ``token_ids`` under the recorded tier events
+    (evictions masked, kept tokens in their forms), for the positions
+    ``first`` to ``T - 1`` (``[T - first, vocab]``)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(_IMPL, _attention)
@@ -104,7 +106,7 @@ def replay_tier_logits(model, token_ids: list[int], events: Iterable[dict]) -> t
         model.set_attn_implementation(_IMPL)
         t = len(token_ids)
         out = model(input_ids=torch.tensor([token_ids]), position_ids=torch.arange(t)[None],
-                    use_cache=False)
+                    use_cache=False, logits_to_keep=t - first)
         return out.logits[0].float()
     finally:
         model.set_attn_implementation(previous)
