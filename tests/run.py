@@ -52,8 +52,8 @@ ALONE = "engine"
 
 #: test files of that group the second lane runs after the other groups,
 #: chosen from measured durations so the lanes end together (on a 2-core AVX2
-#: machine, a core per lane: engine lane 650 s and the second lane 997 s with
-#: the agreement and streaming files there too, about 190 s of it).
+#: machine, a core per lane: engine lane 557 s, second lane 559 s, the tail
+#: 130 s of it; docs/results/test_suite_2026-12-07.log).
 SECOND_LANE_TAIL = ("test_forkserver.py", "test_engine_tiers.py")
 
 #: pytest's last line: "543 passed, 1 skipped in 95.83s (0:01:35)" (-q), or

@@ -1,17 +1,19 @@
 """vLLM's default mode (torch.compile, as `vllm serve` and the README run it),
-blocks of 32 tokens, prompts prefilled in chunks of 256 (events also fall
+blocks of 128 tokens, prompts prefilled in chunks of 256 (events also fall
 between chunks): one compiled engine serves evicting and tiered requests side
 by side, each request picking its method, budget and storage, and every
 request's greedy tokens equal its reference -- the masked replay for eviction,
 the dequantized replay for tiered storage (vllm_kvshrink/lab/hf/replay.py,
 replay_tiers.py).  fp32.  Eviction: snapkv at a token budget and at a
-fraction, knorm (query-free, per-head scores); tiers: three levels with
-eviction, and a form with 4-bit keys and 2-bit values.
+fraction, knorm (query-free, per-head scores), StreamingLLM; tiers: three
+levels with eviction, a form with 4-bit keys and 2-bit values, and no bf16
+beyond the sinks and recent tokens.
 
 Compiling the model is most of this run (one whole-model graph through
-inductor on CPU), so every check that needs these engine settings shares it;
-eager-mode chunked prefill is test_engine_reference.py's
-test_prompt_longer_than_pool and test_preemption_aborts_and_recomputation.
+inductor on CPU), so every check that needs these engine settings shares it.
+Blocks of 32 tokens with chunked prefill, in eager mode:
+test_engine_reference.py's test_prompt_longer_than_pool and
+test_preemption_aborts_and_recomputation.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ pytestmark = pytest.mark.engine
 MIX = "bf16,int4_tok_rot,int2_tok_rot"
 #: request index -> its settings (the others: snapkv at 0.25)
 EXTRA = {0: {"budget": 96}, 1: {"method": "knorm", "budget": 128},
-         3: {"method": "knorm", "budget": 128},
+         3: {"method": "streaming"},
          5: {"storage": MIX, "budget": 0.15}, 6: {"storage": "bf16,k4v2_tok", "budget": 0.25},
-         7: {"storage": MIX, "budget": 0.15}}
+         7: {"storage": "int8_tok,int2_tok_rot", "budget": 0.12}}
 
 
 def test_compiled_engine_matches_both_replays(tmp_path, model_path, hf_model, essay_prompts,
@@ -42,7 +44,7 @@ def test_compiled_engine_matches_both_replays(tmp_path, model_path, hf_model, es
     tier_keys = [str(len(evict) + i) for i in range(len(tiered))]
     spec = {
         "llm": dict(model=model_path, dtype="float32", max_model_len=2048,
-                    kv_cache_memory_bytes=256 << 20, block_size=32, max_num_seqs=8,
+                    kv_cache_memory_bytes=256 << 20, block_size=128, max_num_seqs=8,
                     max_num_batched_tokens=256, enforce_eager=False, seed=0),
         "prompts": [{"prompt_token_ids": p} for p in prompts],
         "per_request_extra": EXTRA,

@@ -10,8 +10,9 @@ engine_checks.TIER_TIE_MARGIN for tiers), after which sequences may diverge.
 
 Each engine run serves several checks at once: every request picks its
 method, budget and storage (extra_args), so one run per engine-level setting
-(block size, prefill chunking, process layout, pool size) is enough.
-vLLM's default compiled mode: test_engine_compiled.py.
+(block size, prefill chunking, process layout, pool size) is enough.  Every
+method and storage mix side by side, with blocks of 128 tokens and prefill in
+chunks: test_engine_compiled.py (vLLM's default compiled mode).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vllm_kvshrink.lab.bench.launch import run_engine
 from vllm_kvshrink.lab.hf.replay import compare_greedy, replay_logits
 from vllm_kvshrink.policy.record import load_events
 
-from engine_checks import check_evictions, check_mixed
+from engine_checks import check_evictions
 
 pytestmark = pytest.mark.engine
 
@@ -50,43 +51,6 @@ def _env(record, method="snapkv", budget="0.25", **extra):
             "VLLM_KVSHRINK_SLACK_TOKENS": "16", "VLLM_KVSHRINK_RECENT_TOKENS": "32",
             "VLLM_KVSHRINK_OBS_WINDOW": "16", "VLLM_KVSHRINK_RECORD_DIR": str(record),
             "VLLM_KVSHRINK_STRICT": "1", **extra}
-
-
-def _check_mixed(result, events, hf_model, evict, tiered, evict_keys, tier_keys):
-    """Eviction requests equal the masked replay, tiered ones the dequantized
-    replay; decode-time events happened; every block came back."""
-    k = result["kvshrink"]
-    assert result["scheduler_cls"] == "KVShrinkScheduler"
-    assert k["fallbacks"] == 0 and k["tier_events"] >= 3
-    n = check_mixed(result, events, hf_model, evict, tiered, evict_keys, tier_keys)
-    assert k["compactions"] >= n
-    assert set(result["peak_bytes_held"]) - {"bf16"}  # packed forms held, in bytes
-    prompt_of = dict(zip(evict_keys + tier_keys, evict + tiered))
-    # Decode-time events happened too, not only after prefill.
-    assert any(e["logical_len"] > len(prompt_of[r]) for r, evs in events.items() for e in evs)
-    assert result["free_blocks_end"] == result["total_blocks"]
-    # The eviction replay has teeth: without the evictions it disagrees
-    # somewhere (one disagreeing request is enough).
-    def disagrees(r):
-        tokens = prompt_of[r] + result["outputs"][r]["token_ids"]
-        n = len(prompt_of[r])
-        full = compare_greedy(replay_logits(hf_model, tokens, [], first=n - 1), tokens, n)
-        return full["mismatch"] is not None
-
-    assert any(disagrees(r) for r in evict_keys if events.get(r))
-
-
-def test_big_blocks_match_both_replays(tmp_path, model_path, hf_model, essay_prompts,
-                                       tier_prompts):
-    """Blocks of 128 tokens, whole prompts: streaming eviction at a fraction
-    of each request; tiers with no bf16 beyond the sinks and recent tokens."""
-    evict, tiered = essay_prompts[:3], tier_prompts[:2]
-    extra = {3 + i: {"method": "snapkv", "storage": "int8_tok,int2_tok_rot", "budget": 0.12}
-             for i in range(2)}
-    result = run_engine(_spec(model_path, evict + tiered, 128, extra=extra),
-                        _env(tmp_path, method="streaming"))
-    _check_mixed(result, load_events(tmp_path), hf_model, evict, tiered,
-                 ["0", "1", "2"], ["3", "4"])
 
 
 def test_prompt_longer_than_pool(tmp_path, model_path, hf_model, tokenizer):
