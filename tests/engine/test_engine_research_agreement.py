@@ -30,7 +30,7 @@ def prompts(tokenizer):
     from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
-    return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:400]
+    return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:300]
             for i in range(len(SERVED))]
 
 

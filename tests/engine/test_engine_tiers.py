@@ -52,7 +52,7 @@ def prompts(tokenizer):
     from vllm_kvshrink.lab.assets import load_essays
 
     essays = load_essays()
-    return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:340 + 40 * i]
+    return [tokenizer(essays[3 + i], add_special_tokens=False)["input_ids"][:260 + 40 * i]
             for i in range(4)]
 
 

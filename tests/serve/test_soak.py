@@ -36,7 +36,7 @@ def _args(model_path: str, pool_tokens: int) -> list[str]:
 
 def test_soak_small(tmp_path, model_path, tokenizer, essay_prompts):
     # 28 requests: every kind, three opt-outs to compare with stock
-    reqs = soak.build_requests(tokenizer, 28, seed=0, too_long_tokens=3000, max_len=500)
+    reqs = soak.build_requests(tokenizer, 28, seed=0, too_long_tokens=3000, max_len=400)
     assert {r.kind for r in reqs} == set(soak.KINDS)
     env = {"VLLM_KVSHRINK_METHOD": "snapkv", "VLLM_KVSHRINK_BUDGET": "0.25",
            "VLLM_KVSHRINK_SLACK_TOKENS": "32", **serve_checks.ENV}
