@@ -40,16 +40,15 @@ from vllm.engine.protocol import StreamingInput
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.inputs import TokensPrompt
 
-model, plain_path = sys.argv[1], sys.argv[2]
-
-def chunk(i):
-    return list(range(100 + 50 * i, 140 + 50 * i))
+model = sys.argv[1]
+with open(sys.argv[2]) as f:
+    inputs = json.load(f)  # {"chunks": a session's chunks, "plain": prompts}
 
 async def session(llm, rid, extra):
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, extra_args=extra)
     async def chunks():
-        for i in range(2):
-            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=chunk(i)))
+        for ids in inputs["chunks"]:
+            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=ids))
             await asyncio.sleep(0.5)
     out = []
     try:
@@ -73,12 +72,10 @@ async def main():
     try:
         res = {"on": await session(llm, "s-on", None),
                "off": await session(llm, "s-off", {"kvshrink": {"method": "none"}})}
-        with open(plain_path) as f:
-            prompts = json.load(f)
-        if prompts:
-            res["plain"] = await asyncio.gather(*(plain(llm, str(i), p) for i, p in enumerate(prompts)))
-            res["pid"] = os.getpid()
-            res["plugin_active"] = vllm_kvshrink.is_active()
+        res["plain"] = await asyncio.gather(*(plain(llm, str(i), p)
+                                              for i, p in enumerate(inputs["plain"])))
+        res["pid"] = os.getpid()
+        res["plugin_active"] = vllm_kvshrink.is_active()
     finally:
         llm.shutdown()
     print("RESULT " + json.dumps(res))
@@ -88,25 +85,21 @@ if __name__ == "__main__":
 '''
 
 
-def _start(tmp_path, model_path, env: dict, plain: list[list[int]]) -> subprocess.Popen:
-    """The script in a fresh interpreter; ``plain``: prompts it also serves
-    as plain requests after the sessions."""
+#: a streaming session's input chunks
+CHUNKS = [list(range(100, 140)), list(range(150, 190))]
+
+
+def _run(tmp_path, model_path, env: dict, plain: list[list[int]]) -> dict:
+    """The script in a fresh interpreter with ``env``: sessions of
+    :data:`CHUNKS`, then ``plain`` prompts as plain requests; its result."""
     path = tmp_path / "stream.py"
     path.write_text(SCRIPT)
-    plain_path = tmp_path / "plain.json"
-    plain_path.write_text(json.dumps(plain))
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"chunks": CHUNKS, "plain": plain}))
     full = plugin_free_env()
     full.update(env)
-    return subprocess.Popen([sys.executable, str(path), model_path, str(plain_path)],
-                            env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _chunk(i: int) -> list[int]:
-    """The session's ``i``-th input chunk (the script's ``chunk``)."""
-    return list(range(100 + 50 * i, 140 + 50 * i))
-
-
-def _result(proc: subprocess.Popen) -> dict:
+    proc = subprocess.Popen([sys.executable, str(path), model_path, str(inputs)], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:
@@ -121,11 +114,11 @@ def test_streaming_sessions_and_the_engine_core_in_its_own_process(tmp_path, mod
                                                                    hf_model, essay_prompts):
     record = tmp_path / "record"
     plain = [p[:400] for p in essay_prompts[1:3]]
-    ours = _result(_start(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv",
-                                                 "VLLM_KVSHRINK_BUDGET": "128",
-                                                 "VLLM_KVSHRINK_SLACK_TOKENS": "16",
-                                                 "VLLM_KVSHRINK_RECORD_DIR": str(record),
-                                                 "VLLM_KVSHRINK_STRICT": "1"}, plain))
+    ours = _run(tmp_path, model_path, {"VLLM_KVSHRINK_METHOD": "snapkv",
+                                       "VLLM_KVSHRINK_BUDGET": "128",
+                                       "VLLM_KVSHRINK_SLACK_TOKENS": "16",
+                                       "VLLM_KVSHRINK_RECORD_DIR": str(record),
+                                       "VLLM_KVSHRINK_STRICT": "1"}, plain)
     # With compression on, the session is refused by name, with the way out.
     err = ours["on"]["error"]
     assert "streaming-input sessions are not supported" in err
@@ -134,7 +127,7 @@ def test_streaming_sessions_and_the_engine_core_in_its_own_process(tmp_path, mod
     # token of the sequence vLLM extends the session with.
     out = ours["off"]["outputs"][-1]
     assert len(out) == 12
-    first, second = _chunk(0), _chunk(1)
+    first, second = CHUNKS
     for tokens, prompt_len in ((first + out[:6], len(first)),
                                (first + out[:5] + second + out[6:], len(first) + 5 + len(second))):
         verdict = compare_greedy(replay_logits(hf_model, tokens, [], first=prompt_len - 1),
