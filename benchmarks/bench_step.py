@@ -6,20 +6,26 @@ decode together; the decode steps are timed once compression has happened,
 so the figure is what a step costs with a compressed cache, not what an
 event costs (``--events`` keeps the usual event cadence inside the timed
 steps).  Four engines run one after the other, each in its own process, on
-the same prompts: stock bf16, stock ``kv_cache_dtype=fp8`` (vLLM's own 2x
-format), eviction (``--method`` at ``--budget`` of the tokens) and tiered
+the same prompts: stock (the model's dtype, ``--dtype``), stock
+``kv_cache_dtype=fp8`` (vLLM's own 2x format), eviction (``--method`` at ``--budget`` of the tokens) and tiered
 storage (``--storage`` at ``--budget`` of the bf16 bytes).  The KV pool holds
 every sequence at once in every engine, so every engine runs all ``B``.
 
 A step is timed when no request is prefilling, all ``B`` run, and no
 compression event completes in it; the last ``S`` such steps count.  Prints
-the median step time and its ratio to stock bf16, the KV bytes each engine's
+the median step time and its ratio to stock, the KV bytes each engine's
 requests hold, and (with the plugin's per-phase counters) where its time went;
 writes a JSON and a PNG of the step times.
 
     python benchmarks/bench_step.py                 # B=8, C=2048, S=64
     python benchmarks/bench_step.py --quick         # B=4, C=1024, S=24
     python benchmarks/bench_step.py --events        # events inside the timed steps
+
+``--dtype auto`` (the default) runs every engine in bf16 where the CPU
+computes bf16 natively (AVX-512 BF16 or AMX) and in float32 where it does
+not: there vLLM's matrix products fall back to torch's bf16 ``linear``, whose
+time grows with every sequence of the step (``bench_gemm_dtype.py``), so
+float32 is what a user would serve and the faster stock to compare with.
 """
 
 from __future__ import annotations
@@ -55,15 +61,19 @@ def timed_steps(trace: list, batch: int, steps: int, events: bool) -> list[float
     return out[-steps:]
 
 
+def stock_name(dtype: str) -> str:
+    return "stock " + {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
+
+
 def configs(args) -> list[tuple[str, dict, dict]]:
-    """``(name, plugin env, LLM overrides)`` per engine, stock bf16 first."""
+    """``(name, plugin env, LLM overrides)`` per engine, stock first."""
     slack = str(args.slack if args.events else 2 * (WARM_STEPS + args.steps) + args.block_size)
     ours = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": str(args.budget),
             "VLLM_KVSHRINK_SLACK_TOKENS": slack}
     off = {"VLLM_KVSHRINK_METHOD": "none"}
     fp8 = [] if fp8_kv_unavailable() else [("stock fp8", off, {"kv_cache_dtype": "fp8"})]
     return [
-        ("stock bf16", off, {}),
+        (stock_name(args.dtype), off, {}),
         *fp8,
         (f"evict {args.method}@{args.budget}", ours, {}),
         (f"tiers {args.method}@{args.budget}",
@@ -88,6 +98,9 @@ def main() -> int:
                     help="VLLM_KVSHRINK_SLACK_TOKENS with --events (without: events "
                     "are spaced past the timed steps)")
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="model and KV dtype of every engine (auto: bfloat16 where the "
+                         "CPU computes it natively, else float32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="B=4, C=1024, S=24")
     ap.add_argument("--json", dest="json_path", help="write the figures here")
@@ -95,6 +108,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.batch, args.context, args.steps = 4, 1024, 24
+    from vllm_kvshrink.lab.bench.machine import resolve_dtype
+
+    args.dtype, why_dtype = resolve_dtype(args.dtype)
     if not 0 < args.budget <= 1:
         ap.error(f"--budget={args.budget}: a fraction in (0, 1]")
     from vllm_kvshrink.storage import parse_storage
@@ -115,11 +131,13 @@ def main() -> int:
     prompts = build_workload(tok, args.batch, args.context, args.context, args.seed)
     out_len = WARM_STEPS + args.steps + (0 if args.events else 8)
     pool = args.batch * (args.context + out_len + 2 * args.block_size)
-    spec = greedy_spec(model, prompts, out_len, pool, args.block_size, "bfloat16", args.seed)
+    spec = greedy_spec(model, prompts, out_len, pool, args.block_size, args.dtype, args.seed)
     spec["trace_steps"] = True
     print(f"B={args.batch} sequences of C={args.context} essay tokens, {out_len} decode "
-          f"steps ({args.steps} timed), budget {args.budget}, block {args.block_size}",
-          flush=True)
+          f"steps ({args.steps} timed), budget {args.budget}, block {args.block_size}, "
+          f"{args.dtype}", flush=True)
+    if why_dtype:
+        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
     no_fp8 = fp8_kv_unavailable()
     if no_fp8:
         print(f"stock fp8 left out: {no_fp8}", flush=True)
@@ -135,8 +153,9 @@ def main() -> int:
     stock_held = args.context + out_len  # tokens each stock request holds at the end
     for name, run in runs.items():
         if not run.get("peak_bytes_held"):  # stock: every token, at its dtype's bytes
-            per_tok = kv_bytes_per_token(model, 1 if "fp8" in name else 2)
-            run["peak_bytes_held"] = {"fp8" if "fp8" in name else "bf16":
+            per_tok = kv_bytes_per_token(model, 1 if "fp8" in name else
+                                         4 if args.dtype == "float32" else 2)
+            run["peak_bytes_held"] = {"fp8" if "fp8" in name else args.dtype:
                                       args.batch * stock_held * per_tok}
     table = summarize(runs, args)
     print()
@@ -161,7 +180,7 @@ def _median_ms(xs: list[float]) -> float:
 
 
 def summarize(runs: dict, args) -> list[dict]:
-    """One row per engine: median step (ms), its ratio to stock bf16, the
+    """One row per engine: median step (ms), its ratio to stock (the first), the
     10th / 90th percentiles, steps timed, KV bytes held per request (the
     plugin's peak; stock: every token at its dtype's bytes) and the plugin's
     seconds per phase over the whole run."""
@@ -186,7 +205,7 @@ def summarize(runs: dict, args) -> list[dict]:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| engine | median step (ms) | p10-p90 (ms) | vs stock bf16 | steps timed | "
+    lines = ["| engine | median step (ms) | p10-p90 (ms) | vs stock | steps timed | "
              "KV held per seq (MiB) | events | fallbacks |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -216,7 +235,8 @@ def plot(runs: dict, args, path: Path) -> None:
                showfliers=False)
     ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
     ax.set(ylabel="decode step (ms)",
-           title=f"B={args.batch}, C={args.context}, budget {args.budget} ({cpu_model()})")
+           title=f"B={args.batch}, C={args.context}, budget {args.budget}, {args.dtype} "
+                 f"({cpu_model()})")
     ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

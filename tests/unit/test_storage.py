@@ -370,3 +370,24 @@ def test_apply_tiers_leaves_tokens_that_stay_in_a_token_local_form_as_they_are()
     # recovered exactly from dequantized values): the rule matters.
     again, _ = f.roundtrip(held_k[stay][None], held_v[stay][None])
     assert not torch.equal(again[0], held_k[stay])
+
+
+def test_bytes_actually_held_counts_plain_tokens_at_the_caches_element_size():
+    from vllm_kvshrink.storage.geometry import TierGeometry
+
+    segments = [(3, "int4_tok_rot", 10), (4, "int2_tok_rot", 5)]
+    bf16 = TierGeometry(2, 3, 64, 16, 2)
+    fp32 = TierGeometry(2, 3, 64, 16, 4)
+    rows = 2 * 3
+    # plain tokens: K and V, 64 elements each, per row, at 2 or 4 bytes
+    assert bf16.bytes_actually_held(7, segments)["bf16"] == rows * 7 * 2 * 64 * 2
+    assert fp32.bytes_actually_held(7, segments)["bf16"] == rows * 7 * 2 * 64 * 4
+    assert fp32.plain_token_bytes == 2 * bf16.plain_token_bytes == 2 * bf16.token_bytes
+    # packed forms hold the same codes and parameters in either cache, and
+    # budgets (held_bytes) stay in bf16 bytes so both dtypes compress alike
+    for form, n in (("int4_tok_rot", 10), ("int2_tok_rot", 5)):
+        want = rows * get_form(form).nbytes(n, 64)
+        assert bf16.bytes_actually_held(7, segments)[form] == want
+        assert fp32.bytes_actually_held(7, segments)[form] == want
+    assert fp32.held_bytes(7, segments) == bf16.held_bytes(7, segments) \
+        == sum(bf16.bytes_actually_held(7, segments).values())

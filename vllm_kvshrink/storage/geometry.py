@@ -60,6 +60,22 @@ class TierGeometry:
             return self.block_size
         return paged_form(form, self.head_dim, self.block_size, self.elem_bytes).capacity
 
+    @property
+    def plain_token_bytes(self) -> int:
+        """One token's K+V over every layer and KV head at the cache's own
+        element size: what a plain token really holds (a float32 cache's is
+        twice :attr:`token_bytes`)."""
+        return token_bytes(self.rows, self.head_dim, self.elem_bytes)
+
+    def bytes_actually_held(self, plain: int, segments) -> dict[str, int]:
+        """Bytes per form that ``plain`` tokens at the cache's element size
+        and the packed ``segments`` hold: what the ``bytes_held`` gauge
+        reports.  Budgets use :meth:`held_bytes` (bf16 bytes) instead, so a
+        float32 model compresses at the same steps as the research path."""
+        out = self.bytes_by_form(plain, segments)
+        out[FULL] = self.rows * plain * token_bytes(1, self.head_dim, self.elem_bytes)
+        return out
+
     def held_bytes(self, plain: int, segments) -> int:
         """Bytes held by ``plain`` bf16 tokens and the packed ``segments``
         (``(block_id, form, n)``)."""

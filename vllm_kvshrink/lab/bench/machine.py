@@ -32,3 +32,33 @@ def fp8_kv_unavailable() -> str | None:
         return None
     return ("vLLM's CPU backend holds an fp8 KV cache only on x86 CPUs with AVX-512 or "
             "AMX, and this CPU has neither")
+
+
+def bf16_unaccelerated() -> str | None:
+    """Why a bf16 model computes slowly on this CPU, or ``None`` where it
+    does not: vLLM's CPU backend runs a layer's matrix product through oneDNN,
+    which on an x86 CPU without AVX-512 BF16 or AMX refuses bf16 weights
+    ("could not create a primitive descriptor"), so vLLM falls back to
+    torch's bf16 ``linear``, whose cost there grows with every sequence of the
+    batch (``benchmarks/bench_gemm_dtype.py`` measures both dtypes)."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return ("this CPU has neither AVX-512 BF16 nor AMX: vLLM's oneDNN matrix product "
+            "refuses bf16 and falls back to torch's bf16 linear, which is compute-bound "
+            "per sequence")
+
+
+def resolve_dtype(dtype: str) -> tuple[str, str | None]:
+    """``(dtype, why)``: ``"auto"`` is ``bfloat16`` where the CPU computes it
+    natively and ``float32`` where it does not (``why`` says so); any other
+    value is returned as given."""
+    if dtype != "auto":
+        return dtype, None
+    why = bf16_unaccelerated()
+    return ("float32", why) if why else ("bfloat16", None)

@@ -505,13 +505,14 @@ class KVShrinkScheduler(Scheduler):
         return phases.timed(self.kvs_counters.seconds, "scheduler")
 
     def kvs_bytes_held(self) -> dict[str, int]:
-        """KV bytes the running compressed requests hold now, per form."""
+        """KV bytes the running compressed requests hold now, per form, plain
+        tokens at the cache's element size."""
         held: dict[str, int] = {}
         for r in self.running:
             st = self.kvs_state.get(r.request_id)
             if st is not None and st.cfg.enabled:
                 plain = r.num_computed_tokens - st.offset
-                for form, n in self.kvs_tiers.bytes_by_form(plain, st.segments).items():
+                for form, n in self.kvs_tiers.bytes_actually_held(plain, st.segments).items():
                     held[form] = held.get(form, 0) + n
         return held
 
@@ -537,5 +538,5 @@ class KVShrinkScheduler(Scheduler):
                 c.physical_tokens += (r.num_computed_tokens - st.offset
                                       + sum(s[2] for s in st.segments))
         c.bytes_held = self.kvs_bytes_held()
-        c.logical_bytes = c.logical_tokens * self.kvs_tiers.token_bytes
+        c.logical_bytes = c.logical_tokens * self.kvs_tiers.plain_token_bytes
         return c

@@ -33,8 +33,9 @@ class Counters:
     foreign_weights: int = 0
     logical_tokens: int = 0  # tokens of running compressed-capable requests
     physical_tokens: int = 0  # of which are still in the cache
-    #: bytes held by running requests' KV per storage form (bf16 counted at 2
-    #: bytes per element, packed forms at their codes + parameters)
+    #: bytes held by running requests' KV per storage form (the plain form,
+    #: named ``bf16``, at the cache's element size: 2 bytes in a bf16 cache, 4
+    #: in a float32 one; packed forms at their codes + parameters)
     bytes_held: dict = field(default_factory=dict)
 
     @property
@@ -44,12 +45,14 @@ class Counters:
             return 1.0
         return self.logical_tokens / self.physical_tokens
 
-    #: bf16 bytes the running requests' logical tokens would hold
+    #: bytes the running requests' logical tokens would hold uncompressed, at
+    #: the cache's element size
     logical_bytes: int = 0
 
     @property
     def bytes_ratio(self) -> float:
-        """bf16 bytes of the logical tokens / bytes held (1.0 = no saving)."""
+        """Uncompressed bytes of the logical tokens / bytes held (1.0 = no
+        saving)."""
         held = sum(self.bytes_held.values())
         if held <= 0:
             return 1.0

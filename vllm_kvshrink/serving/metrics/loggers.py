@@ -39,7 +39,8 @@ _COUNTERS = {
 }
 _GAUGES = {
     "compression_ratio": "Logical / cached tokens of running requests.",
-    "bytes_ratio": "bf16 bytes of running requests' logical tokens / KV bytes they hold.",
+    "bytes_ratio": ("Uncompressed bytes of running requests' logical tokens (at the "
+                    "cache's element size) / KV bytes they hold."),
     "logical_tokens": "Logical tokens of running requests.",
     "foreign_weights": "Learned components (temporal predictor, semantic embedding) "
                        "whose weights were not trained on the served model.",
@@ -76,7 +77,8 @@ def _prom():
         _PROM["bytes_held"] = Gauge(
             "vllm:kvshrink_bytes_held",
             "KV bytes held by running requests, per storage form (codes, scales and "
-            "zero points; bf16 at 2 bytes per element).", ["engine", "form"])
+            "zero points; the plain form bf16 at the cache's element size).",
+            ["engine", "form"])
         _PROM["seconds"] = Counter(
             "vllm:kvshrink_seconds",
             "Seconds vllm-kvshrink spent in each phase of its own work (phase: "
