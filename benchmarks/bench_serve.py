@@ -2,10 +2,10 @@
 """Stock ``vllm serve`` vs ``vllm serve`` + vllm-kvshrink, measured by ``vllm bench serve``.
 
 Each server runs as its own ``vllm serve`` process, one after the other on the
-same port, with the same KV pool in bytes (about ``--pool-seqs`` full bf16
-sequences, so the pool -- not ``--max-num-seqs`` -- limits stock vLLM).  vLLM's
-own benchmark client (``vllm bench serve``, the "custom" JSONL dataset of
-seeded windows of real essay text, no chat template, fixed output length with
+same port, with the same KV pool in bytes (about ``--pool-seqs`` full
+sequences at the model's dtype, so the pool -- not ``--max-num-seqs`` --
+limits stock vLLM).  vLLM's own benchmark client (``vllm bench serve``, the
+"custom" JSONL dataset of seeded windows of real essay text, no chat template, fixed output length with
 ``ignore_eos``, greedy, one warm-up request, then every request sent at once)
 measures each server, while a small thread polls ``/metrics`` once a second for
 the requests running and the KV-cache usage.  Servers run ``--enforce-eager``
@@ -13,7 +13,11 @@ the requests running and the KV-cache usage.  Servers run ``--enforce-eager``
 settings), ``stock_fp8`` (``--kv-cache-dtype fp8``, vLLM's own 2x format, same
 pool bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage``
 naming forms other than bf16, ``tiers`` (tiered storage as
-``VLLM_KVSHRINK_STORAGE``).  Needs pandas (vLLM's custom dataset reads with it).
+``VLLM_KVSHRINK_STORAGE``).  ``--dtype auto`` (the default) serves bf16 where
+the CPU computes it natively (AVX-512 BF16 or AMX) and float32 where it does
+not, where vLLM's bf16 matrix products cost the same per sequence at any
+batch (``bench_gemm_dtype.py``).  Needs pandas (vLLM's custom dataset reads
+with it).
 Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
 ``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``; with
 tiers, ``output_throughput_ratio_tiers``: tiers / stock and
@@ -228,10 +232,12 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=None, help="prompt tokens, default per shape")
     ap.add_argument("--output-len", type=int, default=None, help="default per shape")
     ap.add_argument("--pool-seqs", type=float, default=None,
-                    help="KV pool in full sequences (prompt+output of average length, bf16 "
-                    "bytes); default 4 (2 with --quick)")
+                    help="KV pool in full sequences (prompt+output of average length, at "
+                    "the model dtype's bytes); default 4 (2 with --quick)")
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="every server's --dtype (auto: bfloat16 where the CPU computes it "
+                         "natively, else float32; benchmarks/bench_gemm_dtype.py shows why)")
     ap.add_argument("--max-concurrency", type=int, default=None,
                     help="vllm bench serve --max-concurrency (default: none, all at once)")
     ap.add_argument("--num-warmups", type=int, default=1,
@@ -260,6 +266,11 @@ def main() -> int:
         ap.error("need --min-len <= --max-len, --num-prompts >= 1, --output-len >= 1")
     if args.pool_seqs <= 0:
         ap.error("--pool-seqs must be > 0 (the pool must limit stock vLLM)")
+    from vllm_kvshrink.lab.bench.machine import resolve_dtype
+
+    args.dtype, why_dtype = resolve_dtype(args.dtype)
+    if why_dtype:
+        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
 
     from vllm_kvshrink.storage import parse_storage
 
@@ -311,10 +322,11 @@ def main() -> int:
         ours_fit = pool_tokens / min(kept, mean_seq)
     except ValueError:
         ours_fit = float("nan")
+    fp8_x = per_tok // kv_bytes_per_token(model, 1)
     print(f"workload: {args.num_prompts} prompts of {args.min_len}-{args.max_len} essay tokens "
           f"(as sent: {min(lens)}-{max(lens)}, mean {mean_prompt:.0f}), {args.output_len} "
           f"output tokens, ignore_eos; KV pool {pool_tokens} tokens = {stock_fit:.1f} mean "
-          f"sequences ({pool_bytes / 2**20:.1f} MiB {args.dtype}; fp8 holds 2x), block "
+          f"sequences ({pool_bytes / 2**20:.1f} MiB {args.dtype}; fp8 holds {fp8_x}x), block "
           f"{args.block_size}, max-model-len {max_model_len}, max-num-seqs {max_num_seqs}",
           flush=True)
     if args.num_prompts <= stock_fit:
@@ -537,7 +549,7 @@ def main() -> int:
         "model_note": MODEL_NOTE if args.model in MODEL_ALIASES else "",
         "args": vars(args),
         "settings": {"pool_tokens": pool_tokens, "kv_cache_memory_bytes": pool_bytes,
-                     "kv_bytes_per_token_bf16": per_tok, "max_model_len": max_model_len,
+                     "kv_bytes_per_token": per_tok, "dtype": args.dtype, "max_model_len": max_model_len,
                      "max_num_seqs": max_num_seqs, "prompt_lens": lens,
                      "mean_prompt_len": mean_prompt, "stock_fit_seqs": stock_fit,
                      "port": port, "serve_cmd": [vllm_cmd, "serve", model, "--port", str(port), *serve_args], "dataset": str(dataset)},

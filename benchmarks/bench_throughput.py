@@ -3,13 +3,14 @@
 
 Each engine runs in its own process (the plugin is configured per process) on
 the same prompts -- windows of real essay text -- with the same KV pool in
-bytes, sized to hold about ``--pool-seqs`` full bf16 sequences.  Prints a
+bytes, sized to hold about ``--pool-seqs`` full sequences at the model's dtype
+(``--dtype auto``: bf16 where the CPU computes it natively, else float32).  Prints a
 table and the ratios, draws a PNG of running sequences and KV usage per engine
 step, and with ``--json`` writes the figures (``throughput_ratio``,
-``max_running_ratio``: the last engine vs stock bf16).
+``max_running_ratio``: the last engine vs stock).
 
 With ``--storage`` naming forms other than bf16 (tiered storage, as
-``VLLM_KVSHRINK_STORAGE``) four engines run, in this order: stock bf16, stock
+``VLLM_KVSHRINK_STORAGE``) four engines run, in this order: stock, stock
 ``kv_cache_dtype=fp8`` (vLLM's own 2x format, same pool bytes), eviction only
 at the same byte budget, and tiered storage; the JSON adds
 ``throughput_ratio_fp8`` and ``max_running_ratio_fp8`` (tiered vs stock fp8).
@@ -68,7 +69,9 @@ def main() -> int:
     ap.add_argument("--shape", choices=("prefill", "decode"), default="prefill",
                     help="prefill: long essay prompts, short answers (the defaults); "
                     "decode: short prompts, long generations (memory-bound decoding)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="every engine's dtype (auto: bfloat16 where the CPU computes it "
+                         "natively, else float32; benchmarks/bench_gemm_dtype.py shows why)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="ranks every engine runs on (vLLM's CPU tensor parallelism)")
     ap.add_argument("--seed", type=int, default=0)
@@ -76,6 +79,11 @@ def main() -> int:
     ap.add_argument("--json", dest="json_path", help="write the figures here")
     ap.add_argument("--plot", default=None, help="PNG path (default beside --json or results/)")
     args = ap.parse_args()
+    from vllm_kvshrink.lab.bench.machine import resolve_dtype
+
+    args.dtype, why_dtype = resolve_dtype(args.dtype)
+    if why_dtype:
+        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
     if args.shape == "decode":  # its own defaults for what was not given
         given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
         for name, value in (("min_len", 128), ("max_len", 384), ("output_len", 1536)):
