@@ -28,6 +28,9 @@ PHASES = {
     "scheduler": "the plugin's bookkeeping in the scheduler (vLLM's own excluded)",
 }
 
+#: The phases that are an event's work (eviction's compaction, a tier event).
+EVENT_PHASES = ("scoring", "move", "event_read", "event_plan", "event_pack", "event_write")
+
 
 def add(seconds: dict[str, float], phase: str, dt: float) -> None:
     """Count ``dt`` seconds to ``phase``."""
