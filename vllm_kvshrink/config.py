@@ -85,7 +85,7 @@ class KVShrinkConfig:
     budget: float | int = 0.25
     sink_tokens: int = 4
     recent_tokens: int = 32
-    slack_tokens: int = 64
+    slack_tokens: int = 32
     obs_window: int = 16
     pool_kernel: int = 7
     min_prompt_tokens: int = 0

@@ -150,7 +150,7 @@ _VARS: list[EnvVar] = [
     ),
     EnvVar(
         PREFIX + "SLACK_TOKENS",
-        "64",
+        "32",
         "A request is compacted again only once it holds this many tokens more "
         "than its budget, so compaction is not paid at every step.",
         _int,

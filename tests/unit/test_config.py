@@ -156,7 +156,7 @@ def test_defaults(monkeypatch):
     assert cfg == KVShrinkConfig()
     assert cfg.method == "none" and not cfg.enabled
     assert cfg.budget == 0.25 and isinstance(cfg.budget, float)
-    assert (cfg.sink_tokens, cfg.recent_tokens, cfg.slack_tokens) == (4, 32, 64)
+    assert (cfg.sink_tokens, cfg.recent_tokens, cfg.slack_tokens) == (4, 32, 32)
     assert (cfg.obs_window, cfg.pool_kernel, cfg.min_prompt_tokens) == (16, 7, 0)
     assert cfg.record_dir == "" and cfg.strict is False
 
