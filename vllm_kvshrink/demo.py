@@ -27,21 +27,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="VLLM_KVSHRINK_STORAGE of the third engine ('bf16': no third)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=48)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="every engine's dtype (auto: bfloat16 where the CPU computes it "
+                         "natively, else float32)")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     from vllm_kvshrink.lab.assets import resolve_model
     from vllm_kvshrink.lab.bench.launch import run_side_by_side
+    from vllm_kvshrink.lab.bench.machine import resolve_dtype
     from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec, pool_tokens
 
     model = resolve_model(args.model)
-    print(f"model: {model}", flush=True)
+    dtype, why_dtype = resolve_dtype(args.dtype)
+    print(f"model: {model}, {dtype}" + (f" ({why_dtype})" if why_dtype else ""), flush=True)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = build_workload(tok, args.num_prompts, 500, 900, seed=1)
     block = 32
     pool = pool_tokens(prompts, args.output_len, 2.5, block)
-    spec = greedy_spec(model, prompts, args.output_len, pool, block)
+    spec = greedy_spec(model, prompts, args.output_len, pool, block, dtype)
     print(f"{len(prompts)} essay prompts of 500-900 tokens, {args.output_len} output tokens "
           f"each; KV pool of {pool} tokens (~2.5 sequences)\n", flush=True)
     ours = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": args.budget,
