@@ -54,7 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vllm_kvshrink.lab.bench.launch import plugin_free_env  # noqa: E402
-from vllm_kvshrink.lab.bench.machine import cpu_model, fp8_kv_unavailable  # noqa: E402
+from vllm_kvshrink.lab.bench.machine import (  # noqa: E402
+    add_dtype_argument, chosen_dtype, cpu_model, fp8_kv_unavailable)
 from vllm_kvshrink.lab.bench.server import (  # noqa: E402
     Server, by_label, free_port, parse_metrics, vllm_command)
 from vllm_kvshrink.serving.metrics import phases  # noqa: E402
@@ -235,9 +236,7 @@ def main() -> int:
                     help="KV pool in full sequences (prompt+output of average length, at "
                     "the model dtype's bytes); default 4 (2 with --quick)")
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                    help="every server's --dtype (auto: bfloat16 where the CPU computes it "
-                         "natively, else float32; benchmarks/bench_gemm_dtype.py shows why)")
+    add_dtype_argument(ap, "every server's --dtype")
     ap.add_argument("--max-concurrency", type=int, default=None,
                     help="vllm bench serve --max-concurrency (default: none, all at once)")
     ap.add_argument("--num-warmups", type=int, default=1,
@@ -266,11 +265,7 @@ def main() -> int:
         ap.error("need --min-len <= --max-len, --num-prompts >= 1, --output-len >= 1")
     if args.pool_seqs <= 0:
         ap.error("--pool-seqs must be > 0 (the pool must limit stock vLLM)")
-    from vllm_kvshrink.lab.bench.machine import resolve_dtype
-
-    args.dtype, why_dtype = resolve_dtype(args.dtype)
-    if why_dtype:
-        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
+    args.dtype = chosen_dtype(args.dtype)
 
     from vllm_kvshrink.storage import parse_storage
 

@@ -35,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vllm_kvshrink.lab.bench.machine import cpu_model  # noqa: E402
+from vllm_kvshrink.lab.bench.machine import (  # noqa: E402
+    add_dtype_argument, chosen_dtype, cpu_model)
 from vllm_kvshrink.serving.metrics.phases import EVENT_PHASES  # noqa: E402
 
 
@@ -53,9 +54,7 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--storage", default="bf16",
                     help="VLLM_KVSHRINK_STORAGE; forms other than bf16 sweep tiers too")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                    help="every engine's dtype (auto: bfloat16 where the CPU computes it "
-                         "natively, else float32)")
+    add_dtype_argument(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="8 prompts, 384 output tokens")
     ap.add_argument("--json", dest="json_path")
@@ -69,7 +68,6 @@ def main() -> int:
         ap.error(f"--slacks={args.slacks!r}: comma-separated whole numbers of tokens")
     if not slacks or min(slacks) < 0:
         ap.error(f"--slacks={args.slacks!r}: one or more token counts >= 0")
-    from vllm_kvshrink.lab.bench.machine import resolve_dtype
     from vllm_kvshrink.storage import parse_storage
 
     try:
@@ -77,9 +75,7 @@ def main() -> int:
     except ValueError as e:
         ap.error(str(e))
     tiered = storage != ("bf16",)
-    args.dtype, why_dtype = resolve_dtype(args.dtype)
-    if why_dtype:
-        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
+    args.dtype = chosen_dtype(args.dtype)
 
     from transformers import AutoTokenizer
 

@@ -39,7 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vllm_kvshrink.lab.bench.machine import cpu_model, fp8_kv_unavailable  # noqa: E402
+from vllm_kvshrink.lab.bench.machine import (  # noqa: E402
+    add_dtype_argument, chosen_dtype, cpu_model, fp8_kv_unavailable)
 
 #: steps decoded before the timed ones (compression happens in them)
 WARM_STEPS = 16
@@ -98,9 +99,7 @@ def main() -> int:
                     help="VLLM_KVSHRINK_SLACK_TOKENS with --events (without: events "
                     "are spaced past the timed steps)")
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                    help="model and KV dtype of every engine (auto: bfloat16 where the "
-                         "CPU computes it natively, else float32)")
+    add_dtype_argument(ap, "model and KV dtype of every engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="B=4, C=1024, S=24")
     ap.add_argument("--json", dest="json_path", help="write the figures here")
@@ -108,9 +107,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.batch, args.context, args.steps = 4, 1024, 24
-    from vllm_kvshrink.lab.bench.machine import resolve_dtype
-
-    args.dtype, why_dtype = resolve_dtype(args.dtype)
+    args.dtype = chosen_dtype(args.dtype)
     if not 0 < args.budget <= 1:
         ap.error(f"--budget={args.budget}: a fraction in (0, 1]")
     from vllm_kvshrink.storage import parse_storage
@@ -136,8 +133,6 @@ def main() -> int:
     print(f"B={args.batch} sequences of C={args.context} essay tokens, {out_len} decode "
           f"steps ({args.steps} timed), budget {args.budget}, block {args.block_size}, "
           f"{args.dtype}", flush=True)
-    if why_dtype:
-        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
     no_fp8 = fp8_kv_unavailable()
     if no_fp8:
         print(f"stock fp8 left out: {no_fp8}", flush=True)

@@ -47,6 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vllm_kvshrink.lab.bench.machine import add_dtype_argument, chosen_dtype  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,9 +71,7 @@ def main() -> int:
     ap.add_argument("--shape", choices=("prefill", "decode"), default="prefill",
                     help="prefill: long essay prompts, short answers (the defaults); "
                     "decode: short prompts, long generations (memory-bound decoding)")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                    help="every engine's dtype (auto: bfloat16 where the CPU computes it "
-                         "natively, else float32; benchmarks/bench_gemm_dtype.py shows why)")
+    add_dtype_argument(ap)
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="ranks every engine runs on (vLLM's CPU tensor parallelism)")
     ap.add_argument("--seed", type=int, default=0)
@@ -79,11 +79,7 @@ def main() -> int:
     ap.add_argument("--json", dest="json_path", help="write the figures here")
     ap.add_argument("--plot", default=None, help="PNG path (default beside --json or results/)")
     args = ap.parse_args()
-    from vllm_kvshrink.lab.bench.machine import resolve_dtype
-
-    args.dtype, why_dtype = resolve_dtype(args.dtype)
-    if why_dtype:
-        print(f"--dtype auto chose {args.dtype}: {why_dtype}", flush=True)
+    args.dtype = chosen_dtype(args.dtype)
     if args.shape == "decode":  # its own defaults for what was not given
         given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
         for name, value in (("min_len", 128), ("max_len", 384), ("output_len", 1536)):

@@ -17,6 +17,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vllm_kvshrink.lab.bench.machine import add_dtype_argument, chosen_dtype
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default",
                     help="HF id or local path ('default': SmolLM2-135M-Instruct, fetched "
@@ -27,21 +29,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="VLLM_KVSHRINK_STORAGE of the third engine ('bf16': no third)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=48)
-    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                    help="every engine's dtype (auto: bfloat16 where the CPU computes it "
-                         "natively, else float32)")
+    add_dtype_argument(ap)
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     from vllm_kvshrink.lab.assets import resolve_model
     from vllm_kvshrink.lab.bench.launch import run_side_by_side
-    from vllm_kvshrink.lab.bench.machine import resolve_dtype
     from vllm_kvshrink.lab.bench.workload import build_workload, greedy_spec, pool_tokens
 
     model = resolve_model(args.model)
-    dtype, why_dtype = resolve_dtype(args.dtype)
-    print(f"model: {model}, {dtype}" + (f" ({why_dtype})" if why_dtype else ""), flush=True)
+    dtype = chosen_dtype(args.dtype)
+    print(f"model: {model}, {dtype}", flush=True)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = build_workload(tok, args.num_prompts, 500, 900, seed=1)
     block = 32

@@ -72,9 +72,7 @@ class TierGeometry:
         and the packed ``segments`` hold: what the ``bytes_held`` gauge
         reports.  Budgets use :meth:`held_bytes` (bf16 bytes) instead, so a
         float32 model compresses at the same steps as the research path."""
-        out = self.bytes_by_form(plain, segments)
-        out[FULL] = self.rows * plain * token_bytes(1, self.head_dim, self.elem_bytes)
-        return out
+        return {**self.bytes_by_form(plain, segments), FULL: plain * self.plain_token_bytes}
 
     def held_bytes(self, plain: int, segments) -> int:
         """Bytes held by ``plain`` bf16 tokens and the packed ``segments``

@@ -54,11 +54,25 @@ def bf16_unaccelerated() -> str | None:
             "per sequence")
 
 
-def resolve_dtype(dtype: str) -> tuple[str, str | None]:
-    """``(dtype, why)``: ``"auto"`` is ``bfloat16`` where the CPU computes it
-    natively and ``float32`` where it does not (``why`` says so); any other
-    value is returned as given."""
+#: what ``--dtype`` takes in the benchmarks and the demo
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
+
+
+def add_dtype_argument(ap, what: str = "every engine's dtype") -> None:
+    """The ``--dtype`` option (default ``auto``) of a benchmark or the demo."""
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                    help=f"{what} (auto: bfloat16 where the CPU computes it natively, else "
+                         "float32; benchmarks/bench_gemm_dtype.py shows why)")
+
+
+def chosen_dtype(dtype: str) -> str:
+    """``dtype``, with ``"auto"`` resolved: ``bfloat16`` where the CPU
+    computes it natively, ``float32`` where it does not (saying why on
+    stdout)."""
     if dtype != "auto":
-        return dtype, None
+        return dtype
     why = bf16_unaccelerated()
-    return ("float32", why) if why else ("bfloat16", None)
+    if not why:
+        return "bfloat16"
+    print(f"--dtype auto chose float32: {why}", flush=True)
+    return "float32"
