@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """One decode step's attention, one layer: vLLM's stock CPU kernel over a bf16
-paged cache vs the packed-attention C++ kernel over the same tokens held
+(or, with ``--dtype float32``, float32) paged cache vs the packed-attention C++ kernel over the same tokens held
 mostly in packed forms.
 
 Every request has ``N`` cached tokens (this step's token included) and one
@@ -9,10 +9,10 @@ query.  The stock side is what ``CPUAttentionBackendImpl.forward`` runs:
 ``CPUAttentionMetadataBuilder.build`` makes (``ops.cpu_attn_get_scheduler_
 metadata``), the ISA of ``_get_attn_isa``, the cache written with
 ``ops.cpu_attn_reshape_and_cache``.  The packed side holds all but the newest
-``--plain`` tokens in packed pages (``kernels.quant.pack``) and those in bf16
-in the stock layout (written by the same vLLM op), attended by
+``--plain`` tokens in packed pages (``kernels.quant.pack``) and those in the
+cache dtype in the stock layout (written by the same vLLM op), attended by
 ``kernels.packed_attention.packed_attention_into(..., impl="cpu")`` -- the
-call the engine makes per layer (``attention/cpu.py``), writing bf16 rows
+call the engine makes per layer (``attention/cpu.py``), writing rows
 into the step's output.
 
 Columns: ``stock``, ``packed`` (the Python entry point, as the engine calls
@@ -23,8 +23,8 @@ per-layer cost for such requests: vLLM's kernel over their query rows only,
 which is all the engine still runs for them, ``runner_patch._attend_once``,
 plus ``packed``).  Times are the
 median of many calls (p10/p90 in the JSON), after warm-up.  Bytes are K/V
-bytes a call has to read: bf16 ``N * Hkv * 4D`` per request; packed: codes and
-parameters of the packed tokens (``PagedForm.token_bytes``) plus the bf16
+bytes a call has to read: plain ``N * Hkv * 2D * element size`` per request; packed: codes and
+parameters of the packed tokens (``PagedForm.token_bytes``) plus the
 plain tokens.  Scheduler metadata and the ``PackedBatch`` are built once per
 step in the engine and are not timed.
 
@@ -217,7 +217,7 @@ def replicate(template, b: int):
 
 
 def stock_cache(stock: Stock, shape: dict, data, b: int):
-    """bf16 paged cache of ``b`` requests of ``N`` tokens; block table."""
+    """Paged cache (``stock.dtype``) of ``b`` requests of ``N`` tokens; block table."""
     import torch
 
     n = data[0][0].shape[1]
@@ -225,7 +225,7 @@ def stock_cache(stock: Stock, shape: dict, data, b: int):
     nbr = -(-n // bs)
     templates = []
     for k, v in data:
-        t = torch.zeros(nbr, shape["hkv"], bs, 2 * shape["d"], dtype=torch.bfloat16)
+        t = torch.zeros(nbr, shape["hkv"], bs, 2 * shape["d"], dtype=stock.dtype)
         stock.write(t, k.transpose(0, 1), v.transpose(0, 1), torch.arange(n))
         templates.append(t)
     cache = replicate(templates, b)
@@ -236,7 +236,7 @@ def stock_cache(stock: Stock, shape: dict, data, b: int):
 
 def packed_cache(stock: Stock, shape: dict, data, b: int, form: str, plain: int):
     """The same tokens, all but the newest ``plain`` packed in ``form`` (a
-    mix: contiguous runs per part), the rest bf16 in the stock layout.
+    mix: contiguous runs per part), the rest plain (``stock.dtype``) in the stock layout.
     Returns ``(cache, PackedBatch, bytes per request)``."""
     import torch
 
@@ -248,7 +248,8 @@ def packed_cache(stock: Stock, shape: dict, data, b: int, form: str, plain: int)
     n = data[0][0].shape[1]
     npk = n - plain
     parts = form_parts(form)
-    forms = [paged_form(name, d, bs, 2) for name, _ in parts]
+    elem = torch.empty(0, dtype=stock.dtype).element_size()
+    forms = [paged_form(name, d, bs, elem) for name, _ in parts]
     counts = [int(round(f * npk)) for _, f in parts]
     counts[-1] = npk - sum(counts[:-1])
     pages = [-(-c // pf.capacity) for c, pf in zip(counts, forms)]
@@ -257,7 +258,7 @@ def packed_cache(stock: Stock, shape: dict, data, b: int, form: str, plain: int)
     templates = []
     segs = []
     for k, v in data:
-        t = torch.zeros(nbr, hkv, bs, 2 * d, dtype=torch.bfloat16)
+        t = torch.zeros(nbr, hkv, bs, 2 * d, dtype=stock.dtype)
         regions = region_view(t)
         blk, t0, segs = 0, 0, []
         for fi, (pf, c) in enumerate(zip(forms, counts)):
@@ -279,7 +280,7 @@ def packed_cache(stock: Stock, shape: dict, data, b: int, form: str, plain: int)
                  segments=[(r * nbr + blk, fi, c) for blk, fi, c in segs])
             for r in range(b)]
     batch = PackedBatch.build(reqs, forms)
-    per_req = hkv * (sum(c * pf.token_bytes for c, pf in zip(counts, forms)) + plain * 4 * d)
+    per_req = hkv * (sum(c * pf.token_bytes for c, pf in zip(counts, forms)) + plain * 2 * elem * d)
     return cache, batch, per_req
 
 
@@ -351,9 +352,12 @@ def main() -> int:
     ap.add_argument("--forms", default=",".join(FORMS),
                     help=f"packed forms (token-axis) and/or {MIX!r}: "
                          f"{form_label(MIX)}".replace("%", "%%"))
-    ap.add_argument("--plain", type=int, default=64, help="newest tokens kept in bf16")
+    ap.add_argument("--plain", type=int, default=64, help="newest tokens kept plain")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="the cache's and the queries' dtype (the model dtype a server runs: "
+                         "float32 where the CPU has no native bf16, see bench_gemm_dtype.py)")
     ap.add_argument("--max-cache-mib", type=float, default=1024,
-                    help="skip cases whose bf16 cache is larger (MiB, one layer)")
+                    help="skip cases whose plain cache is larger (MiB, one layer)")
     ap.add_argument("--target-s", type=float, default=0.25,
                     help="time spent timing each kernel per case (s)")
     ap.add_argument("--min-reps", type=int, default=7)
@@ -377,6 +381,8 @@ def main() -> int:
 
     import torch
 
+    dtype = getattr(torch, args.dtype)
+    elem = torch.empty(0, dtype=dtype).element_size()
     from vllm_kvshrink.kernels import cpu_ext
     from vllm_kvshrink.kernels.packed_attention import packed_attention, packed_attention_into
     from vllm_kvshrink.kernels.packed_reference import reference
@@ -404,7 +410,7 @@ def main() -> int:
                 cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 torch=torch.__version__, vllm=vllm.__version__,
-                load_avg_start=os.getloadavg(), plain_tokens=args.plain,
+                load_avg_start=os.getloadavg(), plain_tokens=args.plain, dtype=args.dtype,
                 target_s=args.target_s, min_reps=args.min_reps, rounds=args.rounds,
                 working_set_mib=args.working_set_mib)
     print("# packed attention vs vLLM CPU attention, one layer, one decode step")
@@ -429,27 +435,27 @@ def main() -> int:
     t_start = time.perf_counter()
     for sname in shapes:
         shape = SHAPES[sname]
-        stock = Stock(shape, torch.bfloat16)
+        stock = Stock(shape, dtype)
         meta.setdefault("isa", {})[sname] = stock.isa
         meta["split_kv"] = stock.split_kv
         print(f"\n## {shape['label']}: stock ISA {stock.isa!r} (cache layout "
               f"cpu_k_transposed for 'vec'), VLLM_CPU_ATTN_SPLIT_KV={stock.split_kv}")
         for part in dict.fromkeys(p for name in forms for p, _ in form_parts(name)):
-            pf = paged_form(part, shape["d"], shape["bs"], 2)
-            print(f"   {part}: {pf.capacity} tokens/block (bf16: {shape['bs']}), "
-                  f"{pf.token_bytes} B/token/head (bf16: {4 * shape['d']})")
+            pf = paged_form(part, shape["d"], shape["bs"], elem)
+            print(f"   {part}: {pf.capacity} tokens/block (plain: {shape['bs']}), "
+                  f"{pf.token_bytes} B/token/head ({args.dtype}: {2 * elem * shape['d']})")
         scale = shape["d"] ** -0.5
         stock_checked = False
         for n in ns:
             data = make_data(shape, n, 2, seed=n + shape["d"])
             for b in batches:
-                mib = b * n * shape["hkv"] * 4 * shape["d"] / 2**20
+                mib = b * n * shape["hkv"] * 2 * elem * shape["d"] / 2**20
                 if mib > args.max_cache_mib:
-                    print(f"   skip B={b} N={n}: bf16 cache {mib:.0f} MiB > "
+                    print(f"   skip B={b} N={n}: plain cache {mib:.0f} MiB > "
                           f"--max-cache-mib {args.max_cache_mib:.0f}")
                     continue
                 gen = torch.Generator().manual_seed(b * 7 + n)
-                q = torch.randn(b, shape["hq"], shape["d"], generator=gen).bfloat16()
+                q = torch.randn(b, shape["hq"], shape["d"], generator=gen).to(dtype)
                 cache, table = stock_cache(stock, shape, data, b)
                 ws, most = args.working_set_mib * 2**20, shape["layers"]
                 scopies = copies(cache, ws, most)
@@ -460,10 +466,10 @@ def main() -> int:
                     err = max((out_stock[r] - torch_attention(q[r], *data[r % 2], scale))
                               .abs().max().item() for r in range(min(b, 2)))
                     checks.append(dict(shape=sname, batch=b, n=n, stock_vs_torch=err))
-                    print(f"   check: stock kernel vs PyTorch attention over the bf16 cache "
-                          f"(B={b}, N={n}): max|diff| {err:.2e} (bf16 output)")
+                    print(f"   check: stock kernel vs PyTorch attention over the plain cache "
+                          f"(B={b}, N={n}): max|diff| {err:.2e} ({args.dtype} output)")
                     stock_checked = True
-                bytes_stock = b * n * shape["hkv"] * 4 * shape["d"]
+                bytes_stock = b * n * shape["hkv"] * 2 * elem * shape["d"]
                 layout = "cpu_k_transposed"
                 info = {}
                 for form in forms:

@@ -16,6 +16,9 @@
 // into vLLM's output tensor.
 
 #include <ATen/ATen.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -109,13 +112,78 @@ inline float hsum(vf v) {  // a tree: halves added, not W dependent adds
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+typedef int32_t vi __attribute__((vector_size(sizeof(vf))));
+
+// exp_nonpos on a whole vector (the softmax weights of W tokens at once):
+// the same arithmetic lane by lane, so the same values.
+inline vf vexp_nonpos(vf x) {
+  const vf lo = vf{} - 87.0f;
+  const vi under = x < lo;
+  const vf xc = under ? lo : x;
+  const vf magic = vf{} + 12582912.0f;
+  const vf n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf sc;
+  std::memcpy(&sc, &e, sizeof sc);
+  const vf out = p * sc;
+  return under ? vf{} : out;
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// Lane index 0..W-1.
+inline vf iota() {
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = float(i);
+  return v;
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Eight tokens' dot products with one query row, K row-major: eight
+// accumulators over the channels, then one transpose-and-add (three rounds
+// of horizontal adds) instead of eight separate horizontal sums.
+inline void scores8(const float* __restrict q, int d, const float* __restrict k, int64_t ldk,
+                    float* __restrict s) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_ps();
+  for (int e = 0; e < d; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + t * ldk + e), a[t]);
+  }
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 h03 = _mm256_hadd_ps(h01, h23), h47 = _mm256_hadd_ps(h45, h67);
+  _mm256_storeu_ps(s, _mm256_add_ps(_mm256_permute2f128_ps(h03, h47, 0x20),
+                                    _mm256_permute2f128_ps(h03, h47, 0x31)));
+}
+#endif
+
 // S[r][c] = Q[r] . K[c], K row-major (token c at K + c*ldk), c < nc; R rows
 // (1..4: the accumulators stay in registers).
 template <int R>
 inline void scores_rows(const float* __restrict q, int d, int nc, const float* __restrict k,
                         int64_t ldk, float* __restrict s) {
   static_assert(R >= 1 && R <= 4, "1 to 4 rows");
-  for (int c = 0; c < nc; ++c) {
+  int c0 = 0;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  for (; c0 + 8 <= nc; c0 += 8)
+    for (int i = 0; i < R; ++i) scores8(q + i * d, d, k + c0 * ldk, ldk, s + i * C + c0);
+#endif
+  for (int c = c0; c < nc; ++c) {
     const float* kc = k + c * ldk;
     vf a[R] = {};
     for (int e = 0; e < d; e += W) {
@@ -224,17 +292,21 @@ struct State {
         for (int c = 0; c < nc; ++c) sr[c] = 0.0f;
         continue;
       }
-      float mx = m[r];
-#pragma omp simd reduction(max : mx)
-      for (int c = 0; c < nv; ++c) mx = sr[c] > mx ? sr[c] : mx;
+      // A chunk is two vectors; lanes at or past nv are not seen.
+      const vf lane = iota();
+      const vf lim = vf{} + float(nv);
+      const vi in0 = lane < lim, in1 = (lane + float(W)) < lim;
+      const vf ninf = vf{} + NEG_INF;
+      const vf s0 = vload(sr), s1 = vload(sr + W);
+      const vf m0 = in0 ? s0 : ninf, m1 = in1 ? s1 : ninf;
+      const float cmx = hmax(m0 > m1 ? m0 : m1);
+      const float mx = cmx > m[r] ? cmx : m[r];
       const float corr = exp_nonpos(m[r] - mx);  // 0 while m is -inf
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int c = 0; c < nc; ++c) {
-        const float p = c < nv ? exp_nonpos(sr[c] - mx) : 0.0f;
-        sr[c] = p;
-        sum += p;
-      }
+      const vf p0 = in0 ? vexp_nonpos(s0 - mx) : vf{};
+      const vf p1 = in1 ? vexp_nonpos(s1 - mx) : vf{};
+      vstore(sr, p0);
+      vstore(sr + W, p1);
+      const float sum = hsum(p0 + p1);
       l[r] = l[r] * corr + sum;
       if (mx > m[r]) {
         m[r] = mx;

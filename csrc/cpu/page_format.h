@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace kvshrink_cpu {
 
 constexpr int PARAM_BYTES = 8;  // per token: k scale, k zero, v scale, v zero (bf16)
@@ -97,8 +101,43 @@ inline void dequant_row2(const uint8_t* __restrict codes, float scale, float zer
   for (int e = 0; e < d; ++e) out[e] = float(q[e]) * scale + zero;
 }
 
+#if defined(__AVX2__)
+// AVX2: eight codes at a time straight from the page -- one code word
+// broadcast to eight lanes, a per-lane shift and mask (2 and 4 bits) or a
+// widening load (8 bits) -- so no byte buffer is written and read back.
+template <int BITS>
+inline void dequant_avx2(const uint8_t* __restrict codes, float scale, float zero,
+                         float* __restrict out, int d) {
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+  const __m256i shift = BITS == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
+                                  : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int e = 0; e < d; e += 8) {
+    const uint8_t* c = codes + e * BITS / 8;
+    __m256i q;
+    if (BITS == 8) {
+      int64_t w;
+      std::memcpy(&w, c, 8);
+      q = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(w));
+    } else {
+      int32_t w = 0;
+      std::memcpy(&w, c, BITS);  // 2 bytes of 2-bit codes, 4 of 4-bit ones
+      q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shift), mask);
+    }
+    _mm256_storeu_ps(out + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, z));
+  }
+}
+#endif
+
 inline void dequant(int bits, const uint8_t* codes, float scale, float zero, float* out,
                     int d) {
+#if defined(__AVX2__)
+  switch (bits) {
+    case 2: dequant_avx2<2>(codes, scale, zero, out, d); return;
+    case 4: dequant_avx2<4>(codes, scale, zero, out, d); return;
+    default: dequant_avx2<8>(codes, scale, zero, out, d); return;
+  }
+#endif
   switch (bits) {
     case 2: dequant_row2(codes, scale, zero, out, d); break;
     case 4: dequant_row<4>(codes, scale, zero, out, d); break;
