@@ -31,7 +31,7 @@ from vllm_kvshrink.kernels.packed_batch import (
 )
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-SOURCES = ("packed_attention.cpp", "unpack.cpp")
+SOURCES = ("packed_attention.cpp", "unpack.cpp", "pack.cpp")
 NAME = "kvshrink_cpu"
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NATIVE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
@@ -135,6 +135,28 @@ def unpack(pf: quant.PagedForm, pages: torch.Tensor, n: int
     torch.ops.kvshrink_cpu.unpack_pages(keys, values, pages.contiguous(), n, pf.k_bits,
                                         pf.v_bits, int(pf.rotate), pf.capacity, ko, vo, po)
     return keys, values
+
+
+def pack_tokens(pf: quant.PagedForm, keys: torch.Tensor, values: torch.Tensor
+                ) -> torch.Tensor:
+    """:func:`~vllm_kvshrink.kernels.quant.pack_tokens` (``[A, N, D]`` tokens
+    to ``[A, N, token_bytes]`` page bytes) with the quantization in C++, byte
+    for byte the same; the PyTorch version where the kernel is not built or
+    the tensors are not on the CPU.  The rotation stays a PyTorch product, so
+    the codes are those the research path computes."""
+    if keys.device.type != "cpu" or not load():
+        return quant.pack_tokens(pf, keys, values)
+    k, v = quant.stored_space(pf, keys, values)
+    a, n, _ = k.shape
+    out = torch.empty(a, n, pf.token_bytes, dtype=torch.uint8)
+    torch.ops.kvshrink_cpu.pack_tokens(out, k.contiguous(), v.contiguous(), pf.k_bits,
+                                       pf.v_bits)
+    return out
+
+
+def pack(pf: quant.PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """:func:`~vllm_kvshrink.kernels.quant.pack` through :func:`pack_tokens`."""
+    return quant.pages_of(pf, pack_tokens(pf, keys, values))
 
 
 def _check_cpu(q: torch.Tensor, cache: torch.Tensor, batch: PackedBatch) -> None:
