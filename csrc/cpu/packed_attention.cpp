@@ -50,26 +50,6 @@ inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
-// exp(x) for x <= 0 (softmax weights), branch-free so loops over it
-// vectorise; relative error ~2e-7, exactly 0 below -87 (and for -inf).
-inline float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: round to nearest integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  const float r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  std::memcpy(&s, &e, 4);
-  return x < -87.0f ? 0.0f : p * s;
-}
-
 // One vector: 16 floats where the target has AVX-512, else 8 (a 16-float
 // generic vector on AVX2 is two ymm halves per operation and spills the
 // register blocks below).
@@ -114,13 +94,13 @@ inline float hsum(vf v) {  // a tree: halves added, not W dependent adds
 
 typedef int32_t vi __attribute__((vector_size(sizeof(vf))));
 
-// exp_nonpos on a whole vector (the softmax weights of W tokens at once):
-// the same arithmetic lane by lane, so the same values.
+// exp(x) for x <= 0 on a whole vector (the softmax weights of W tokens at
+// once), branch-free; relative error ~2e-7, exactly 0 below -87 (and for -inf).
 inline vf vexp_nonpos(vf x) {
   const vf lo = vf{} - 87.0f;
   const vi under = x < lo;
   const vf xc = under ? lo : x;
-  const vf magic = vf{} + 12582912.0f;
+  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: round to nearest integer
   const vf n = (xc * 1.44269504088896341f + magic) - magic;
   const vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
   vf p = vf{} + 1.9875691500e-4f;
@@ -136,6 +116,8 @@ inline vf vexp_nonpos(vf x) {
   const vf out = p * sc;
   return under ? vf{} : out;
 }
+
+inline float exp_nonpos(float x) { return vexp_nonpos(vf{} + x)[0]; }
 
 inline float hmax(vf v) {
   float m = v[0];

@@ -31,3 +31,15 @@ def triton_interpreter():
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run the "
                     "kernels group in its own process (python tests/run.py kernels)")
     assert interpreting() and use_triton(torch.empty(0))
+
+
+@pytest.fixture
+def ext(monkeypatch):
+    """The C++ kernels, beside the quantizer's PyTorch path (what a CPU engine
+    runs; the group's Triton interpreter would only make the reference slow)."""
+    from vllm_kvshrink.kernels import _launch, cpu_ext
+
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    if not cpu_ext.load():
+        pytest.fail(f"the C++ kernel did not build: {cpu_ext.unavailable_reason()}")
+    return cpu_ext

@@ -8,22 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvshrink.kernels import cpu_ext, quant
+from vllm_kvshrink.kernels import quant
 from vllm_kvshrink.storage.paged import paged_form
 
 FORMS = ("int8_tok", "int4_tok", "int2_tok", "int8_tok_rot", "int4_tok_rot", "int2_tok_rot")
-
-
-@pytest.fixture
-def ext(monkeypatch):
-    """The C++ kernels, beside the quantizer's PyTorch path (what a CPU engine
-    runs; the group's Triton interpreter would only make the reference slow)."""
-    from vllm_kvshrink.kernels import _launch
-
-    monkeypatch.setattr(_launch, "interpreting", lambda: False)
-    if not cpu_ext.load():
-        pytest.fail(f"the C++ kernel did not build: {cpu_ext.unavailable_reason()}")
-    return cpu_ext
 
 
 def _tokens(g, a, n, d, dtype):
