@@ -2,7 +2,8 @@
 // built with packed_attention.cpp by vllm_kvshrink/kernels/cpu_ext.py.
 // Semantics: vllm_kvshrink/kernels/quant.py (pack_tokens(), quantization by
 // reference.quantize_ref), which the tests compare it with byte for byte;
-// what a tier event writes for the tokens entering a packed form.
+// what a tier event writes for the tokens entering a packed form; and
+// quantize_groups, the quantizer itself (quant.quantize on CPU tensors).
 //
 // keys / values [A, N, D] float32, already in the stored space (rotated by
 // the caller for a rotated form, as quant.pack_tokens does); out [A, N,
@@ -95,12 +96,48 @@ void pack_tokens(at::Tensor out, const at::Tensor& keys, const at::Tensor& value
   });
 }
 
+// The quantizer itself on rows of one group each: x [M, G] float32 ->
+// packed [M, G * bits / 8] uint8, scale and zero [M] bf16 (as int16 bits),
+// what quant.quantize returns for any axis once its groups are rows.
+void quantize_groups(at::Tensor packed, at::Tensor scale, at::Tensor zero, const at::Tensor& x,
+                     int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() == 2,
+              "x must be a contiguous [M, G] CPU float32 tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
+  const int64_t m = x.size(0), g = x.size(1);
+  TORCH_CHECK(g > 0 && g % (8 / bits) == 0, "a group of ", g, " is not whole bytes at ",
+              bits, " bits");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.dim() == 2 && packed.size(0) == m && packed.size(1) == g * bits / 8,
+              "packed must be a contiguous [M, G * bits / 8] uint8 tensor");
+  for (const at::Tensor* t : {&scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->numel() == m,
+                "scale / zero must be contiguous bf16 tensors of M elements");
+  const float* xp = x.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  uint16_t* sp = reinterpret_cast<uint16_t*>(scale.data_ptr());
+  uint16_t* zp = reinterpret_cast<uint16_t*>(zero.data_ptr());
+  const int64_t pb = g * bits / 8;
+  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_row(xp + i * g, int(g), int(bits), pp + i * pb, sp + i, zp + i);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvshrink_cpu, m) {
   m.def("pack_tokens(Tensor(a!) out, Tensor keys, Tensor values, int k_bits, int v_bits) -> ()");
+  m.def(
+      "quantize_groups(Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero, Tensor x, "
+      "int bits) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) { m.impl("pack_tokens", &pack_tokens); }
+TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) {
+  m.impl("pack_tokens", &pack_tokens);
+  m.impl("quantize_groups", &quantize_groups);
+}
 
 }  // namespace kvshrink_cpu

@@ -56,3 +56,30 @@ def test_pack_tokens_refuses_bad_shapes(ext):
     with pytest.raises(RuntimeError, match="out must be"):
         torch.ops.kvshrink_cpu.pack_tokens(torch.empty(1, 2, 41, dtype=torch.uint8),
                                            torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), 2, 2)
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("shape,group", [((3, 50, 64), 64), ((2, 64, 96), 32), ((4, 9, 40), 8),
+                                         ((1, 3, 128), 16)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_quantize_equals_the_reference(ext, bits, shape, group, dtype):
+    """The quantizer ``quant.quantize`` runs on CPU tensors (bf16 parameters):
+    the reference's codes, scales and zero points, bit for bit."""
+    from vllm_kvshrink.kernels.reference import quantize_ref
+
+    g = torch.Generator().manual_seed(bits * group)
+    x = (torch.randn(*shape, generator=g) * torch.rand(*shape[:2], 1, generator=g) * 5)
+    x[0, 0] = 2.0  # a constant group: scale 0 -> 1
+    x = x.to(dtype)
+    got = ext.quantize(x, bits, group, torch.bfloat16)
+    want = quantize_ref(x, bits, group, torch.bfloat16)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # quant.quantize takes it, per token and per channel
+    assert torch.equal(quant.quantize(x, bits, group, "token", torch.bfloat16).packed, want[0])
+    if shape[1] >= 8:  # groups of 8 tokens per channel
+        xc = x[:, : shape[1] // 8 * 8]
+        by_channel = quant.quantize(xc, bits, 8, "channel", torch.bfloat16)
+        ref_channel = quantize_ref(xc.transpose(1, 2), bits, 8, torch.bfloat16)
+        assert all(torch.equal(a, b) for a, b in zip(by_channel, ref_channel))
+    assert ext.quantize(x, bits, group, torch.float32) is None  # fp32 parameters: the reference

@@ -1,7 +1,10 @@
 """The C++ CPU kernels: :func:`~vllm_kvshrink.kernels.packed_attention.
-packed_attention` (``csrc/cpu/packed_attention.cpp``) and :func:`unpack`
+packed_attention` (``csrc/cpu/packed_attention.cpp``), :func:`unpack`
 (``csrc/cpu/unpack.cpp``: packed pages back to float K/V, what a tier event
-reads), built together with torch's extension machinery.
+reads), :func:`pack_tokens` (``csrc/cpu/pack.cpp``: tokens to the bytes a page
+holds, what a tier event writes) and :func:`quantize` (the quantizer of
+:func:`~vllm_kvshrink.kernels.quant.quantize` on CPU tensors), built together
+with torch's extension machinery.
 
 ``make install`` builds it once (``python -m vllm_kvshrink.kernels.cpu_ext
 build``) into a directory that depends on the torch version and the CPU (it is
@@ -152,6 +155,24 @@ def pack_tokens(pf: quant.PagedForm, keys: torch.Tensor, values: torch.Tensor
     torch.ops.kvshrink_cpu.pack_tokens(out, k.contiguous(), v.contiguous(), pf.k_bits,
                                        pf.v_bits)
     return out
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, param_dtype: torch.dtype):
+    """The quantizer (:func:`~vllm_kvshrink.kernels.reference.quantize_ref` on
+    ``x`` ``[A, R, C]``, checked by the caller) in C++, bit for bit the same;
+    ``None`` where it does not apply (not a CPU tensor, parameters not bf16,
+    the kernel not built), for the caller's reference."""
+    if x.device.type != "cpu" or param_dtype != torch.bfloat16 or not load():
+        return None
+    a, r, c = x.shape
+    m = a * r * (c // group_size)
+    packed = torch.empty(a, r, c * bits // 8, dtype=torch.uint8)
+    scale = torch.empty(a, r, c // group_size, dtype=torch.bfloat16)
+    zero = torch.empty_like(scale)
+    if m:
+        torch.ops.kvshrink_cpu.quantize_groups(
+            packed.view(m, -1), scale, zero, x.float().contiguous().view(m, group_size), bits)
+    return packed, scale, zero
 
 
 def pack(pf: quant.PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
