@@ -231,7 +231,9 @@ def test_cpu_argument_errors(cpu):
 
 
 def test_unavailable_reason_when_sources_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_ext, "CSRC", tmp_path)
+    from vllm_kvshrink.kernels import cpu_lib
+
+    monkeypatch.setattr(cpu_lib, "CSRC", tmp_path)
     with pytest.raises(RuntimeError, match="sources"):
         cpu_ext.build()
 

@@ -6,7 +6,7 @@ the ``kvshrink::quantize`` / ``kvshrink::dequantize`` torch custom ops (with
 fake implementations, so they can sit in ``torch.compile`` graphs).  Each op
 runs the Triton kernel (:mod:`.triton_quant`) on CUDA tensors and on CPU
 tensors while Triton interprets (``TRITON_INTERPRET=1``); otherwise, on the
-CPU, the C++ quantizer (:func:`.cpu_ext.quantize`, bf16 parameters) where it
+CPU, the C++ quantizer (:func:`.cpu_lib.quantize`, bf16 parameters) where it
 is built, else the PyTorch reference (:mod:`.reference`), which defines the
 rounding both kernels match bit for bit.  Importing this module does not import
 Triton: that happens at the first launch that goes to it.
@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_kvshrink.kernels import cpu_lib
 from vllm_kvshrink.kernels import reference as ref
 from vllm_kvshrink.kernels._checks import (
     FLOAT_DTYPES,
@@ -103,9 +104,7 @@ def _quantize_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_quantize(x, bits, group_size, param_dtype)
     if not use_triton(x):
-        from vllm_kvshrink.kernels import cpu_ext  # imports this module
-
-        fast = cpu_ext.quantize(x, bits, group_size, param_dtype)
+        fast = cpu_lib.quantize(x, bits, group_size, param_dtype)
         return fast if fast is not None else ref.quantize_ref(x, bits, group_size, param_dtype)
     from vllm_kvshrink.kernels import triton_quant  # Triton loads at its first launch
 
