@@ -131,17 +131,16 @@ inline void dequant_avx2(const uint8_t* __restrict codes, float scale, float zer
 
 inline void dequant(int bits, const uint8_t* codes, float scale, float zero, float* out,
                     int d) {
+  switch (bits) {
 #if defined(__AVX2__)
-  switch (bits) {
-    case 2: dequant_avx2<2>(codes, scale, zero, out, d); return;
-    case 4: dequant_avx2<4>(codes, scale, zero, out, d); return;
-    default: dequant_avx2<8>(codes, scale, zero, out, d); return;
-  }
-#endif
-  switch (bits) {
+    case 2: dequant_avx2<2>(codes, scale, zero, out, d); break;
+    case 4: dequant_avx2<4>(codes, scale, zero, out, d); break;
+    default: dequant_avx2<8>(codes, scale, zero, out, d); break;
+#else
     case 2: dequant_row2(codes, scale, zero, out, d); break;
     case 4: dequant_row<4>(codes, scale, zero, out, d); break;
     default: dequant_row<8>(codes, scale, zero, out, d); break;
+#endif
   }
 }
 

@@ -1,9 +1,7 @@
 """The C++ CPU kernels' wrappers: :func:`~vllm_kvshrink.kernels.
-packed_attention.packed_attention` (``csrc/cpu/packed_attention.cpp``),
+packed_attention.packed_attention` (``csrc/cpu/packed_attention.cpp``) and
 :func:`unpack` (``csrc/cpu/unpack.cpp``: packed pages back to float K/V, what
-a tier event reads) and :func:`pack_tokens` / :func:`pack`
-(``csrc/cpu/pack.cpp``: tokens to the bytes a page holds, what a tier event
-writes).  Building and loading the library, and the quantizer's binding
+a tier event reads).  Building and loading the library, and the quantizer's binding
 (:func:`quantize`), are :mod:`.cpu_lib`'s, re-exported here; ``python -m
 vllm_kvshrink.kernels.cpu_ext build`` builds it.  Where it is not available,
 each wrapper falls back to the PyTorch version.
@@ -52,28 +50,6 @@ def unpack(pf: quant.PagedForm, pages: torch.Tensor, n: int
     torch.ops.kvshrink_cpu.unpack_pages(keys, values, pages.contiguous(), n, pf.k_bits,
                                         pf.v_bits, int(pf.rotate), pf.capacity, ko, vo, po)
     return keys, values
-
-
-def pack_tokens(pf: quant.PagedForm, keys: torch.Tensor, values: torch.Tensor
-                ) -> torch.Tensor:
-    """:func:`~vllm_kvshrink.kernels.quant.pack_tokens` (``[A, N, D]`` tokens
-    to ``[A, N, token_bytes]`` page bytes) with the quantization in C++, byte
-    for byte the same; the PyTorch version where the kernel is not built or
-    the tensors are not on the CPU.  The rotation stays a PyTorch product, so
-    the codes are those the research path computes."""
-    if keys.device.type != "cpu" or not load():
-        return quant.pack_tokens(pf, keys, values)
-    k, v = quant.stored_space(pf, keys, values)
-    a, n, _ = k.shape
-    out = torch.empty(a, n, pf.token_bytes, dtype=torch.uint8)
-    torch.ops.kvshrink_cpu.pack_tokens(out, k.contiguous(), v.contiguous(), pf.k_bits,
-                                       pf.v_bits)
-    return out
-
-
-def pack(pf: quant.PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """:func:`~vllm_kvshrink.kernels.quant.pack` through :func:`pack_tokens`."""
-    return quant.pages_of(pf, pack_tokens(pf, keys, values))
 
 
 def _check_cpu(q: torch.Tensor, cache: torch.Tensor, batch: PackedBatch) -> None:

@@ -1,6 +1,6 @@
 """The C++ CPU library: building and loading it, and the quantizer's binding.
 
-``csrc/cpu`` (packed attention, unpack, pack and the quantizer) is built
+``csrc/cpu`` (packed attention, unpack and the quantizer) is built
 together with torch's extension machinery into one library registering
 ``torch.ops.kvshrink_cpu.*``.  ``make install`` builds it once (``python -m
 vllm_kvshrink.kernels.cpu_ext build``) into a directory that depends on the
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-SOURCES = ("packed_attention.cpp", "unpack.cpp", "pack.cpp")
+SOURCES = ("packed_attention.cpp", "unpack.cpp", "quantize.cpp")
 NAME = "kvshrink_cpu"
 _NATIVE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 _PORTABLE = ["-O3", "-ffp-contract=fast", "-fopenmp"]

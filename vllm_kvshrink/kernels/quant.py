@@ -285,22 +285,13 @@ def _quantize(x: torch.Tensor, bits: int):
     return quantize(x.contiguous(), bits, d, "token", torch.bfloat16)
 
 
-def stored_space(pf: PagedForm, keys: torch.Tensor, values: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``keys``/``values`` (as attention sees them) in the space the form
-    quantizes: float32, Hadamard-rotated for a rotated form."""
-    if pf.rotate:
-        return rotate(keys), rotate(values)
-    return keys.float(), values.float()
-
-
 def pack_tokens(pf: PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Each token of ``keys``/``values`` ``[A, N, D]`` (any float dtype, as
     attention sees them: unrotated) as the bytes a page holds for it:
     ``[A, N, token_bytes]`` uint8, key codes, value codes, then its four
-    bf16 parameters (where they go in a page: :func:`slot_offsets`).  The
-    C++ twin is :func:`~.cpu_ext.pack_tokens`, byte for byte the same."""
-    k, v = stored_space(pf, keys, values)
+    bf16 parameters (where they go in a page: :func:`slot_offsets`)."""
+    k = rotate(keys) if pf.rotate else keys.float()
+    v = rotate(values) if pf.rotate else values.float()
     qk, qv = _quantize(k, pf.k_bits), _quantize(v, pf.v_bits)
     params = torch.stack([qk.scale[..., 0], qk.zero[..., 0], qv.scale[..., 0],
                           qv.zero[..., 0]], dim=-1)  # [A, N, 4] bf16
@@ -323,15 +314,10 @@ def pack(pf: PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     sees them: unrotated) into ``ceil(N / capacity)`` pages per row:
     ``[A, P, region_bytes]`` uint8, tokens in order, the last page partly
     filled (its unused bytes zero)."""
-    return pages_of(pf, pack_tokens(pf, keys, values))
-
-
-def pages_of(pf: PagedForm, tokens: torch.Tensor) -> torch.Tensor:
-    """Packed tokens ``[A, N, token_bytes]`` (:func:`pack_tokens`) laid out
-    in pages as :func:`pack` describes."""
-    a, n, _ = tokens.shape
+    a, n, _ = keys.shape
     cap = pf.capacity
     pages = -(-n // cap)
+    tokens = pack_tokens(pf, keys, values)  # [A, N, tb]
     out = torch.zeros(a, pages * pf.region_bytes, dtype=torch.uint8)
     j = torch.arange(n)
     at = (j // cap * pf.region_bytes)[:, None] + slot_offsets(pf, j % cap)  # [N, tb]

@@ -18,8 +18,7 @@ planned each one's form.  Two ways to lay the result out:
   prefix cache), since they are written in place.
 * :func:`rewrite` -- everything into fresh destinations: the plain tokens
   first, then each packed level's pages (:func:`~vllm_kvshrink.kernels.quant.
-  pack`, the quantization in C++: :func:`~vllm_kvshrink.kernels.cpu_ext.pack`);
-  the way when a plain block is shared.
+  pack`); the way when a plain block is shared.
 
 Both compute everything before writing anything (a failure leaves the request
 as it was) and return a :class:`Layout`.
@@ -31,8 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvshrink.kernels.cpu_ext import pack, pack_tokens
-from vllm_kvshrink.kernels.quant import slot_offsets
+from vllm_kvshrink.kernels.quant import pack, pack_tokens, slot_offsets
 from vllm_kvshrink.serving.worker.kv_layout import row_slots, write_tokens_stacked
 from vllm_kvshrink.storage.paged import paged_form
 

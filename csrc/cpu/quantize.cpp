@@ -1,16 +1,12 @@
-// Tokens to the bytes a page holds for them: torch.ops.kvshrink_cpu.pack_tokens,
-// built with packed_attention.cpp by vllm_kvshrink/kernels/cpu_ext.py.
-// Semantics: vllm_kvshrink/kernels/quant.py (pack_tokens(), quantization by
-// reference.quantize_ref), which the tests compare it with byte for byte;
-// what a tier event writes for the tokens entering a packed form; and
-// quantize_groups, the quantizer itself (quant.quantize on CPU tensors).
-//
-// keys / values [A, N, D] float32, already in the stored space (rotated by
-// the caller for a rotated form, as quant.pack_tokens does); out [A, N,
-// token bytes]: key codes, value codes, then k_scale, k_zero, v_scale, v_zero
-// in bf16.  Per token over its D channels, in fp32 as the reference:
+// The quantizer on CPU tensors: torch.ops.kvshrink_cpu.quantize_groups, built
+// with packed_attention.cpp by vllm_kvshrink/kernels/cpu_lib.py.  Semantics:
+// vllm_kvshrink/kernels/reference.py (quantize_ref), which the tests compare
+// it with bit for bit; quant.quantize runs it for bf16 parameters, so both
+// paths' integer forms and the pages a tier event writes (quant.pack_tokens)
+// hold these codes.  Per group of G values, in fp32 as the reference:
 //   zero = bf16(min), scale = bf16((max - min) / qmax), 1 where it is 0,
-//   q = clamp(round_half_even((x - zero) / scale), 0, qmax).
+//   q = clamp(round_half_even((x - zero) / scale), 0, qmax),
+// G / (8 / bits) bytes of codes, element j of a byte in bits [j*bits, (j+1)*bits).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,7 +29,7 @@ inline uint16_t bf16_of(float x) {
   return u;
 }
 
-// One token's D channels -> codes (D * bits / 8 bytes) and its bf16 scale and zero.
+// One group's D values -> codes (D * bits / 8 bytes) and its bf16 scale and zero.
 void quantize_row(const float* __restrict x, int d, int bits, uint8_t* __restrict codes,
                   uint16_t* scale_out, uint16_t* zero_out) {
   float mn = x[0], mx = x[0];
@@ -64,39 +60,7 @@ void quantize_row(const float* __restrict x, int d, int bits, uint8_t* __restric
   *zero_out = zb;
 }
 
-void pack_tokens(at::Tensor out, const at::Tensor& keys, const at::Tensor& values,
-                 int64_t k_bits, int64_t v_bits) {
-  for (const at::Tensor* t : {&keys, &values})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->dim() == 3,
-                "keys / values must be contiguous [A, N, D] CPU float32 tensors, got ",
-                t->scalar_type(), " ", t->sizes());
-  TORCH_CHECK(keys.sizes() == values.sizes(), "keys and values must have the same shape");
-  for (int64_t bits : {k_bits, v_bits})
-    TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
-  const int64_t a = keys.size(0), n = keys.size(1), d = keys.size(2);
-  TORCH_CHECK(d >= 4 && d % 4 == 0, "head dim must be a multiple of 4, got ", d);
-  const int64_t kb = d * k_bits / 8, vb = d * v_bits / 8, tb = kb + vb + PARAM_BYTES;
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.is_contiguous() &&
-                  out.dim() == 3 && out.size(0) == a && out.size(1) == n && out.size(2) == tb,
-              "out must be a contiguous [A, N, ", tb, "] CPU uint8 tensor, got ",
-              out.scalar_type(), " ", out.sizes());
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
-  uint8_t* op = out.data_ptr<uint8_t>();
-  const int di = int(d);
-  at::parallel_for(0, a * n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      uint8_t* t = op + i * tb;
-      uint16_t par[4];
-      quantize_row(kp + i * d, di, int(k_bits), t, &par[0], &par[1]);
-      quantize_row(vp + i * d, di, int(v_bits), t + kb, &par[2], &par[3]);
-      std::memcpy(t + kb + vb, par, PARAM_BYTES);
-    }
-  });
-}
-
-// The quantizer itself on rows of one group each: x [M, G] float32 ->
+// Rows of one group each: x [M, G] float32 ->
 // packed [M, G * bits / 8] uint8, scale and zero [M] bf16 (as int16 bits),
 // what quant.quantize returns for any axis once its groups are rows.
 void quantize_groups(at::Tensor packed, at::Tensor scale, at::Tensor zero, const at::Tensor& x,
@@ -129,15 +93,11 @@ void quantize_groups(at::Tensor packed, at::Tensor scale, at::Tensor zero, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvshrink_cpu, m) {
-  m.def("pack_tokens(Tensor(a!) out, Tensor keys, Tensor values, int k_bits, int v_bits) -> ()");
   m.def(
       "quantize_groups(Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero, Tensor x, "
       "int bits) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) {
-  m.impl("pack_tokens", &pack_tokens);
-  m.impl("quantize_groups", &quantize_groups);
-}
+TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) { m.impl("quantize_groups", &quantize_groups); }
 
 }  // namespace kvshrink_cpu

@@ -1,7 +1,8 @@
-"""The C++ pack (``kernels.cpu_ext.pack_tokens`` / ``pack``, what a tier event
-writes for the tokens entering a packed form) against the PyTorch one
-(``kernels.quant.pack_tokens`` / ``pack``): the same bytes, codes and bf16
-parameters, so the engine holds what the research path computes."""
+"""The C++ quantizer (``kernels.cpu_lib.quantize``, what ``quant.quantize``
+runs on CPU tensors) against the PyTorch reference (``reference.quantize_ref``)
+bit for bit, and the pages a tier event writes with it (``quant.pack_tokens``
+/ ``pack``) against the same pages quantized by the reference: the same
+bytes, so the engine holds what the research path computes."""
 
 from __future__ import annotations
 
@@ -24,38 +25,51 @@ def _tokens(g, a, n, d, dtype):
     return k.to(dtype)
 
 
+def _by_reference(monkeypatch, fn):
+    """``fn()`` with ``quant.quantize`` on the PyTorch reference."""
+    from vllm_kvshrink.kernels import cpu_lib
+
+    with monkeypatch.context() as m:
+        m.setattr(cpu_lib, "quantize", lambda *args: None)
+        return fn()
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("d,bs,elem,dtype", [(64, 32, 4, torch.float32),
                                              (128, 16, 2, torch.bfloat16),
                                              (32, 32, 2, torch.float16)])
-def test_pack_tokens_equals_the_pytorch_pack(ext, form, d, bs, elem, dtype):
+def test_pack_tokens_equals_the_pytorch_pack(ext, monkeypatch, form, d, bs, elem, dtype):
     pf = paged_form(form, d, bs, elem)
     g = torch.Generator().manual_seed(d)
     k, v = _tokens(g, 5, 301, d, dtype), _tokens(g, 5, 301, d, dtype)
-    got, want = ext.pack_tokens(pf, k, v), quant.pack_tokens(pf, k, v)
+    got = quant.pack_tokens(pf, k, v)
+    want = _by_reference(monkeypatch, lambda: quant.pack_tokens(pf, k, v))
     assert got.dtype == torch.uint8 and got.shape == want.shape == (5, 301, pf.token_bytes)
     assert torch.equal(got, want)
-    pages = ext.pack(pf, k, v)
-    assert torch.equal(pages, quant.pack(pf, k, v))
+    pages = quant.pack(pf, k, v)
+    assert torch.equal(pages, _by_reference(monkeypatch, lambda: quant.pack(pf, k, v)))
     # and they read back as the tokens, up to the form's error
     kk, _ = ext.unpack(pf, pages, 301)
     assert float((kk - k.float()).norm() / k.float().norm()) < {8: 0.02, 4: 0.2, 2: 0.7}[
         pf.k_bits]
 
 
-def test_pack_tokens_of_nothing(ext):
-    pf = paged_form("int4_tok_rot", 64, 32, 4)
-    out = ext.pack_tokens(pf, torch.zeros(3, 0, 64), torch.zeros(3, 0, 64))
-    assert out.shape == (3, 0, pf.token_bytes)
+def test_quantize_of_nothing(ext):
+    packed, scale, zero = ext.quantize(torch.zeros(3, 0, 64), 4, 64, torch.bfloat16)
+    assert packed.shape == (3, 0, 32) and scale.shape == zero.shape == (3, 0, 1)
 
 
-def test_pack_tokens_refuses_bad_shapes(ext):
-    with pytest.raises(RuntimeError, match="same shape"):
-        torch.ops.kvshrink_cpu.pack_tokens(torch.empty(1, 2, 40, dtype=torch.uint8),
-                                           torch.zeros(1, 2, 64), torch.zeros(1, 3, 64), 2, 2)
-    with pytest.raises(RuntimeError, match="out must be"):
-        torch.ops.kvshrink_cpu.pack_tokens(torch.empty(1, 2, 41, dtype=torch.uint8),
-                                           torch.zeros(1, 2, 64), torch.zeros(1, 2, 64), 2, 2)
+def test_quantize_refuses_bad_shapes(ext):
+    scale, zero = (torch.empty(2, dtype=torch.bfloat16) for _ in range(2))
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.kvshrink_cpu.quantize_groups(torch.empty(2, 32, dtype=torch.uint8), scale,
+                                               zero, torch.zeros(2, 64).double(), 4)
+    with pytest.raises(RuntimeError, match="packed must be"):
+        torch.ops.kvshrink_cpu.quantize_groups(torch.empty(2, 33, dtype=torch.uint8), scale,
+                                               zero, torch.zeros(2, 64), 4)
+    with pytest.raises(RuntimeError, match="not whole bytes"):
+        torch.ops.kvshrink_cpu.quantize_groups(torch.empty(2, 2, dtype=torch.uint8), scale,
+                                               zero, torch.zeros(2, 5), 4)
 
 
 @pytest.mark.parametrize("bits", (2, 4, 8))
