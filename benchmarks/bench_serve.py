@@ -13,10 +13,14 @@ the requests running and the KV-cache usage.  Servers run ``--enforce-eager``
 settings), ``stock_fp8`` (``--kv-cache-dtype fp8``, vLLM's own 2x format, same
 pool bytes), ``kvshrink`` (eviction at ``--budget``) and, with ``--storage``
 naming forms other than bf16, ``tiers`` (tiered storage as
-``VLLM_KVSHRINK_STORAGE``).  ``--dtype auto`` (the default) serves bf16 where
-the CPU computes it natively (AVX-512 BF16 or AMX) and float32 where it does
-not, where vLLM's bf16 matrix products cost the same per sequence at any
-batch (``bench_gemm_dtype.py``).  Needs pandas (vLLM's custom dataset reads
+``VLLM_KVSHRINK_STORAGE``).  ``--ceiling SEQS`` adds ``stock_ceiling`` after
+``stock``: stock vLLM with a pool of ``SEQS`` mean sequences, what the memory
+alone would buy it on this machine (``output_throughput_ratio_ceiling``) and so
+the most a compression fitting that many can buy without attending less
+(``output_throughput_kvshrink_vs_ceiling``, ``..._tiers_vs_ceiling``).
+``--dtype auto`` (the default) serves bf16 where the CPU computes it natively
+(AVX-512 BF16 or AMX) and float32 where it does not, where vLLM's bf16 matrix
+products cost the same per sequence at any batch (``bench_gemm_dtype.py``).  Needs pandas (vLLM's custom dataset reads
 with it).
 Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
 ``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``; with
@@ -32,6 +36,7 @@ after it) beside the run's duration (JSON per run: ``kvshrink_seconds``,
     python benchmarks/bench_serve.py --shape long-generation --quick   # a few minutes
     python benchmarks/bench_serve.py --shape long-generation --budget 0.125 \
         --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot          # adds a tiers server
+    python benchmarks/bench_serve.py --shape long-generation --ceiling 8  # + stock, 8 seqs of pool
 """
 
 from __future__ import annotations
@@ -236,6 +241,11 @@ def main() -> int:
                     help="KV pool in full sequences (prompt+output of average length, at "
                     "the model dtype's bytes); default 4 (2 with --quick)")
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--ceiling", type=float, default=None, metavar="SEQS",
+                    help="also run stock vLLM with a pool of SEQS mean sequences "
+                         "(server stock_ceiling): the throughput the memory alone buys "
+                         "stock vLLM on this machine, the ceiling for a compression that "
+                         "fits that many")
     add_dtype_argument(ap, "every server's --dtype")
     ap.add_argument("--max-concurrency", type=int, default=None,
                     help="vllm bench serve --max-concurrency (default: none, all at once)")
@@ -265,6 +275,9 @@ def main() -> int:
         ap.error("need --min-len <= --max-len, --num-prompts >= 1, --output-len >= 1")
     if args.pool_seqs <= 0:
         ap.error("--pool-seqs must be > 0 (the pool must limit stock vLLM)")
+    if args.ceiling is not None and args.ceiling <= args.pool_seqs:
+        ap.error(f"--ceiling {args.ceiling} must be above --pool-seqs {args.pool_seqs} "
+                 f"(it is the pool of the stock_ceiling server, in mean sequences)")
     args.dtype = chosen_dtype(args.dtype)
 
     from vllm_kvshrink.storage import parse_storage
@@ -334,16 +347,21 @@ def main() -> int:
     # ---- the servers
     port = args.port or free_port()
     clean = plugin_free_env()
-    serve_args = ["--dtype", args.dtype, "--block-size", str(args.block_size),
-                  "--max-model-len", str(max_model_len),
-                  "--kv-cache-memory-bytes", str(pool_bytes),
-                  "--max-num-seqs", str(max_num_seqs), "--seed", str(args.seed)]
-    if not args.compile:
-        serve_args.append("--enforce-eager")
+    def serve_args_for(pool: int) -> list[str]:
+        a = ["--dtype", args.dtype, "--block-size", str(args.block_size),
+             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(pool),
+             "--max-num-seqs", str(max_num_seqs), "--seed", str(args.seed)]
+        return a if args.compile else a + ["--enforce-eager"]
+
+    serve_args = serve_args_for(pool_bytes)
+    ceiling_bytes = (int(args.ceiling * mean_seq) * per_tok if args.ceiling is not None
+                     else None)
     ours_env = {"VLLM_KVSHRINK_METHOD": args.method, "VLLM_KVSHRINK_BUDGET": str(args.budget),
                 "VLLM_KVSHRINK_SLACK_TOKENS": str(args.slack)}
     servers = [("stock", {}, []), ("stock_fp8", {}, ["--kv-cache-dtype", "fp8"]),
                ("kvshrink", ours_env, [])]
+    if ceiling_bytes is not None:
+        servers.insert(1, ("stock_ceiling", {}, []))
     if tiered:
         servers.append(("tiers", {**ours_env, "VLLM_KVSHRINK_STORAGE": ",".join(storage)}, []))
     no_fp8 = fp8_kv_unavailable()
@@ -374,7 +392,8 @@ def main() -> int:
         settings = " ".join(f"{k}={v}" for k, v in env_over.items()) or "no plugin settings"
         print(f"\nstarting server {name} ({settings}{' ' + ' '.join(extra) if extra else ''}) "
               f"on port {port} ...", flush=True)
-        server = Server(model, serve_args + extra, env_over, out / f"{name}.server.log",
+        own = serve_args_for(ceiling_bytes) if name == "stock_ceiling" else serve_args
+        server = Server(model, own + extra, env_over, out / f"{name}.server.log",
                         start_timeout=args.startup_timeout, port=port)
         with server:
             startup_s = server.startup_s
@@ -503,6 +522,13 @@ def main() -> int:
                                  / runs["stock"]["median_running"]
                                  if runs["stock"]["median_running"] else float("nan")),
     }
+    if "stock_ceiling" in runs:  # what the memory alone buys stock vLLM, and our share of it
+        ratios["output_throughput_ratio_ceiling"] = ratio("stock_ceiling", "stock",
+                                                          "output_throughput")
+        for ours in ("kvshrink", "tiers"):
+            if ours in runs:
+                ratios[f"output_throughput_{ours}_vs_ceiling"] = ratio(
+                    ours, "stock_ceiling", "output_throughput")
     if tiered:
         ratios.update({
             "output_throughput_ratio_tiers": ratio("tiers", "stock", "output_throughput"),
@@ -547,6 +573,7 @@ def main() -> int:
                      "kv_bytes_per_token": per_tok, "dtype": args.dtype, "max_model_len": max_model_len,
                      "max_num_seqs": max_num_seqs, "prompt_lens": lens,
                      "mean_prompt_len": mean_prompt, "stock_fit_seqs": stock_fit,
+                     "ceiling_seqs": args.ceiling, "ceiling_kv_cache_memory_bytes": ceiling_bytes,
                      "port": port, "serve_cmd": [vllm_cmd, "serve", model, "--port", str(port), *serve_args], "dataset": str(dataset)},
         **ratios,
         "total_wall_s": total_s,

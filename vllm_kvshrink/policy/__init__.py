@@ -14,6 +14,8 @@ here holds one of those rules:
 * :mod:`~vllm_kvshrink.policy.softmax` -- the window queries' attention over
   the cached keys;
 * :mod:`~vllm_kvshrink.policy.record` -- the event record: build, write, read;
+* :mod:`~vllm_kvshrink.policy.tokens` -- taking a request's tokens by per-row
+  index (cache order, a level's tokens), the same way on both paths;
 * :mod:`~vllm_kvshrink.policy.checks` -- what a configuration (global or per
   request) may not combine.
 

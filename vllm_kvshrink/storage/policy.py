@@ -37,10 +37,12 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from vllm_kvshrink.policy.heads import LOCAL, HeadGroup
 from vllm_kvshrink.policy.softmax import window_probs
+from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.storage import FULL, get_form
 
 EVICTED = -1
@@ -166,16 +168,23 @@ def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
     return res
 
 
-def _split(w: torch.Tensor, cost: list[float], dist: list[float], lam: float) -> list[int]:
-    """Tokens per level (most precise first) that minimise
-    ``w[r] * d + lam * b`` rank by rank; ``w`` ``[R]`` decreasing."""
-    d = torch.tensor(dist + [1.0])
-    b = torch.tensor(cost + [0.0])
-    obj = w[:, None] * d[None, :] + lam * b[None, :]
-    choice = obj.argmin(-1)
-    # w decreasing -> choice non-decreasing up to ties; enforce runs.
-    choice = torch.cummax(choice, 0).values
-    return [int((choice == i).sum()) for i in range(len(cost))]
+def _splitter(w: torch.Tensor, cost: list[float], dist: list[float]):
+    """``split(lam)``: tokens per level (most precise first) that minimise
+    ``w[r] * d + lam * b`` rank by rank; ``w`` ``[R]`` decreasing.  The
+    bisection calls it some seventy times per event, so it runs in NumPy
+    (float32, the same products and the same first-minimum ties as the
+    tensors would give) with ``w * d`` formed once."""
+    wd = w.numpy().astype(np.float32)[:, None] * np.array(dist + [1.0], np.float32)[None, :]
+    b = np.array(cost + [0.0], np.float32)[None, :]
+    levels = len(cost)
+
+    def split(lam: float) -> list[int]:
+        choice = (wd + np.float32(lam) * b).argmin(-1)
+        # w decreasing -> choice non-decreasing up to ties; enforce runs.
+        choice = np.maximum.accumulate(choice)
+        return np.bincount(choice, minlength=levels + 1)[:levels].tolist()
+
+    return split
 
 
 def plan_tiers(
@@ -260,16 +269,17 @@ def plan_tiers(
         c[0] += n_prot
         return rows * sum(f.nbytes(k, head_dim) for f, k in zip(forms, c))
 
+    split = _splitter(w, cost, dist)
     lo, hi = 0.0, 1.0
-    while exact(_split(w, cost, dist, hi)) > budget_bytes and hi < 1e12:
+    while exact(split(hi)) > budget_bytes and hi < 1e12:
         hi *= 4
     for _ in range(60):
         mid = (lo + hi) / 2
-        if exact(_split(w, cost, dist, mid)) > budget_bytes:
+        if exact(split(mid)) > budget_bytes:
             lo = mid
         else:
             hi = mid
-    counts = _split(w, cost, dist, hi)
+    counts = split(hi)
     while exact(counts) > budget_bytes:  # per-group rounding at the edge
         i = max(j for j in range(nl) if counts[j])
         counts[i] -= 1
@@ -376,8 +386,7 @@ def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
         keep = plan.keep()
     l, h, k = keep.shape
     d = keys.shape[-1]
-    idx = keep[..., None].expand(l, h, k, d)
-    kk, vv = keys.gather(2, idx), values.gather(2, idx)
+    kk, vv = take_tokens(keys, keep), take_tokens(values, keep)
     lev = plan.level.gather(2, keep)  # [L, H, K]
     was = None if current is None else current.gather(2, keep)
     for i, name in enumerate(plan.levels):
@@ -396,7 +405,7 @@ def apply_tiers(plan: TierPlan, keys: torch.Tensor, values: torch.Tensor,
         pos = order.indices[..., :c]
         real = order.values[..., :c].bool()
         pidx = pos[..., None].expand(l, h, c, d)
-        a, b = kk.gather(2, pidx), vv.gather(2, pidx)
+        a, b = take_tokens(kk, pos), take_tokens(vv, pos)
         ka, vb = form.roundtrip(a.reshape(l * h, c, d), b.reshape(l * h, c, d))
         ka = torch.where(real[..., None], ka.view(l, h, c, d), a)
         vb = torch.where(real[..., None], vb.view(l, h, c, d), b)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvshrink.kernels.quant import pack, pack_tokens, slot_offsets
+from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.serving.worker.kv_layout import row_slots, write_tokens_stacked
 from vllm_kvshrink.storage.paged import paged_form
 
@@ -120,8 +121,7 @@ def rewrite(comp, levels, counts, new_level, held: Held, dest: list[int],
             continue
         sel = (lev == i).nonzero()[:, 2].view(layers, heads, c)  # ascending
         src = keep.gather(2, sel)
-        idx = src[..., None].expand(-1, -1, -1, d)
-        k, v = held.keys.gather(2, idx), held.values.gather(2, idx)
+        k, v = take_tokens(held.keys, src), take_tokens(held.values, src)
         if i == 0:
             pos0 = held.pos.gather(2, src)
             writes.append(("plain", k, v))
@@ -283,9 +283,9 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
     hidx = torch.arange(rows) % heads  # each row's KV head
     plain_write = None
     if dst0 is not None:
-        idx = tok0.view(layers, heads, -1, 1).expand(-1, -1, -1, d)
+        sel = tok0.view(layers, heads, -1)
         blocks, offs = row_slots(plain_ids, dst0, bs)
-        plain_write = (held.keys.gather(2, idx).to(cdt), held.values.gather(2, idx).to(cdt),
+        plain_write = (take_tokens(held.keys, sel).to(cdt), take_tokens(held.values, sel).to(cdt),
                        blocks.view(layers, heads, -1), offs.view(layers, heads, -1))
     packed_writes = []
     for i, name, pages, dst, tok in plans:
@@ -293,9 +293,9 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
             continue
         pf = paged_form(name, d, bs, eb)
         p = dst.shape[1]
-        idx = tok.view(layers, heads, p, 1).expand(-1, -1, -1, d)
-        fresh = pack_tokens(pf, held.keys.gather(2, idx).reshape(rows, p, d),
-                            held.values.gather(2, idx).reshape(rows, p, d))  # [R, P, tb]
+        sel = tok.view(layers, heads, p)
+        fresh = pack_tokens(pf, take_tokens(held.keys, sel).reshape(rows, p, d),
+                            take_tokens(held.values, sel).reshape(rows, p, d))  # [R, P, tb]
         entering = cur.gather(1, tok) != i
         blob = fresh
         if not bool(entering.all()):  # staying tokens moved: their bytes as they are

@@ -22,6 +22,7 @@ from vllm_kvshrink.kernels.packed_batch import PackedBatch
 from vllm_kvshrink.kernels.cpu_ext import unpack
 from vllm_kvshrink.methods import Observation
 from vllm_kvshrink.policy.record import tier_record
+from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.serving.worker import tier_write
 from vllm_kvshrink.serving.worker.kv_layout import row_slots
@@ -77,8 +78,8 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
     level = torch.cat(lv + [torch.zeros(p, dtype=torch.int8)]).expand(layers, heads, -1)
     pos = torch.cat(ps + [pos_plain], -1)
     order = pos.argsort(-1)
-    idx = order[..., None].expand(-1, -1, -1, d)
-    return tier_write.Held(keys.gather(2, idx), values.gather(2, idx), level.gather(2, order),
+    return tier_write.Held(take_tokens(keys, order), take_tokens(values, order),
+                           level.gather(2, order),
                            pos.gather(2, order), order, m)
 
 
