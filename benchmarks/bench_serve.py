@@ -20,8 +20,8 @@ the most a compression fitting that many can buy without attending less
 (``output_throughput_kvshrink_vs_ceiling``, ``..._tiers_vs_ceiling``).
 ``--dtype auto`` (the default) serves bf16 where the CPU computes it natively
 (AVX-512 BF16 or AMX) and float32 where it does not, where vLLM's bf16 matrix
-products cost the same per sequence at any batch (``bench_gemm_dtype.py``).  Needs pandas (vLLM's custom dataset reads
-with it).
+products cost the same per sequence at any batch (``bench_gemm_dtype.py``).
+Needs pandas (vLLM's custom dataset reads with it).
 Prints a table and the ratios (``output_throughput_ratio``: kvshrink / stock,
 ``output_throughput_ratio_fp8``: kvshrink / stock fp8, ``max_running_ratio``; with
 tiers, ``output_throughput_ratio_tiers``: tiers / stock and
@@ -347,6 +347,7 @@ def main() -> int:
     # ---- the servers
     port = args.port or free_port()
     clean = plugin_free_env()
+
     def serve_args_for(pool: int) -> list[str]:
         a = ["--dtype", args.dtype, "--block-size", str(args.block_size),
              "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(pool),
@@ -573,7 +574,8 @@ def main() -> int:
                      "kv_bytes_per_token": per_tok, "dtype": args.dtype, "max_model_len": max_model_len,
                      "max_num_seqs": max_num_seqs, "prompt_lens": lens,
                      "mean_prompt_len": mean_prompt, "stock_fit_seqs": stock_fit,
-                     "ceiling_seqs": args.ceiling, "ceiling_kv_cache_memory_bytes": ceiling_bytes,
+                     "ceiling_seqs": args.ceiling,
+                     "ceiling_kv_cache_memory_bytes": ceiling_bytes,
                      "port": port, "serve_cmd": [vllm_cmd, "serve", model, "--port", str(port), *serve_args], "dataset": str(dataset)},
         **ratios,
         "total_wall_s": total_s,

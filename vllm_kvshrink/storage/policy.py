@@ -174,7 +174,8 @@ def _splitter(w: torch.Tensor, cost: list[float], dist: list[float]):
     bisection calls it some seventy times per event, so it runs in NumPy
     (float32, the same products and the same first-minimum ties as the
     tensors would give) with ``w * d`` formed once."""
-    wd = w.numpy().astype(np.float32)[:, None] * np.array(dist + [1.0], np.float32)[None, :]
+    wd = (w.detach().cpu().numpy().astype(np.float32)[:, None]
+          * np.array(dist + [1.0], np.float32)[None, :])
     b = np.array(cost + [0.0], np.float32)[None, :]
     levels = len(cost)
 
