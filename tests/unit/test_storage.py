@@ -242,6 +242,30 @@ def test_schedule_tokens_and_bytes():
     assert cadence.bytes_due(full, 50000, 1000, 1000, tb, loose_bf16=65) == 100000
 
 
+def test_prompt_waits_while_its_rest_fits_budget_slack_and_chunk():
+    """A request still prefilling is compressed only once what it holds plus
+    the rest of its prompt passes the budget at the prompt's end, the slack
+    and one chunk (cadence.waits_for_prompt), in tokens and in bytes; without
+    a chunk (one pass) or once the prompt is done, the plain rule applies."""
+    cfg = KVShrinkConfig(method="snapkv", budget=0.25, slack_tokens=64)
+    # held = seen = 400 of a prompt P: it waits while P <= ceil(P / 4) + 64 + 1024,
+    # i.e. up to P = 1451 (363 + 1088)
+    assert cadence.tokens_to_keep(cfg, 400, 400, 1451, 32) == 128  # no chunk: as before
+    assert cadence.tokens_to_keep(cfg, 400, 400, 1451, 32, chunk_tokens=1024) is None
+    assert cadence.tokens_to_keep(cfg, 400, 400, 1452, 32, chunk_tokens=1024) == 128
+    assert cadence.tokens_to_keep(cfg, 401, 400, 1451, 32, chunk_tokens=1024) == 128
+    # the prompt done: the plain rule, whatever the chunk
+    assert cadence.tokens_to_keep(cfg, 1500, 1500, 1500, 32, chunk_tokens=4096) == 384
+    t = KVShrinkConfig(method="snapkv", budget=0.25, slack_tokens=64, storage="int4")
+    tb = 100
+    # in bytes: 40000 + (P - 400) * 100 <= 25 P + 108800 up to P = 1450
+    assert cadence.bytes_due(t, 40000, 400, 1450, tb) == 10000
+    assert cadence.bytes_due(t, 40000, 400, 1450, tb, chunk_tokens=1024) is None
+    assert cadence.bytes_due(t, 40000, 400, 1451, tb, chunk_tokens=1024) == 10000
+    assert cadence.waits_for_prompt(t, 40000, 36250, 400, 1450, 1024, tb)
+    assert not cadence.waits_for_prompt(t, 40000, 36250, 400, 1450, None, tb)
+
+
 def test_list_shows_forms_at_the_models_shape(capsys, model_path):
     from vllm_kvshrink.__main__ import main
 

@@ -138,13 +138,15 @@ def slots_in_range(monkeypatch):
     """Every slot the writers address lies inside its form's page (a slot
     past the capacity reads or writes another page's bytes, or past the
     pool)."""
-    real = tier_write.slot_offsets
+    for name in ("put_tokens", "get_tokens"):
+        real = getattr(tier_write, name)
 
-    def checked(pf, slots):
-        assert int(slots.min()) >= 0 and int(slots.max()) < pf.capacity, pf.name
-        return real(pf, slots)
+        def checked(regions, pf, blocks, slots, *rest, real=real):
+            assert int(slots.min()) >= 0 and int(slots.max()) < pf.capacity, pf.name
+            assert int(blocks.min()) >= 0 and int(blocks.max()) < regions.shape[1], pf.name
+            return real(regions, pf, blocks, slots, *rest)
 
-    monkeypatch.setattr(tier_write, "slot_offsets", checked)
+        monkeypatch.setattr(tier_write, name, checked)
 
 
 @pytest.mark.usefixtures("slots_in_range")

@@ -9,6 +9,9 @@ of the request's bf16 bytes at its logical length; once the bytes it holds
 exceed that plus ``slack_tokens`` tokens' worth of bf16, the tier policy
 (:mod:`vllm_kvshrink.storage.policy`) re-assigns forms to fit the budget.
 
+Both wait for the end of a prompt while the rest of it fits in the budget, the
+slack and one prefill chunk (:func:`waits_for_prompt`).
+
 Tensors never appear here: counts and bytes only.
 """
 
@@ -21,12 +24,45 @@ def _eligible(cfg, logical: int, prompt_len: int) -> bool:
     return max(logical, prompt_len) >= cfg.min_prompt_tokens
 
 
+def waits_for_prompt(cfg, held: int, target: int, logical: int, prompt_len: int,
+                     chunk_tokens: int | None, unit: int = 1) -> bool:
+    """Whether a request still prefilling waits before it is compressed:
+    while what it holds plus the rest of its prompt stays within its budget at
+    the prompt's end plus the slack and one prefill chunk -- the most
+    admission counts it may hold (:meth:`~vllm_kvshrink.config.KVShrinkConfig.
+    peak_tokens`, :func:`tier_peak_blocks`) -- it is compressed only after
+    the prompt's last token.
+
+    ``held`` and ``target`` (the budget at ``prompt_len``) in tokens, or in
+    bytes with ``unit`` the bytes of one bf16 token; ``chunk_tokens``: the
+    engine's ``max_num_batched_tokens``, the research path's prompt tokens
+    per pass (``None``: the whole prompt in one pass, never waits).
+
+    Why: the engine's scheduler shares a step's token budget with decoding
+    requests, so it often splits a prompt that would fit in one chunk (a
+    piece of a few hundred tokens, then the rest).  Compressing after each
+    piece costs an extra event, scores the first piece with its own last
+    queries instead of the prompt's end (SnapKV's observation window), and
+    prefills the rest through the packed attention kernel over the
+    compressed cache.  A prompt longer than the budget plus a chunk is still
+    compressed between pieces until the rest fits: that is what serves a
+    prompt longer than the pool."""
+    if chunk_tokens is None or logical >= prompt_len:
+        return False
+    return held + (prompt_len - logical) * unit <= target + (cfg.slack_tokens
+                                                             + chunk_tokens) * unit
+
+
 def tokens_to_keep(cfg, physical: int, logical: int, prompt_len: int,
-                   block_size: int) -> int | None:
+                   block_size: int, chunk_tokens: int | None = None) -> int | None:
     """Tokens to keep if the request is due for compaction, else ``None``.
 
-    ``physical``: tokens it holds; ``logical``: tokens it has seen."""
+    ``physical``: tokens it holds; ``logical``: tokens it has seen;
+    ``chunk_tokens``: see :func:`waits_for_prompt`."""
     if physical <= 0 or not _eligible(cfg, logical, prompt_len):
+        return None
+    if waits_for_prompt(cfg, physical, cfg.target_tokens(prompt_len), logical, prompt_len,
+                        chunk_tokens):
         return None
     keep = min(physical, -(-cfg.target_tokens(logical) // block_size) * block_size)
     if physical <= keep + cfg.slack_tokens:
@@ -45,7 +81,7 @@ def budget_bytes(cfg, logical: int, token_bytes: int) -> int:
 
 
 def bytes_due(cfg, held: int, logical: int, prompt_len: int, token_bytes: int,
-              loose_bf16: int = 0) -> int | None:
+              loose_bf16: int = 0, chunk_tokens: int | None = None) -> int | None:
     """The byte budget to compress to if a tiered request holding ``held``
     bytes is due, else ``None``.
 
@@ -53,8 +89,12 @@ def bytes_due(cfg, held: int, logical: int, prompt_len: int, token_bytes: int,
     window.  When the storage does not name ``bf16`` they are due for
     packing once there are more than ``slack_tokens`` of them, whatever the
     bytes (KIVI's full-precision residual: ``storage=int4`` at budget 1.0
-    holds everything else in int4)."""
+    holds everything else in int4).  ``chunk_tokens``: see
+    :func:`waits_for_prompt`."""
     if held <= 0 or not _eligible(cfg, logical, prompt_len):
+        return None
+    if waits_for_prompt(cfg, held, budget_bytes(cfg, prompt_len, token_bytes), logical,
+                        prompt_len, chunk_tokens, token_bytes):
         return None
     budget = budget_bytes(cfg, logical, token_bytes)
     over = held > budget + cfg.slack_tokens * token_bytes

@@ -87,14 +87,15 @@ class TierGeometry:
         return {f: (v if f == FULL else self.rows * get_form(f).nbytes(v, self.head_dim))
                 for f, v in out.items()}
 
-    def due(self, cfg, plain: int, segments, logical: int, prompt_len: int) -> int | None:
+    def due(self, cfg, plain: int, segments, logical: int, prompt_len: int,
+            chunk_tokens: int | None = None) -> int | None:
         """The byte budget if the request is due for a tier event, else None
         (the research path's rule: :func:`~vllm_kvshrink.policy.cadence.bytes_due`
         with :func:`~vllm_kvshrink.policy.cadence.loose_bf16`)."""
         n = plain + sum(s[2] for s in segments)
         return cadence.bytes_due(cfg, self.held_bytes(plain, segments), logical,
                                  prompt_len, self.token_bytes,
-                                 cadence.loose_bf16(cfg, plain, n))
+                                 cadence.loose_bf16(cfg, plain, n), chunk_tokens)
 
     def _forms(self, cfg) -> list[tuple[int, float]]:
         from vllm_kvshrink.storage.policy import levels_for

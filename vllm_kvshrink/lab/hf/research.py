@@ -457,7 +457,7 @@ class ResearchRunner:
         # Every (layer, head) holds the same number of bf16 tokens.
         loose = cadence.loose_bf16(cfg, int((cache.level[0, 0] == 0).sum()), n)
         budget = cadence.bytes_due(cfg, held, logical, prompt_len, self._token_bytes(cache),
-                                   loose)
+                                   loose, self.chunk)
         if budget is None:
             return None
         if cache.offload is not None:
@@ -484,7 +484,7 @@ class ResearchRunner:
             return self._maybe_tier(cache, state, logical, prompt_len)
         cfg, bs = self.cfg, self.block_size
         physical = cache.length
-        keep = cadence.tokens_to_keep(cfg, physical, logical, prompt_len, bs)
+        keep = cadence.tokens_to_keep(cfg, physical, logical, prompt_len, bs, self.chunk)
         if keep is None:
             return None
         obs = self._observation(cache, logical)

@@ -267,7 +267,8 @@ class KVShrinkScheduler(Scheduler):
             logical = request.num_computed_tokens
             physical = logical - st.offset
             keep = cadence.tokens_to_keep(cfg, physical, logical,
-                                           request.num_prompt_tokens, bs)
+                                           request.num_prompt_tokens, bs,
+                                           self.scheduler_config.max_num_batched_tokens)
             if keep is None:
                 continue
             blocks = self._kvs_single.req_to_blocks[request.request_id]
@@ -318,7 +319,8 @@ class KVShrinkScheduler(Scheduler):
         geo, cfg, bs = self.kvs_tiers, st.cfg, self.kvs_block_size
         logical = request.num_computed_tokens
         plain = logical - st.offset
-        budget = geo.due(cfg, plain, st.segments, logical, request.num_prompt_tokens)
+        budget = geo.due(cfg, plain, st.segments, logical, request.num_prompt_tokens,
+                         self.scheduler_config.max_num_batched_tokens)
         if budget is None:
             return None
         blocks = self._kvs_single.req_to_blocks[request.request_id]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvshrink.kernels.quant import pack, pack_tokens, slot_offsets
+from vllm_kvshrink.kernels.quant import PARAMS, pack, pack_tokens
 from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.serving.worker.kv_layout import row_slots, write_tokens_stacked
 from vllm_kvshrink.storage.paged import paged_form
@@ -67,12 +67,6 @@ def region_bytes(stack: torch.Tensor) -> torch.Tensor:
     """A stacked cache view ``[L', NB, H, bs, 2D]`` as the bytes of its
     (block, head) regions: ``[L', NB, H, region_bytes]``."""
     return stack.view(torch.uint8).view(*stack.shape[:3], -1)
-
-
-def _byte_stacks(comp):
-    """``(bytes [L', NB * H * region_bytes], layers)`` per stacked cache view."""
-    return [(stack.view(torch.uint8).view(stack.shape[0], -1), layers)
-            for stack, layers in comp.stacks]
 
 
 def geometry(comp):
@@ -278,9 +272,6 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
 
     # Read and pack everything the writes need before writing any of it.
     cdt = cache_dtype(comp)
-    stacks = _byte_stacks(comp)
-    region = 2 * bs * d * eb
-    hidx = torch.arange(rows) % heads  # each row's KV head
     plain_write = None
     if dst0 is not None:
         sel = tok0.view(layers, heads, -1)
@@ -301,14 +292,15 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
         if not bool(entering.all()):  # staying tokens moved: their bytes as they are
             # (an entering token's entry reads slot 0 of some page, unused)
             w = where.gather(1, tok).clamp(max=max(m - 1, 0))
-            t = torch.where(entering, 0, in_seg[w])
-            src = _byte_index(seg_block[seg_of[w]], hidx, slot_offsets(pf, t), heads, region)
-            old = torch.cat([bv.gather(1, src.view(layers, -1)[sl]) for bv, sl in stacks])
+            t = torch.where(entering, 0, in_seg[w]).view(layers, heads, p)
+            ob = seg_block[seg_of[w]].view(layers, heads, p)
+            old = torch.cat([get_tokens(region_bytes(stack), pf, ob[sl], t[sl])
+                             for stack, sl in comp.stacks])
             blob = torch.where(entering[..., None], fresh, old.view(rows, p, -1))
         page_ids = torch.tensor(pages, dtype=torch.int64)
-        at = _byte_index(page_ids[dst // pf.capacity], hidx,
-                         slot_offsets(pf, dst % pf.capacity), heads, region)
-        packed_writes.append((at.view(layers, -1), blob.reshape(layers, -1)))
+        packed_writes.append((pf, page_ids[dst // pf.capacity].view(layers, heads, p),
+                              (dst % pf.capacity).view(layers, heads, p),
+                              blob.view(layers, heads, p, -1)))
     old_packed = [b for b, _, _ in segments]
     layout = Layout(plain_ids, new_segments, pos_plain, _cat_pos(pos_packed, layers, heads))
 
@@ -320,16 +312,45 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
             token_layout = comp.token_layout()
             for stack, sl in comp.stacks:
                 write_tokens_stacked(stack, token_layout, k[sl], v[sl], blocks[sl], offs[sl])
-        for at, blob in packed_writes:
-            for bv, sl in stacks:
-                bv.scatter_(1, at[sl], blob[sl])
+        for pf, blk, slot, blob in packed_writes:
+            for stack, sl in comp.stacks:
+                put_tokens(region_bytes(stack), pf, blk[sl], slot[sl], blob[sl])
 
     return layout, write
 
 
-def _byte_index(blocks: torch.Tensor, head: torch.Tensor, offsets: torch.Tensor,
-                heads: int, region: int) -> torch.Tensor:
-    """Flat byte index into one layer's cache (``[NB * H * region]``) of the
-    bytes at ``offsets`` ``[R, P, X]`` of (``blocks`` ``[R, P]``, row ``r``'s
-    head ``head[r]``)."""
-    return (blocks * heads + head[:, None])[..., None] * region + offsets
+def _token_parts(regions: torch.Tensor, pf) -> list[torch.Tensor]:
+    """Views of the key codes, value codes and parameters of every slot of
+    form ``pf``'s pages in ``regions`` (``[L', NB, H, region_bytes]``, see
+    :func:`region_bytes`): ``[L', NB, H, capacity, bytes]`` each, in the
+    order :func:`~vllm_kvshrink.kernels.quant.pack_tokens` lays a token out."""
+    cap = pf.capacity
+    return [regions[..., o:o + cap * w].unflatten(-1, (cap, w))
+            for o, w in zip(pf.offsets(), (pf.key_bytes, pf.value_bytes, 2 * PARAMS))]
+
+
+def _lh(regions: torch.Tensor):
+    return (torch.arange(regions.shape[0])[:, None, None],
+            torch.arange(regions.shape[2])[None, :, None])
+
+
+def put_tokens(regions: torch.Tensor, pf, blocks: torch.Tensor, slots: torch.Tensor,
+               blob: torch.Tensor) -> None:
+    """Write tokens' page bytes ``blob`` ``[L', H, P, token_bytes]`` to slot
+    ``slots[l, h, p]`` of page ``blocks[l, h, p]`` of (layer ``l``, KV head
+    ``h``): whole rows of codes and parameters, not byte by byte."""
+    layer, head = _lh(regions)
+    off = 0
+    for part in _token_parts(regions, pf):
+        w = part.shape[-1]
+        part[layer, blocks, head, slots] = blob[..., off:off + w]
+        off += w
+
+
+def get_tokens(regions: torch.Tensor, pf, blocks: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+    """The page bytes ``[L', H, P, token_bytes]`` of the tokens at
+    (``blocks``, ``slots``), as :func:`put_tokens` takes them."""
+    layer, head = _lh(regions)
+    return torch.cat([part[layer, blocks, head, slots] for part in _token_parts(regions, pf)],
+                     -1)

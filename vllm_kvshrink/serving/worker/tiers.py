@@ -73,6 +73,10 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
             vs.append(v.view(layers, heads, n, d))
             lv.append(torch.full((n,), levels.index(form), dtype=torch.int8))
     m = sum(x.shape[2] for x in ks)
+    if st is None:  # a request's first event: its plain row is in cache order
+        order = torch.arange(p).expand(layers, heads, p)
+        return tier_write.Held(kp, vp, torch.zeros(layers, heads, p, dtype=torch.int8),
+                               pos_plain, order, 0)
     keys = torch.cat(ks + [kp], 2)
     values = torch.cat(vs + [vp], 2)
     level = torch.cat(lv + [torch.zeros(p, dtype=torch.int8)]).expand(layers, heads, -1)
