@@ -119,7 +119,8 @@ def _check_event(pool, ev, state, plan_seed, frac, writer):
     write()
     new = TierState(layout.segments, layout.pos_packed, layout.pos_plain, ev.logical_len)
     keep = plan.keep()
-    want_k, want_v = apply_tiers(plan, held.keys, held.values, keep, held.level)
+    want_k, want_v = apply_tiers(plan, held.keys.float(), held.values.float(), keep,
+                                 held.level)
     back = read_held(pool, _event(pool, layout.plain_blocks, plan.counts[0], ev.logical_len,
                                   layout.segments, []), new)
     assert torch.equal(back.pos, held.pos.gather(2, keep))

@@ -41,7 +41,9 @@ class Held:
     """What an event read, cache order (ascending logical position per
     (layer, KV head)); ``[L, H, N]`` unless said otherwise."""
 
-    keys: torch.Tensor  # [L, H, N, D] float32, packed tokens dequantized
+    #: ``[L, H, N, D]`` float32, packed tokens dequantized (a first event's,
+    #: plain tokens only: the cache dtype)
+    keys: torch.Tensor
     values: torch.Tensor  # [L, H, N, D]
     level: torch.Tensor  # int8 index into the levels held now
     pos: torch.Tensor  # logical positions

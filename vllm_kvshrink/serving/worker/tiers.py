@@ -47,15 +47,16 @@ class TierState:
 
 def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.Held:
     """Every token the request holds, cache order: plain tokens in the cache
-    dtype's values, packed ones dequantized, all float32
-    (:class:`~.tier_write.Held`)."""
+    dtype's values, packed ones dequantized, all float32 -- at a request's
+    first event (plain tokens only) in the cache dtype itself, the values the
+    plan and the writes would round them back to (:class:`~.tier_write.Held`)."""
     levels = levels_for(ev.storage)
     d, bs, eb = tier_write.geometry(comp)
     layers, heads = len(comp.caches), comp.num_kv_heads
     p = ev.old_len
     slots = row_slots(ev.plain_blocks, torch.arange(p), bs)
-    kp = comp.read_keys(*slots).float()
-    vp = comp.read_values(*slots).float()
+    kp = comp.read_keys(*slots)
+    vp = comp.read_values(*slots)
     ks, vs, lv, ps = [], [], [], []
     if st is None:
         pos_plain = torch.arange(p).expand(layers, heads, p)
@@ -77,8 +78,8 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
         order = torch.arange(p).expand(layers, heads, p)
         return tier_write.Held(kp, vp, torch.zeros(layers, heads, p, dtype=torch.int8),
                                pos_plain, order, 0)
-    keys = torch.cat(ks + [kp], 2)
-    values = torch.cat(vs + [vp], 2)
+    keys = torch.cat(ks + [kp.float()], 2)
+    values = torch.cat(vs + [vp.float()], 2)
     level = torch.cat(lv + [torch.zeros(p, dtype=torch.int8)]).expand(layers, heads, -1)
     pos = torch.cat(ps + [pos_plain], -1)
     order = pos.argsort(-1)
