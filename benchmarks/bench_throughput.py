@@ -23,6 +23,9 @@ per run).
     python benchmarks/bench_throughput.py --pool-seqs 0   # ample memory
     python benchmarks/bench_throughput.py --shape decode --budget 0.125 \
         --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot   # decode-heavy, tiers
+    python benchmarks/bench_throughput.py --num-prompts 8 --min-len 1800 --max-len 2200 \
+        --output-len 64 --pool-seqs 4 --max-num-batched-tokens 2048 \
+        --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot   # ~2k prompts, served step budget
     python benchmarks/bench_throughput.py --quick --tensor-parallel-size 3 \
         --storage bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot   # every engine on 3 ranks
 
@@ -64,6 +67,10 @@ def main() -> int:
                     help="KV pool in full sequences (prompt+output of average length); "
                     "0 = ample (room for every sequence at once)")
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="vLLM's token budget per step (default: vLLM's own, 4096 for LLM "
+                    "on a CPU; `vllm serve` uses 2048): a prompt longer than what is "
+                    "left of it beside the decoding requests is prefilled in pieces")
     ap.add_argument("--storage", default="bf16",
                     help="VLLM_KVSHRINK_STORAGE (forms other than bf16: tiered storage, "
                     "also runs stock fp8 and eviction at the same bytes; stock fp8 is "
@@ -128,6 +135,11 @@ def main() -> int:
     tp = args.tensor_parallel_size
     spec = greedy_spec(model, prompts, args.output_len, pool_tokens, args.block_size,
                        args.dtype, args.seed, tensor_parallel_size=tp)
+    if args.max_num_batched_tokens is not None:
+        if args.max_num_batched_tokens < 1:
+            ap.error(f"--max-num-batched-tokens={args.max_num_batched_tokens}; allowed: 1 "
+                     f"or more")
+        spec["llm"]["max_num_batched_tokens"] = args.max_num_batched_tokens
     binding = tp_thread_binding(tp)
     print(f"workload: {len(prompts)} prompts of {args.min_len}-{args.max_len} essay tokens "
           f"(mean {mean_seq - args.output_len:.0f}), {args.output_len} output tokens; KV pool "

@@ -28,7 +28,7 @@ def make_scheduler(model_path, monkeypatch):
     from vllm_kvshrink.config import KVShrinkConfig
     from vllm_kvshrink.serving.core.scheduler import KVShrinkScheduler
 
-    def make(**env):
+    def make(batched=512, **env):
         for k in list(__import__("os").environ):
             if k.startswith("VLLM_KVSHRINK_"):
                 monkeypatch.delenv(k)
@@ -40,7 +40,7 @@ def make_scheduler(model_path, monkeypatch):
         model_config = ModelConfig(model=model_path, dtype="float32", max_model_len=512,
                                    seed=0)
         scheduler_config = SchedulerConfig(
-            max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512,
+            max_num_seqs=8, max_num_batched_tokens=batched, max_model_len=512,
             is_encoder_decoder=False)
         cache_config = CacheConfig(block_size=BS, cache_dtype="auto",
                                    enable_prefix_caching=True)
@@ -117,6 +117,31 @@ def test_compaction_frees_exactly_the_tail(make_scheduler):
     s.update_from_output(out, _output(out))
     s.finish_requests(["a"], __import__("vllm.v1.request", fromlist=["x"]).RequestStatus.FINISHED_ABORTED)
     assert s._kvs_pool.get_num_free_blocks() == free0
+
+
+def test_split_prompt_is_compressed_at_its_end(make_scheduler):
+    """A prompt the step's token budget splits (another prefill took most of
+    it) waits for its end while it and the rest of it fit the budget, the
+    slack and one chunk (cadence.waits_for_prompt): one event, on the whole
+    prompt, not one after its first piece as well."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    s = make_scheduler(batched=128, METHOD="snapkv", BUDGET=16, SLACK_TOKENS=0,
+                       RECENT_TOKENS=8, OBS_WINDOW=4, SINK_TOKENS=2)
+    s.add_request(_request("a", 100))
+    s.add_request(_request("b", 120, start=1000))
+    out = s.schedule()
+    assert dict(out.num_scheduled_tokens) == {"a": 100, "b": 28}
+    # b holds 28 of 120: 28 + 92 <= 16 + 0 + 128, so only a (prompt done) is due
+    assert [c.req_id for c in getattr(out, plan_mod.ATTR).compactions] == ["a"]
+    res = ModelRunnerOutput(req_ids=["a", "b"], req_id_to_index={"a": 0, "b": 1},
+                            sampled_token_ids=[[7], []])
+    setattr(res, plan_mod.RESULTS_ATTR, {"a": True})
+    s.update_from_output(out, res)
+    out = s.schedule()
+    assert out.num_scheduled_tokens["b"] == 92
+    (c,) = [c for c in getattr(out, plan_mod.ATTR).compactions if c.req_id == "b"]
+    assert (c.old_len, c.logical_len, c.keep) == (120, 120, 16)
 
 
 def test_failed_compaction_changes_nothing(make_scheduler):
