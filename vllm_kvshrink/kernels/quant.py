@@ -309,6 +309,17 @@ def slot_offsets(pf: PagedForm, slots: torch.Tensor) -> torch.Tensor:
                       po + t * (2 * PARAMS) + torch.arange(2 * PARAMS)], -1)
 
 
+def slot_parts(pf: PagedForm, regions: torch.Tensor) -> list[torch.Tensor]:
+    """Views of the key codes, value codes and parameters of every slot of
+    ``pf``'s pages in ``regions`` (``[..., region_bytes]`` uint8):
+    ``[..., capacity, bytes]`` each, in the order :func:`pack_tokens` lays a
+    token's bytes out (:func:`slot_offsets` as views, for whole-row reads and
+    writes)."""
+    cap = pf.capacity
+    return [regions[..., o:o + cap * w].unflatten(-1, (cap, w))
+            for o, w in zip(pf.offsets(), (pf.key_bytes, pf.value_bytes, 2 * PARAMS))]
+
+
 def pack(pf: PagedForm, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Pack ``keys``/``values`` ``[A, N, D]`` (any float dtype, as attention
     sees them: unrotated) into ``ceil(N / capacity)`` pages per row:
@@ -332,11 +343,8 @@ def unpack(pf: PagedForm, pages: torch.Tensor, n: int, rotated: bool = False
     (the stored space, what a kernel reads)."""
     a, p, _ = pages.shape
     cap, d = pf.capacity, pf.head_dim
-    ko, vo, po = pf.offsets()
-    kc = pages[..., ko:vo].reshape(a, p * cap, pf.key_bytes)[:, :n]
-    vc = pages[..., vo:po].reshape(a, p * cap, pf.value_bytes)[:, :n]
-    par = (pages[..., po: po + cap * 2 * PARAMS].contiguous().view(torch.bfloat16)
-           .reshape(a, p * cap, PARAMS)[:, :n])
+    kc, vc, par = (x.reshape(a, p * cap, -1)[:, :n] for x in slot_parts(pf, pages))
+    par = par.contiguous().view(torch.bfloat16)
     k = dequantize(Quantized(kc.contiguous(), par[..., 0:1].contiguous(),
                              par[..., 1:2].contiguous()),
                    pf.k_bits, d, "token", torch.float32)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvshrink.kernels.quant import PARAMS, pack, pack_tokens
+from vllm_kvshrink.kernels.quant import pack, pack_tokens, slot_parts
 from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.serving.worker.kv_layout import row_slots, write_tokens_stacked
 from vllm_kvshrink.storage.paged import paged_form
@@ -321,16 +321,6 @@ def in_place(comp, levels, counts, new_level, held: Held, plain_blocks: list[int
     return layout, write
 
 
-def _token_parts(regions: torch.Tensor, pf) -> list[torch.Tensor]:
-    """Views of the key codes, value codes and parameters of every slot of
-    form ``pf``'s pages in ``regions`` (``[L', NB, H, region_bytes]``, see
-    :func:`region_bytes`): ``[L', NB, H, capacity, bytes]`` each, in the
-    order :func:`~vllm_kvshrink.kernels.quant.pack_tokens` lays a token out."""
-    cap = pf.capacity
-    return [regions[..., o:o + cap * w].unflatten(-1, (cap, w))
-            for o, w in zip(pf.offsets(), (pf.key_bytes, pf.value_bytes, 2 * PARAMS))]
-
-
 def _lh(regions: torch.Tensor):
     return (torch.arange(regions.shape[0])[:, None, None],
             torch.arange(regions.shape[2])[None, :, None])
@@ -343,7 +333,7 @@ def put_tokens(regions: torch.Tensor, pf, blocks: torch.Tensor, slots: torch.Ten
     ``h``): whole rows of codes and parameters, not byte by byte."""
     layer, head = _lh(regions)
     off = 0
-    for part in _token_parts(regions, pf):
+    for part in slot_parts(pf, regions):
         w = part.shape[-1]
         part[layer, blocks, head, slots] = blob[..., off:off + w]
         off += w
@@ -354,5 +344,5 @@ def get_tokens(regions: torch.Tensor, pf, blocks: torch.Tensor,
     """The page bytes ``[L', H, P, token_bytes]`` of the tokens at
     (``blocks``, ``slots``), as :func:`put_tokens` takes them."""
     layer, head = _lh(regions)
-    return torch.cat([part[layer, blocks, head, slots] for part in _token_parts(regions, pf)],
+    return torch.cat([part[layer, blocks, head, slots] for part in slot_parts(pf, regions)],
                      -1)

@@ -57,31 +57,27 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
     slots = row_slots(ev.plain_blocks, torch.arange(p), bs)
     kp = comp.read_keys(*slots)
     vp = comp.read_values(*slots)
-    ks, vs, lv, ps = [], [], [], []
-    if st is None:
-        pos_plain = torch.arange(p).expand(layers, heads, p)
-    else:
-        c0 = st.pos_plain.shape[-1]
-        tail = st.logical_at_event + torch.arange(p - c0)
-        pos_plain = torch.cat([st.pos_plain, tail.expand(layers, heads, -1)], -1)
-        ps = [st.pos_packed]
-        byte_stacks = [tier_write.region_bytes(stack) for stack, _ in comp.stacks]
-        for block, form, n in st.segments:
-            pf = paged_form(form, d, bs, eb)
-            pages = torch.cat([bv[:, block] for bv in byte_stacks])  # [L, H, rb]
-            k, v = unpack(pf, pages.reshape(layers * heads, 1, -1), n)
-            ks.append(k.view(layers, heads, n, d))
-            vs.append(v.view(layers, heads, n, d))
-            lv.append(torch.full((n,), levels.index(form), dtype=torch.int8))
-    m = sum(x.shape[2] for x in ks)
     if st is None:  # a request's first event: its plain row is in cache order
         order = torch.arange(p).expand(layers, heads, p)
         return tier_write.Held(kp, vp, torch.zeros(layers, heads, p, dtype=torch.int8),
-                               pos_plain, order, 0)
+                               order, order, 0)
+    c0 = st.pos_plain.shape[-1]
+    tail = st.logical_at_event + torch.arange(p - c0)
+    pos_plain = torch.cat([st.pos_plain, tail.expand(layers, heads, -1)], -1)
+    ks, vs, lv = [], [], []
+    byte_stacks = [tier_write.region_bytes(stack) for stack, _ in comp.stacks]
+    for block, form, n in st.segments:
+        pf = paged_form(form, d, bs, eb)
+        pages = torch.cat([bv[:, block] for bv in byte_stacks])  # [L, H, rb]
+        k, v = unpack(pf, pages.reshape(layers * heads, 1, -1), n)
+        ks.append(k.view(layers, heads, n, d))
+        vs.append(v.view(layers, heads, n, d))
+        lv.append(torch.full((n,), levels.index(form), dtype=torch.int8))
+    m = sum(x.shape[2] for x in ks)
     keys = torch.cat(ks + [kp.float()], 2)
     values = torch.cat(vs + [vp.float()], 2)
     level = torch.cat(lv + [torch.zeros(p, dtype=torch.int8)]).expand(layers, heads, -1)
-    pos = torch.cat(ps + [pos_plain], -1)
+    pos = torch.cat([st.pos_packed, pos_plain], -1)
     order = pos.argsort(-1)
     return tier_write.Held(take_tokens(keys, order), take_tokens(values, order),
                            level.gather(2, order),
