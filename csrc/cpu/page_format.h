@@ -129,10 +129,47 @@ inline void dequant_avx2(const uint8_t* __restrict codes, float scale, float zer
 }
 #endif
 
+#if defined(__AVX512F__)
+// AVX-512: sixteen codes per step (d is a multiple of 16): 8-bit codes by a
+// widening load, 4-bit ones split into low and high nibbles and interleaved
+// back into element order, 2-bit ones by a per-lane shift of one code word.
+template <int BITS>
+inline void dequant_avx512(const uint8_t* __restrict codes, float scale, float zero,
+                           float* __restrict out, int d) {
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
+  for (int e = 0; e < d; e += 16) {
+    const uint8_t* c = codes + e * BITS / 8;
+    __m512i q;
+    if (BITS == 8) {
+      q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    } else if (BITS == 4) {
+      int64_t w;
+      std::memcpy(&w, c, 8);
+      const __m128i x = _mm_cvtsi64_si128(w), m = _mm_set1_epi8(0x0F);
+      const __m128i lo = _mm_and_si128(x, m);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+      q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));  // element 2b: low nibble
+    } else {
+      int32_t w;
+      std::memcpy(&w, c, 4);
+      const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                              24, 26, 28, 30);
+      q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(w), shift),
+                           _mm512_set1_epi32(3));
+    }
+    _mm512_storeu_ps(out + e, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, z));
+  }
+}
+#endif
+
 inline void dequant(int bits, const uint8_t* codes, float scale, float zero, float* out,
                     int d) {
   switch (bits) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+    case 2: dequant_avx512<2>(codes, scale, zero, out, d); break;
+    case 4: dequant_avx512<4>(codes, scale, zero, out, d); break;
+    default: dequant_avx512<8>(codes, scale, zero, out, d); break;
+#elif defined(__AVX2__)
     case 2: dequant_avx2<2>(codes, scale, zero, out, d); break;
     case 4: dequant_avx2<4>(codes, scale, zero, out, d); break;
     default: dequant_avx2<8>(codes, scale, zero, out, d); break;

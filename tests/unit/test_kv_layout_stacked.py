@@ -12,7 +12,9 @@ from vllm_kvshrink.serving.worker.kv_layout import (
     move_tokens_stacked,
     read_keys,
     read_keys_stacked,
+    read_row_stacked,
     read_values_stacked,
+    row_slots,
     write_tokens_stacked,
 )
 
@@ -101,3 +103,21 @@ def test_stack_refuses_non_adjacent_layers():
     a = torch.zeros(4, 3, 32, 128)
     b = torch.zeros(4, 3, 32, 128)
     assert stack_layers([a, b], contiguous=True) is None
+
+
+@pytest.mark.parametrize("kind", ["k_transposed", "row_major", "generic"])
+@pytest.mark.parametrize("n", [1, 31, 32, 70])
+def test_row_read_equals_slot_reads(kind, n):
+    """A row read a block at a time gives the slot-by-slot reads' tensors."""
+    layers, nb, h, bs, d = 4, 10, 3, 32, 64
+    lay = _layout(kind, bs, d)
+    stack = torch.randn(layers, nb, h, bs, 2 * d).bfloat16()
+    row = [7, 2, 9, 4]  # more blocks than the row's n tokens need
+    blocks, offs = row_slots(row, torch.arange(n), bs)
+    keys = read_row_stacked(stack, lay, row, n, "keys")
+    values = read_row_stacked(stack, lay, row, n, "values")
+    assert keys.shape == values.shape == (layers, h, n, d)
+    assert torch.equal(keys, read_keys_stacked(stack, lay, blocks, offs))
+    assert torch.equal(values, read_values_stacked(stack, lay, blocks, offs))
+    with pytest.raises(ValueError, match="half must be"):
+        read_row_stacked(stack, lay, row, n, "both")

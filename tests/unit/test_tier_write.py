@@ -42,6 +42,7 @@ from vllm_kvshrink.serving.worker import tier_write  # noqa: E402
 from vllm_kvshrink.serving.worker.kv_layout import (  # noqa: E402
     TokenLayout,
     read_keys_stacked,
+    read_row_stacked,
     read_values_stacked,
     row_slots,
     write_tokens_stacked,
@@ -77,6 +78,9 @@ class _Pool:
 
     def read_values(self, blocks, offs):
         return read_values_stacked(self.stacks[0][0], self.layout, blocks, offs)
+
+    def read_row(self, blocks, n, half):
+        return read_row_stacked(self.stacks[0][0], self.layout, blocks, n, half)
 
     def write_plain(self, blocks, start, k, v):
         b, o = row_slots(blocks, start + torch.arange(k.shape[2]), self.block_size)

@@ -29,6 +29,7 @@ from vllm_kvshrink.serving.worker.kv_layout import (
     move_tokens_stacked,
     probe_layout,
     read_keys_stacked,
+    read_row_stacked,
     read_values_stacked,
     row_slots,
     write_tokens_stacked,
@@ -301,6 +302,15 @@ class Compactor:
         """Values of the slots ``(blocks, offs)``, as :meth:`read_keys`."""
         return self._read(read_values_stacked, blocks, offs)
 
+    def read_row(self, blocks: list[int], n: int, half: str) -> torch.Tensor:
+        """Keys (``half="keys"``) or values (``"values"``) of the first ``n``
+        tokens of the block-table row ``blocks`` in every layer, a block at a
+        time (:func:`~vllm_kvshrink.serving.worker.kv_layout.read_row_stacked`):
+        ``[L, H, n, D]``, fp8 caches as float32."""
+        layout = self.token_layout()
+        return self._keys_as_float(torch.cat(
+            [read_row_stacked(s, layout, blocks, n, half) for s, _ in self.stacks]))
+
     def method_for(self, comp: plan_mod.Compaction | plan_mod.TierEvent):
         """The scoring method a plan names (its method, pool kernel and
         arguments), built once and kept: stateful methods keep their
@@ -349,8 +359,7 @@ class Compactor:
             scores = method.score(torch.empty(heads, p, 0))
             keep = select_keep(scores, comp.keep, comp.sink_tokens, comp.recent_tokens)
             return keep.expand(layers, heads, -1), None, None
-        slots = row_slots(old_blocks, torch.arange(p), bs)
-        keys = self.read_keys(*slots)  # [L, H, P, D]
+        keys = self.read_row(old_blocks, p, "keys")  # [L, H, P, D]
         q = qpos = None
         if method.needs_queries:
             q, qpos = self.queries_for(comp.req_id, p, comp.logical_len)
@@ -362,7 +371,7 @@ class Compactor:
         obs = Observation(keys, q, qpos, self.scales, rope_inv_freq=self.rope_inv_freq,
                           heads=self.heads)
         res = compress_event(method, obs, work, comp.keep, comp.sink_tokens,
-                             comp.recent_tokens, values=lambda: self.read_values(*slots))
+                             comp.recent_tokens, values=lambda: self.read_row(old_blocks, p, "values"))
         if r is not None and method.stateful:
             r.method_state = work
         if res.merged:

@@ -222,6 +222,41 @@ def read_keys_stacked(
     return out.permute(1, 2, 0, 3)
 
 
+def read_row_stacked(
+    stack: torch.Tensor, layout: TokenLayout, blocks: list[int] | torch.Tensor, n: int,
+    half: str,
+) -> torch.Tensor:
+    """Keys (``half="keys"``) or values (``"values"``) of the first ``n``
+    tokens of a block-table row in every layer: ``[L, H, n, D]``, as
+    :func:`read_keys_stacked` / :func:`read_values_stacked` give them for the
+    row's slots, but read a block at a time (one index per block, not one per
+    element).
+
+    Args:
+        stack: ``[L, num_blocks, H, block_size, 2D]`` (see
+            :func:`read_keys_stacked`).
+        blocks: the row's block ids (at least ``ceil(n / block_size)``).
+    """
+    if half not in ("keys", "values"):
+        raise ValueError(f"half must be 'keys' or 'values', got {half!r}")
+    bs = layout.block_size
+    if layout.kind == "generic":
+        reader = read_keys_stacked if half == "keys" else read_values_stacked
+        return reader(stack, layout, *row_slots(blocks, torch.arange(n), bs))
+    nb = -(-n // bs)
+    table = torch.as_tensor(blocks, dtype=torch.int64)[:nb]
+    k, v = _stacked_halves(stack, layout)
+    l, h, d = stack.shape[0], stack.shape[2], layout.head_size
+    # an [L, H, NB, bs, D] view, then one gather of the row's blocks
+    if half == "values":
+        x = v.permute(0, 2, 1, 3, 4)
+    elif layout.kind == "k_transposed":
+        x = k.permute(0, 2, 1, 4, 3)
+    else:
+        x = k.permute(0, 2, 1, 3, 4)
+    return x[:, :, table].reshape(l, h, nb * bs, d)[:, :, :n]
+
+
 def move_tokens_stacked(
     stack: torch.Tensor,
     layout: TokenLayout,

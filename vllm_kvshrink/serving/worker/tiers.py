@@ -25,7 +25,6 @@ from vllm_kvshrink.policy.record import tier_record
 from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.serving import plan as plan_mod
 from vllm_kvshrink.serving.worker import tier_write
-from vllm_kvshrink.serving.worker.kv_layout import row_slots
 from vllm_kvshrink.storage import FULL
 from vllm_kvshrink.storage.paged import paged_form
 from vllm_kvshrink.storage.policy import levels_for, tier_event
@@ -54,9 +53,8 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
     d, bs, eb = tier_write.geometry(comp)
     layers, heads = len(comp.caches), comp.num_kv_heads
     p = ev.old_len
-    slots = row_slots(ev.plain_blocks, torch.arange(p), bs)
-    kp = comp.read_keys(*slots)
-    vp = comp.read_values(*slots)
+    kp = comp.read_row(ev.plain_blocks, p, "keys")
+    vp = comp.read_row(ev.plain_blocks, p, "values")
     if st is None:  # a request's first event: its plain row is in cache order
         order = torch.arange(p).expand(layers, heads, p)
         return tier_write.Held(kp, vp, torch.zeros(layers, heads, p, dtype=torch.int8),
