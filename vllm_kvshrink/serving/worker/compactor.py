@@ -427,7 +427,8 @@ class Compactor:
         if r is None:
             raise RuntimeError("no worker slot for this request")
         res, r.tier, rec = apply_event(self, ev, r)
-        self._write_record({"req_id": ev.req_id, **rec})
+        if rec is not None:
+            self._write_record({"req_id": ev.req_id, **rec})
         self.stats["events"] += 1
         self.stats["seconds"] += time.perf_counter() - t0
         return res

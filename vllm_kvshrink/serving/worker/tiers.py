@@ -86,7 +86,9 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
                 ) -> tuple[plan_mod.TierResult, TierState, dict]:
     """Run one tier event (see the module docstring); returns the result for
     the scheduler, the request's new :class:`TierState` and the event's
-    record (:func:`~vllm_kvshrink.policy.record.tier_record`)."""
+    record (:func:`~vllm_kvshrink.policy.record.tier_record`), built only when
+    the worker records events (``None`` otherwise: its nested lists of every
+    kept token cost a millisecond or two per event)."""
     comp.check_fault(ev.req_id)
     levels = levels_for(ev.storage)
     _, bs, _ = tier_write.geometry(comp)
@@ -112,7 +114,6 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
                           bf16_free=FULL in ev.storage, memo=memo)
         keep = plan.keep()
         lev = plan.level.gather(2, keep)
-        kpos = held.pos.gather(2, keep)
     with comp.timed("event_pack"):
         segments = r.tier.segments if r.tier is not None else []
         laid = tier_write.in_place(comp, levels, plan.counts, plan.level, held,
@@ -138,8 +139,11 @@ def apply_event(comp, ev: plan_mod.TierEvent, r
         plain_blocks=layout.plain_blocks, segments=layout.segments,
         counts={name: plan.counts[i] for i, name in enumerate(levels)},
         demoted=demoted, evicted=float(n - keep.shape[-1]))
-    rec = tier_record(ev.logical_len, ev.old_len, keep.shape[-1], ev.method, kpos.tolist(),
-                      lev.tolist(), levels, plan.counts, plan.nbytes, ev.budget_bytes)
+    rec = None
+    if comp.config.record_dir:
+        rec = tier_record(ev.logical_len, ev.old_len, keep.shape[-1], ev.method,
+                          held.pos.gather(2, keep).tolist(), lev.tolist(), levels,
+                          plan.counts, plan.nbytes, ev.budget_bytes)
     return res, new_state, rec
 
 
