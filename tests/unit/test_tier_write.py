@@ -41,9 +41,7 @@ from vllm_kvshrink.serving import plan as plan_mod  # noqa: E402
 from vllm_kvshrink.serving.worker import tier_write  # noqa: E402
 from vllm_kvshrink.serving.worker.kv_layout import (  # noqa: E402
     TokenLayout,
-    read_keys_stacked,
     read_row_stacked,
-    read_values_stacked,
     row_slots,
     write_tokens_stacked,
 )
@@ -72,12 +70,6 @@ class _Pool:
 
     def token_layout(self):
         return self.layout
-
-    def read_keys(self, blocks, offs):
-        return read_keys_stacked(self.stacks[0][0], self.layout, blocks, offs)
-
-    def read_values(self, blocks, offs):
-        return read_values_stacked(self.stacks[0][0], self.layout, blocks, offs)
 
     def read_row(self, blocks, n, half):
         return read_row_stacked(self.stacks[0][0], self.layout, blocks, n, half)

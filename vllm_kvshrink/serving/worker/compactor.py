@@ -28,9 +28,7 @@ from vllm_kvshrink.serving.worker.kv_layout import (
     TokenLayout,
     move_tokens_stacked,
     probe_layout,
-    read_keys_stacked,
     read_row_stacked,
-    read_values_stacked,
     row_slots,
     write_tokens_stacked,
 )
@@ -285,23 +283,6 @@ class Compactor:
             return keys.view(torch.float8_e4m3fn).to(torch.float32)
         return keys
 
-    def _read(self, reader, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """``reader`` (keys or values) over every layer: ``[L, H, n, D]``, fp8
-        caches as float32."""
-        layout = self.token_layout()
-        out = torch.cat([reader(s, layout, blocks, offs) for s, _ in self.stacks])
-        return self._keys_as_float(out)
-
-    def read_keys(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """Keys of the slots ``(blocks, offs)`` (each ``[n]`` or ``[L, H, n]``,
-        from :func:`~vllm_kvshrink.serving.worker.kv_layout.row_slots`) in every layer:
-        ``[L, H, n, D]``, fp8 caches as float32."""
-        return self._read(read_keys_stacked, blocks, offs)
-
-    def read_values(self, blocks: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """Values of the slots ``(blocks, offs)``, as :meth:`read_keys`."""
-        return self._read(read_values_stacked, blocks, offs)
-
     def read_row(self, blocks: list[int], n: int, half: str) -> torch.Tensor:
         """Keys (``half="keys"``) or values (``"values"``) of the first ``n``
         tokens of the block-table row ``blocks`` in every layer, a block at a
@@ -371,7 +352,8 @@ class Compactor:
         obs = Observation(keys, q, qpos, self.scales, rope_inv_freq=self.rope_inv_freq,
                           heads=self.heads)
         res = compress_event(method, obs, work, comp.keep, comp.sink_tokens,
-                             comp.recent_tokens, values=lambda: self.read_row(old_blocks, p, "values"))
+                             comp.recent_tokens,
+                             values=lambda: self.read_row(old_blocks, p, "values"))
         if r is not None and method.stateful:
             r.method_state = work
         if res.merged:

@@ -83,7 +83,7 @@ def read_held(comp, ev: plan_mod.TierEvent, st: TierState | None) -> tier_write.
 
 
 def apply_event(comp, ev: plan_mod.TierEvent, r
-                ) -> tuple[plan_mod.TierResult, TierState, dict]:
+                ) -> tuple[plan_mod.TierResult, TierState, dict | None]:
     """Run one tier event (see the module docstring); returns the result for
     the scheduler, the request's new :class:`TierState` and the event's
     record (:func:`~vllm_kvshrink.policy.record.tier_record`), built only when
