@@ -130,34 +130,50 @@ inline void dequant_avx2(const uint8_t* __restrict codes, float scale, float zer
 #endif
 
 #if defined(__AVX512F__)
-// AVX-512: sixteen codes per step (d is a multiple of 16): 8-bit codes by a
-// widening load, 4-bit ones split into low and high nibbles and interleaved
-// back into element order, 2-bit ones by a per-lane shift of one code word.
+// AVX-512: sixteen codes per step (d is a multiple of 16).  8-bit codes by a
+// widening load, then code * scale + zero.  2- and 4-bit codes take one of at
+// most sixteen values per token, so those values are formed once per token
+// (a table, fma(code, scale, zero): the same float each code gets above) and
+// each lane looks its value up (vpermps reads an index's low four bits): a
+// 4-bit code word is spread over the lanes and shifted into place, a 2-bit
+// one shifted likewise, its table repeating every four entries so the next
+// code's bits above the index's low two are ignored.  No integer-to-float
+// conversion and no multiply per element.
 template <int BITS>
 inline void dequant_avx512(const uint8_t* __restrict codes, float scale, float zero,
                            float* __restrict out, int d) {
   const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
-  for (int e = 0; e < d; e += 16) {
-    const uint8_t* c = codes + e * BITS / 8;
-    __m512i q;
-    if (BITS == 8) {
-      q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-    } else if (BITS == 4) {
-      int64_t w;
-      std::memcpy(&w, c, 8);
-      const __m128i x = _mm_cvtsi64_si128(w), m = _mm_set1_epi8(0x0F);
-      const __m128i lo = _mm_and_si128(x, m);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
-      q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));  // element 2b: low nibble
-    } else {
-      int32_t w;
-      std::memcpy(&w, c, 4);
-      const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
-                                              24, 26, 28, 30);
-      q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(w), shift),
-                           _mm512_set1_epi32(3));
+  if (BITS == 8) {
+    for (int e = 0; e < d; e += 16) {
+      const __m512i q =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + e)));
+      _mm512_storeu_ps(out + e, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, z));
     }
-    _mm512_storeu_ps(out + e, _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, z));
+    return;
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i code = BITS == 4 ? lane : _mm512_and_si512(lane, _mm512_set1_epi32(3));
+  const __m512 table = _mm512_fmadd_ps(_mm512_cvtepi32_ps(code), s, z);
+  if (BITS == 4) {
+    // lanes 0-7 take the low code dword, 8-15 the high one; lane i shifted by 4 (i % 8)
+    const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i shift = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20,
+                                            24, 28);
+    for (int e = 0; e < d; e += 16) {
+      const __m512i w = _mm512_castsi128_si512(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + e / 2)));
+      const __m512i q = _mm512_srlv_epi32(_mm512_permutexvar_epi32(half, w), shift);
+      _mm512_storeu_ps(out + e, _mm512_permutexvar_ps(q, table));
+    }
+  } else {
+    const __m512i shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                            28, 30);
+    for (int e = 0; e < d; e += 16) {
+      int32_t w;
+      std::memcpy(&w, codes + e / 4, 4);
+      const __m512i q = _mm512_srlv_epi32(_mm512_set1_epi32(w), shift);
+      _mm512_storeu_ps(out + e, _mm512_permutexvar_ps(q, table));
+    }
   }
 }
 #endif

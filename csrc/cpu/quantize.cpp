@@ -29,35 +29,49 @@ inline uint16_t bf16_of(float x) {
   return u;
 }
 
-// One group's D values -> codes (D * bits / 8 bytes) and its bf16 scale and zero.
-void quantize_row(const float* __restrict x, int d, int bits, uint8_t* __restrict codes,
-                  uint16_t* scale_out, uint16_t* zero_out) {
+// One group's bf16 zero point (its min) and scale ((max - min) / qmax, 1
+// where that rounds to 0 or less), as bits and as floats.
+struct Params {
+  uint16_t sb, zb;
+  float sf, zf;
+};
+
+inline Params group_params(const float* __restrict x, int d, int qmax) {
   float mn = x[0], mx = x[0];
   for (int e = 1; e < d; ++e) {
     mn = x[e] < mn ? x[e] : mn;
     mx = x[e] > mx ? x[e] : mx;
   }
-  const int qmax = (1 << bits) - 1;
-  const uint16_t zb = bf16_of(mn);
-  uint16_t sb = bf16_of((mx - mn) / float(qmax));
-  float sf = bf16_bits(reinterpret_cast<const uint8_t*>(&sb));
-  if (!(sf > 0.0f)) {
-    sb = bf16_of(1.0f);
-    sf = 1.0f;
+  Params p;
+  p.zb = bf16_of(mn);
+  p.sb = bf16_of((mx - mn) / float(qmax));
+  p.sf = bf16_bits(reinterpret_cast<const uint8_t*>(&p.sb));
+  if (!(p.sf > 0.0f)) {
+    p.sb = bf16_of(1.0f);
+    p.sf = 1.0f;
   }
-  const float zf = bf16_bits(reinterpret_cast<const uint8_t*>(&zb));
+  p.zf = bf16_bits(reinterpret_cast<const uint8_t*>(&p.zb));
+  return p;
+}
+
+inline float code_of(float x, const Params& p, int qmax) {
+  const float q = std::nearbyint((x - p.zf) / p.sf);
+  return q < 0.0f ? 0.0f : (q > float(qmax) ? float(qmax) : q);
+}
+
+// One group's D values -> codes (D * bits / 8 bytes) and its bf16 scale and zero.
+void quantize_row(const float* __restrict x, int d, int bits, uint8_t* __restrict codes,
+                  uint16_t* scale_out, uint16_t* zero_out) {
+  const int qmax = (1 << bits) - 1;
+  const Params p = group_params(x, d, qmax);
   const int per = 8 / bits;
   for (int b = 0; b < d / per; ++b) {
     unsigned byte = 0;
-    for (int j = 0; j < per; ++j) {
-      float q = std::nearbyint((x[b * per + j] - zf) / sf);
-      q = q < 0.0f ? 0.0f : (q > float(qmax) ? float(qmax) : q);
-      byte |= unsigned(q) << (j * bits);
-    }
+    for (int j = 0; j < per; ++j) byte |= unsigned(code_of(x[b * per + j], p, qmax)) << (j * bits);
     codes[b] = uint8_t(byte);
   }
-  *scale_out = sb;
-  *zero_out = zb;
+  *scale_out = p.sb;
+  *zero_out = p.zb;
 }
 
 // Rows of one group each: x [M, G] float32 ->
@@ -90,14 +104,49 @@ void quantize_groups(at::Tensor packed, at::Tensor scale, at::Tensor zero, const
   });
 }
 
+// One group's values as its codes give them back: code * scale + zero, the
+// product rounded before the sum, as the reference's dequantize_ref (a fused
+// multiply-add would round once and differ in the last bit).
+__attribute__((optimize("fp-contract=off")))
+void roundtrip_row(const float* __restrict x, int d, int bits, float* __restrict out) {
+  const int qmax = (1 << bits) - 1;
+  const Params p = group_params(x, d, qmax);
+  for (int e = 0; e < d; ++e) {
+    const float y = code_of(x[e], p, qmax) * p.sf;
+    out[e] = y + p.zf;
+  }
+}
+
+// Rows of one group each: x [M, G] float32 -> out [M, G] float32, what
+// dequantizing quantize_groups' codes in float32 gives, without the codes.
+void roundtrip_groups(at::Tensor out, const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.dim() == 2,
+              "x must be a contiguous [M, G] CPU float32 tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
+              "out must be a contiguous float32 tensor shaped like x");
+  const int64_t m = x.size(0), g = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) roundtrip_row(xp + i * g, int(g), int(bits), op + i * g);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvshrink_cpu, m) {
   m.def(
       "quantize_groups(Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero, Tensor x, "
       "int bits) -> ()");
+  m.def("roundtrip_groups(Tensor(a!) out, Tensor x, int bits) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) { m.impl("quantize_groups", &quantize_groups); }
+TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) {
+  m.impl("quantize_groups", &quantize_groups);
+  m.impl("roundtrip_groups", &roundtrip_groups);
+}
 
 }  // namespace kvshrink_cpu

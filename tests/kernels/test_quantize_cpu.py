@@ -97,3 +97,38 @@ def test_quantize_equals_the_reference(ext, bits, shape, group, dtype):
         ref_channel = quantize_ref(xc.transpose(1, 2), bits, 8, torch.bfloat16)
         assert all(torch.equal(a, b) for a, b in zip(by_channel, ref_channel))
     assert ext.quantize(x, bits, group, torch.float32) is None  # fp32 parameters: the reference
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("shape,group", [((3, 50, 64), 64), ((2, 64, 96), 32), ((4, 9, 40), 8),
+                                         ((1, 3, 128), 16)])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_roundtrip_equals_reference_dequantize(ext, bits, shape, group, dtype):
+    """``quant.roundtrip`` (the C++ one-pass twin on CPU tensors) gives the
+    reference's quantize then dequantize values, bit for bit: ranges from
+    tiny to large, a constant group, ties at half steps."""
+    from vllm_kvshrink.kernels.reference import dequantize_ref, quantize_ref
+
+    g = torch.Generator().manual_seed(bits * group + 1)
+    x = _tokens(g, shape[0], shape[1], shape[2], torch.float32)
+    x = x * torch.logspace(-4, 4, shape[1])[None, :, None]
+    x[0, 0] = 2.0
+    x = x.to(dtype)
+    want = dequantize_ref(*quantize_ref(x, bits, group, torch.bfloat16), bits, group,
+                          torch.float32)
+    got = quant.roundtrip(x, bits, group)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.equal(got, want)
+    from vllm_kvshrink.kernels import cpu_lib
+
+    assert cpu_lib.roundtrip(x, bits, group) is not None  # the C++ path was the one taken
+
+
+def test_roundtrip_refuses_bad_shapes(ext):
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.kvshrink_cpu.roundtrip_groups(torch.empty(2, 64), torch.zeros(2, 64).double(),
+                                                4)
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.kvshrink_cpu.roundtrip_groups(torch.empty(2, 32), torch.zeros(2, 64), 4)
+    with pytest.raises(ValueError, match="group_size"):
+        quant.roundtrip(torch.zeros(2, 3, 64), 4, 48)

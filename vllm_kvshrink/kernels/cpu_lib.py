@@ -126,3 +126,20 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, param_dtype: torch.dty
         torch.ops.kvshrink_cpu.quantize_groups(
             packed.view(m, -1), scale, zero, x.float().contiguous().view(m, group_size), bits)
     return packed, scale, zero
+
+
+def roundtrip(x: torch.Tensor, bits: int, group_size: int):
+    """``x`` ``[A, R, C]`` quantized with bf16 parameters and dequantized to
+    float32 in one pass (what :func:`quantize` then the reference's
+    ``dequantize_ref`` give, bit for bit, without forming the codes);
+    ``None`` where it does not apply (not a CPU tensor, the kernel not
+    built), for the caller's two-step path."""
+    if x.device.type != "cpu" or not load():
+        return None
+    a, r, c = x.shape
+    m = a * r * (c // group_size)
+    out = torch.empty(a, r, c, dtype=torch.float32)
+    if m:
+        torch.ops.kvshrink_cpu.roundtrip_groups(
+            out.view(m, group_size), x.float().contiguous().view(m, group_size), bits)
+    return out

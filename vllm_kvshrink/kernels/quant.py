@@ -229,6 +229,22 @@ def dequantize(
         q.packed, q.scale, q.zero, bits, group_size, dtype, axis == "channel")
 
 
+def roundtrip(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """``dequantize(quantize(x, bits, group_size, "token", bfloat16), ...,
+    float32)`` for ``x`` ``[A, N, D]``: the values the codes give back, bit
+    for bit, in one pass on CPU tensors where the C++ library is built (no
+    codes are formed: the tier policy's distortion measure and the research
+    path's stored values need only the values), else in the two steps."""
+    x3 = _as_3d(x, "x")
+    _check_quantize(x3, bits, group_size, torch.bfloat16)
+    if not use_triton(x3):
+        fast = cpu_lib.roundtrip(x3, bits, group_size)
+        if fast is not None:
+            return fast.view(x.shape)
+    q = quantize(x3, bits, group_size, "token", torch.bfloat16)
+    return dequantize(q, bits, group_size, "token", torch.float32).view(x.shape)
+
+
 # ==========================================================================
 # page format
 # ==========================================================================

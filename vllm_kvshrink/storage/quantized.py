@@ -84,8 +84,7 @@ class IntForm(StorageForm):
     def _keys(self, k: torch.Tensor) -> torch.Tensor:
         a, n, d = k.shape
         if self.key_axis == "token":
-            q = quant.quantize(k, self.bits, d, "token", torch.bfloat16)
-            return quant.dequantize(q, self.bits, d, "token", torch.float32)
+            return quant.roundtrip(k, self.bits, d)
         g = self.key_group
         pad = -n % g
         if pad:
@@ -94,9 +93,7 @@ class IntForm(StorageForm):
         return quant.dequantize(q, self.bits, g, "channel", torch.float32)[:, :n]
 
     def _values(self, v: torch.Tensor) -> torch.Tensor:
-        d = v.shape[-1]
-        q = quant.quantize(v, self.value_bits, d, "token", torch.bfloat16)
-        return quant.dequantize(q, self.value_bits, d, "token", torch.float32)
+        return quant.roundtrip(v, self.value_bits, v.shape[-1])
 
     def roundtrip(self, keys, values):
         dt = keys.dtype
