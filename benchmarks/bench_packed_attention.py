@@ -412,7 +412,7 @@ def main() -> int:
                 torch=torch.__version__, vllm=vllm.__version__,
                 load_avg_start=os.getloadavg(), plain_tokens=args.plain, dtype=args.dtype,
                 target_s=args.target_s, min_reps=args.min_reps, rounds=args.rounds,
-                working_set_mib=args.working_set_mib)
+                working_set_mib=args.working_set_mib, kernel_flags=cpu_ext.build_flags())
     print("# packed attention vs vLLM CPU attention, one layer, one decode step")
     print(f"machine: {cpu}, {os.cpu_count()} cores; torch threads "
           f"{torch.get_num_threads()} (--threads; default: the core count, "
@@ -420,6 +420,7 @@ def main() -> int:
           f"{meta['omp_num_threads']}); torch {torch.__version__}, vllm {vllm.__version__}; "
           f"load average at start {meta['load_avg_start'][0]:.2f}")
     print(f"command: {meta['command']}")
+    print(f"packed kernel built with: {meta['kernel_flags']}")
     busy = meta["load_avg_start"][0]
     if busy > 0.5 and torch.get_num_threads() > 1:
         print(f"WARNING: the machine is busy (load {busy:.2f}) and {torch.get_num_threads()} "

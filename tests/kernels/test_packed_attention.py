@@ -91,6 +91,20 @@ def test_builds_here():
     assert cpu_ext.load(), cpu_ext.unavailable_reason()
     assert cpu_ext.available() and cpu_ext.unavailable_reason() is None
     assert hasattr(torch.ops.kvshrink_cpu, "packed_attention")
+    # built for this CPU's vector units: a source that fails under
+    # -march=native falls back to the portable build, several times slower
+    assert "-march=native" in cpu_ext.build_flags()
+
+
+def test_first_compiler_error_is_named():
+    from vllm_kvshrink.kernels import cpu_lib
+
+    log = ("[1/3] c++ -c x.cpp\nIn file included from x.cpp:1:\n"
+           "page_format.h:204:40: error: '_mm512_foo' was not declared in this scope\n"
+           "page_format.h:205:1: error: expected ';'\nninja: build stopped")
+    assert cpu_lib._first_error(log) == (
+        "page_format.h:204:40: error: '_mm512_foo' was not declared in this scope")
+    assert cpu_lib._first_error("ninja: build stopped") is None
 
 
 @pytest.mark.parametrize("form", ALL_FORMS)

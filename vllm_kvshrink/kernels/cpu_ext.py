@@ -18,6 +18,7 @@ from vllm_kvshrink.kernels.cpu_lib import (  # noqa: F401 - re-exported: callers
     available,
     build,
     build_dir,
+    build_flags,
     load,
     quantize,
     unavailable_reason,

@@ -79,10 +79,34 @@ def build(verbose: bool = False) -> str:
                 is_python_module=False,
                 verbose=verbose,
             )
+            _STATE["flags"] = " ".join(flags)
+            if errors:  # built, but without the CPU's vector units: say so, loudly
+                import warnings
+
+                warnings.warn(f"the kvshrink CPU kernel was built without -march=native "
+                              f"({errors[0]}); it runs without AVX2/AVX-512 and is several "
+                              f"times slower. Fix the compiler error or report it.",
+                              RuntimeWarning, stacklevel=2)
             return str(out / f"{NAME}.so")
         except Exception as e:  # noqa: BLE001 - compiler errors come in many types
-            errors.append(f"{' '.join(flags)}: {str(e).strip().splitlines()[-1:] or e}")
+            msg = str(e).strip().splitlines()
+            errors.append(f"{' '.join(flags)}: {_first_error(str(e)) or msg[-1:] or e}")
     raise RuntimeError("building the kvshrink CPU kernel failed: " + "; ".join(errors))
+
+
+def _first_error(log: str) -> str | None:
+    """The compiler's first ``error:`` line in a build log, if any."""
+    for line in log.splitlines():
+        if "error:" in line:
+            return line.strip()
+    return None
+
+
+def build_flags() -> str | None:
+    """The compiler flags of the library this process loaded (``None``
+    before :func:`load`, or when it could not be built): ``-march=native``
+    unless that failed here (:func:`build` warns then)."""
+    return _STATE.get("flags")  # type: ignore[return-value]
 
 
 def load(verbose: bool = False) -> bool:
