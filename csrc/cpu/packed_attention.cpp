@@ -119,10 +119,25 @@ inline vf vexp_nonpos(vf x) {
 
 inline float exp_nonpos(float x) { return vexp_nonpos(vf{} + x)[0]; }
 
-inline float hmax(vf v) {
+inline float hmax(vf v) {  // a tree, as hsum: halves compared, not W dependent steps
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#if defined(__AVX512F__)
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+            b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf8 s8 = a > b ? a : b;
+#else
+  const vf8 s8 = v;
+#endif
+  const vf4 c = __builtin_shufflevector(s8, s8, 0, 1, 2, 3),
+            e = __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  const vf4 s4 = c > e ? c : e;
+  const float x = s4[0] > s4[2] ? s4[0] : s4[2], y = s4[1] > s4[3] ? s4[1] : s4[3];
+  return x > y ? x : y;
+#else
   float m = v[0];
   for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
   return m;
+#endif
 }
 
 // Lane index 0..W-1.
@@ -322,7 +337,8 @@ struct State {
       const vf m0 = in0 ? s0 : ninf, m1 = in1 ? s1 : ninf;
       const float cmx = hmax(m0 > m1 ? m0 : m1);
       const float mx = cmx > m[r] ? cmx : m[r];
-      const float corr = exp_nonpos(m[r] - mx);  // 0 while m is -inf
+      // 0 while m is -inf; 1 (what exp(0) gives) while the maximum holds
+      const float corr = mx > m[r] ? exp_nonpos(m[r] - mx) : 1.0f;
       const vf p0 = in0 ? vexp_nonpos(s0 - mx) : vf{};
       const vf p1 = in1 ? vexp_nonpos(s1 - mx) : vf{};
       vstore(sr, p0);
