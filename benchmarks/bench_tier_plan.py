@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""What a tier event's plan costs, piece by piece, on real keys.
+
+The embedded model (SmolLM2-135M, 30 layers, 3 KV heads) reads ``--tokens``
+tokens of essay text (bf16 keys, values and the observation window's
+queries, as the engine's worker holds them); then, as one tier event of the
+default storage (``bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot``) does:
+
+* ``score``: the importance method's scores over every layer
+  (:func:`~vllm_kvshrink.methods.base.score_event`);
+* ``distortion``: each form's attention distortion on six layers
+  (:func:`~vllm_kvshrink.storage.policy.attention_distortion`), once with
+  the forms' values from the one-pass C++ round trip (``quant.roundtrip``,
+  what runs) and once from quantize-then-dequantize (the two-step path it
+  replaced: codes packed, unpacked and dequantized in PyTorch); the two
+  give the same numbers, which the script checks;
+* ``plan``: the allocation itself (:func:`~vllm_kvshrink.storage.policy.plan_tiers`).
+
+Median of ``--repeats`` calls, the two distortion paths alternating.
+
+    python benchmarks/bench_tier_plan.py [--tokens 600,2048] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+STORAGE = ("bf16", "int8_tok_rot", "int4_tok_rot", "int2_tok_rot")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="600,2048")
+    ap.add_argument("--method", default="snapkv")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    import torch
+
+    from bench_method_cost import real_observation
+    from vllm_kvshrink.config import KVShrinkConfig
+    from vllm_kvshrink.kernels import cpu_lib
+    from vllm_kvshrink.lab.assets import default_model_path
+    from vllm_kvshrink.methods import build_method
+    from vllm_kvshrink.methods.base import score_event
+    from vllm_kvshrink.storage.policy import attention_distortion, levels_for, plan_tiers
+
+    if not cpu_lib.load():
+        print(f"the C++ library is not available: {cpu_lib.unavailable_reason()}",
+              file=sys.stderr)
+        return 1
+    levels = levels_for(STORAGE)
+    fast = cpu_lib.roundtrip
+    rows = []
+    for n in [int(x) for x in args.tokens.split(",") if x]:
+        print(f"[plan] reading {n} tokens of essays with the model ...", flush=True)
+        obs, values = real_observation(default_model_path(), n, 16)
+        method = build_method(KVShrinkConfig(method=args.method))
+        l, h, n_held, d = obs.keys.shape
+        budget = int(0.25 * n_held * l * h * 2 * d * 2)  # a quarter of the bf16 bytes
+        t = {"score": [], "distortion": [], "distortion_two_step": [], "plan": []}
+        dist = {}
+        for _ in range(args.repeats):
+            obs._probs = obs._attn = None  # no probabilities cached from the last round
+            t0 = time.perf_counter()
+            scores = score_event(method, obs, {}, values)
+            t["score"].append(time.perf_counter() - t0)
+            for key, rt in (("distortion", fast), ("distortion_two_step", lambda *a: None)):
+                cpu_lib.roundtrip = rt
+                try:
+                    t0 = time.perf_counter()
+                    dist[key] = attention_distortion(obs, values, levels, 4, 32)
+                    t[key].append(time.perf_counter() - t0)
+                finally:
+                    cpu_lib.roundtrip = fast
+            t0 = time.perf_counter()
+            plan = plan_tiers(scores, levels, budget, d, 4, 32, dist["distortion"])
+            t["plan"].append(time.perf_counter() - t0)
+        if dist["distortion"] != dist["distortion_two_step"]:
+            print(f"the two distortion paths differ: {dist}", file=sys.stderr)
+            return 1
+        row = dict(tokens=n_held, distortion=dist["distortion"],
+                   counts=dict(zip(levels, plan.counts)),
+                   **{k + "_ms": 1e3 * statistics.median(v) for k, v in t.items()})
+        rows.append(row)
+    print(f"\n# one tier event's plan, {args.method}, storage {','.join(STORAGE)}, "
+          f"25% of the bf16 bytes; median of {args.repeats} (ms)")
+    print("| tokens | score | distortion | distortion, two-step | ratio | plan |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['score_ms']:.1f} | {r['distortion_ms']:.1f} | "
+              f"{r['distortion_two_step_ms']:.1f} | "
+              f"{r['distortion_ms'] / r['distortion_two_step_ms']:.2f}x | {r['plan_ms']:.1f} |")
+    print("distortion per form (both paths equal) and tokens per form of the plan "
+          "(per layer and KV head):")
+    for r in rows:
+        print(f"  {r['tokens']} tokens: " + ", ".join(
+            f"{name} {x:.4f} ({r['counts'][name]})" for name, x in zip(levels, r["distortion"])))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(command=" ".join(["python", "benchmarks/bench_tier_plan.py"]
+                                     + sys.argv[1:]),
+                    machine=platform.processor() or platform.machine(),
+                    torch=torch.__version__, threads=torch.get_num_threads())
+        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
