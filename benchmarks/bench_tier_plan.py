@@ -53,6 +53,7 @@ def main() -> int:
     from vllm_kvshrink.lab.assets import default_model_path
     from vllm_kvshrink.methods import build_method
     from vllm_kvshrink.methods.base import score_event
+    from vllm_kvshrink.policy.cadence import budget_bytes
     from vllm_kvshrink.storage.policy import attention_distortion, levels_for, plan_tiers
 
     if not cpu_lib.load():
@@ -60,14 +61,16 @@ def main() -> int:
               file=sys.stderr)
         return 1
     levels = levels_for(STORAGE)
+    cfg = KVShrinkConfig(method=args.method, budget=0.25)  # the engine's defaults otherwise
+    sink, recent = cfg.sink_tokens, cfg.recent_tokens
     fast = cpu_lib.roundtrip
     rows = []
     for n in [int(x) for x in args.tokens.split(",") if x]:
         print(f"[plan] reading {n} tokens of essays with the model ...", flush=True)
-        obs, values = real_observation(default_model_path(), n, 16)
-        method = build_method(KVShrinkConfig(method=args.method))
+        obs, values = real_observation(default_model_path(), n, cfg.obs_window)
+        method = build_method(cfg)
         l, h, n_held, d = obs.keys.shape
-        budget = int(0.25 * n_held * l * h * 2 * d * 2)  # a quarter of the bf16 bytes
+        budget = budget_bytes(cfg, n_held, l * h * 2 * d * 2)  # a quarter of the bf16 bytes
         t = {"score": [], "distortion": [], "distortion_two_step": [], "plan": []}
         dist = {}
         for _ in range(args.repeats):
@@ -79,12 +82,12 @@ def main() -> int:
                 cpu_lib.roundtrip = rt
                 try:
                     t0 = time.perf_counter()
-                    dist[key] = attention_distortion(obs, values, levels, 4, 32)
+                    dist[key] = attention_distortion(obs, values, levels, sink, recent)
                     t[key].append(time.perf_counter() - t0)
                 finally:
                     cpu_lib.roundtrip = fast
             t0 = time.perf_counter()
-            plan = plan_tiers(scores, levels, budget, d, 4, 32, dist["distortion"])
+            plan = plan_tiers(scores, levels, budget, d, sink, recent, dist["distortion"])
             t["plan"].append(time.perf_counter() - t0)
         if dist["distortion"] != dist["distortion_two_step"]:
             print(f"the two distortion paths differ: {dist}", file=sys.stderr)
