@@ -1,4 +1,5 @@
-// The quantizer on CPU tensors: torch.ops.kvshrink_cpu.quantize_groups, built
+// The quantizer on CPU tensors: torch.ops.kvshrink_cpu.quantize_groups (and the
+// one-pass round trip and the Hadamard rotation of rows beside it), built
 // with packed_attention.cpp by vllm_kvshrink/kernels/cpu_lib.py.  Semantics:
 // vllm_kvshrink/kernels/reference.py (quantize_ref), which the tests compare
 // it with bit for bit; quant.quantize runs it for bf16 parameters, so both
@@ -135,6 +136,37 @@ void roundtrip_groups(at::Tensor out, const at::Tensor& x, int64_t bits) {
   });
 }
 
+// Rows x [M, D] float32 or bf16 -> out [M, D] float32, each Hadamard-rotated
+// by hadamard_row, the rotation the packed kernel and unpack_pages apply:
+// hadamard.rotate runs it on CPU tensors, so the pages a tier event writes,
+// the research path's values and the references rotate alike.
+void hadamard_rows(at::Tensor out, const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.is_contiguous() && x.dim() == 2,
+              "x must be a contiguous [M, D] CPU float32 or bfloat16 tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t m = x.size(0), d = x.size(1);
+  TORCH_CHECK(d >= 16 && d <= 1024 && (d & (d - 1)) == 0,
+              "D must be a power of two from 16 to 1024, got ", d);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
+              "out must be a contiguous float32 tensor shaped like x");
+  float* op = out.data_ptr<float>();
+  auto rows = [&](const auto* xp) {
+    at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float* o = op + i * d;
+        for (int64_t e = 0; e < d; ++e) o[e] = float(xp[i * d + e]);
+        hadamard_row(o, int(d));
+      }
+    });
+  };
+  if (x.scalar_type() == at::kFloat)
+    rows(x.data_ptr<float>());
+  else
+    rows(x.data_ptr<c10::BFloat16>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvshrink_cpu, m) {
@@ -142,11 +174,13 @@ TORCH_LIBRARY_FRAGMENT(kvshrink_cpu, m) {
       "quantize_groups(Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero, Tensor x, "
       "int bits) -> ()");
   m.def("roundtrip_groups(Tensor(a!) out, Tensor x, int bits) -> ()");
+  m.def("hadamard_rows(Tensor(a!) out, Tensor x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvshrink_cpu, CPU, m) {
   m.impl("quantize_groups", &quantize_groups);
   m.impl("roundtrip_groups", &roundtrip_groups);
+  m.impl("hadamard_rows", &hadamard_rows);
 }
 
 }  // namespace kvshrink_cpu

@@ -132,3 +132,58 @@ def test_roundtrip_refuses_bad_shapes(ext):
         torch.ops.kvshrink_cpu.roundtrip_groups(torch.empty(2, 32), torch.zeros(2, 64), 4)
     with pytest.raises(ValueError, match="group_size"):
         quant.roundtrip(torch.zeros(2, 3, 64), 4, 48)
+
+
+@pytest.mark.parametrize("d", (16, 64, 128))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_rotation_is_the_hadamard_product(ext, d, dtype):
+    """``hadamard.rotate`` on CPU tensors runs the kernels' fast transform:
+    the matrix product's values up to float rounding, its own inverse, and
+    a bf16 input rotated as its float32 values are."""
+    from vllm_kvshrink.kernels import cpu_lib
+    from vllm_kvshrink.kernels.hadamard import hadamard, rotate
+
+    g = torch.Generator().manual_seed(d)
+    x = (torch.randn(3, 17, d, generator=g) * torch.logspace(-3, 3, 17)[None, :, None]).to(dtype)
+    got = rotate(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.equal(got, cpu_lib.hadamard_rows(x))  # the C++ path was the one taken
+    want = x.double() @ hadamard(d).double()
+    assert float(((got.double() - want).abs() / want.abs().amax(-1, keepdim=True)).max()) < 1e-6
+    assert torch.allclose(rotate(got), x.float(), rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, rotate(x.float()))
+
+
+def test_rotation_falls_back_where_the_transform_does_not_apply(ext):
+    from vllm_kvshrink.kernels import cpu_lib
+    from vllm_kvshrink.kernels.hadamard import hadamard, rotate
+
+    x = torch.randn(2, 5, 8)
+    assert cpu_lib.hadamard_rows(x) is None  # below 16 channels: the matrix product
+    assert torch.equal(rotate(x), x @ hadamard(8))
+    with pytest.raises(ValueError, match="power of two"):
+        rotate(torch.zeros(2, 96))
+    with pytest.raises(RuntimeError, match="power of two"):
+        torch.ops.kvshrink_cpu.hadamard_rows(torch.empty(2, 96), torch.zeros(2, 96))
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.kvshrink_cpu.hadamard_rows(torch.empty(2, 64), torch.zeros(2, 64).double())
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.kvshrink_cpu.hadamard_rows(torch.empty(2, 32), torch.zeros(2, 64))
+
+
+@pytest.mark.parametrize("form", [f for f in FORMS if f.endswith("_rot")])
+def test_pages_read_back_as_the_research_paths_values(ext, form):
+    """A rotated form's pages (``quant.pack``, what a tier event writes) read
+    back (``unpack_pages``, what the engine's events read) as exactly the
+    values the research path holds for the same tokens
+    (``StorageForm.roundtrip``): both rotate with the same transform."""
+    from vllm_kvshrink.storage import get_form
+
+    d = 64
+    pf = paged_form(form, d, 32, 2)
+    g = torch.Generator().manual_seed(7)
+    k, v = (_tokens(g, 4, 150, d, torch.float32).to(torch.bfloat16) for _ in range(2))
+    ku, vu = ext.unpack(pf, quant.pack(pf, k, v), 150)
+    kr, vr = get_form(form).roundtrip(k.float(), v.float())
+    assert torch.equal(ku, kr) and torch.equal(vu, vr)

@@ -167,3 +167,19 @@ def roundtrip(x: torch.Tensor, bits: int, group_size: int):
         torch.ops.kvshrink_cpu.roundtrip_groups(
             out.view(m, group_size), x.float().contiguous().view(m, group_size), bits)
     return out
+
+
+def hadamard_rows(x: torch.Tensor):
+    """Each row of ``x`` ``[..., D]`` Hadamard-rotated, float32, by the
+    kernels' own rotation (a fast Walsh-Hadamard transform, ``O(D log D)``
+    per row); ``None`` where it does not apply (not a CPU tensor, ``D`` not a
+    power of two from 16 to 1024, the kernel not built), for the caller's
+    matrix product."""
+    d = x.shape[-1]
+    if x.device.type != "cpu" or not (16 <= d <= 1024) or d & (d - 1) or not load():
+        return None
+    out = torch.empty(x.shape, dtype=torch.float32)
+    if out.numel():
+        src = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        torch.ops.kvshrink_cpu.hadamard_rows(out.view(-1, d), src.contiguous().view(-1, d))
+    return out

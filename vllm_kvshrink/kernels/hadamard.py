@@ -31,5 +31,11 @@ def hadamard(d: int, device=None) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., D]`` rotated, in float32 (its own inverse)."""
-    return x.float() @ hadamard(x.shape[-1], x.device)
+    """``x [..., D]`` rotated, in float32 (its own inverse).  On CPU tensors
+    the C++ library's fast Walsh-Hadamard transform where it is built (the
+    rotation the packed kernel and the page quantizer apply, so every CPU
+    path rotates alike; ``O(D log D)`` per row), else the matrix product."""
+    from vllm_kvshrink.kernels import cpu_lib
+
+    fast = cpu_lib.hadamard_rows(x)
+    return fast if fast is not None else x.float() @ hadamard(x.shape[-1], x.device)
