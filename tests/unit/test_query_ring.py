@@ -91,3 +91,21 @@ def test_finished_and_preempted_requests_give_their_slot_back(monkeypatch, how):
     runner_patch._update_states(runner, out)
     assert "r1" not in comp.reqs and slot in comp.free_slots
     assert "r0" in comp.reqs
+
+
+def test_a_step_of_tracked_decodes_is_copied_whole_and_others_are_gathered():
+    """A decode step whose rows all go to the ring copies the step's rows as
+    they are (``whole``); a step with a row left out (a request without a
+    ring slot, a prefill longer than the window) gathers its rows, and both
+    land the same values."""
+    comp = _compactor(max_reqs=3)
+    cap = comp.plan_capture(["r0", "r1"], np.zeros(2, int), np.ones(2, int))
+    assert cap.whole and cap.src.tolist() == [0, 1]
+    cap = comp.plan_capture(["r0", "r1", "r2", "r3"], np.ones(4, int), np.ones(4, int))
+    assert not cap.whole and cap.src.tolist() == [0, 1, 2]  # r3: no slot left
+    q = torch.arange(4 * HQ * D, dtype=torch.float32).view(4, HQ * D)
+    comp.capture_queries(cap, "l1", q)
+    got, _ = comp.window("r2")
+    assert torch.equal(got[1, :, 0], q[2].view(HQ, D).to(torch.bfloat16))
+    cap = comp.plan_capture(["r0"], np.full(1, 2), np.full(1, 2 * W))  # a prefill piece
+    assert not cap.whole and cap.src.tolist() == list(range(W, 2 * W))

@@ -64,6 +64,9 @@ class CapturePlan:
 
     src: torch.Tensor  # [n] token rows of the flattened batch
     dst: torch.Tensor  # [n] rows of the flattened ring buffer (slot * W + i)
+    #: ``src`` is every row of the step in order (a decode step of tracked
+    #: requests): the rows are copied as they are, without a gather
+    whole: bool = False
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Compactor:
             len(self.layer_names), self.capacity * w, self.num_q_heads, self.head_size,
             dtype=self.ring_dtype,
         )
+        self.qviews = list(self.qbuf)  # each layer's ring, indexed once
         logger.info(
             "vllm-kvshrink: query ring of %d queries per request: %.2f MiB per "
             "request outside the KV pool, %.1f MiB at max_num_seqs=%d (it grows "
@@ -152,6 +156,7 @@ class Compactor:
         qpos = np.zeros((new, w), dtype=np.int64)
         qpos[:old] = self.qpos
         self.qbuf, self.qpos, self.capacity = qbuf, qpos, new
+        self.qviews = list(qbuf)
         self.free_slots = list(range(new - 1, old - 1, -1)) + self.free_slots
         logger.info("vllm-kvshrink: query ring grown to %d requests (%.1f MiB)", new,
                     self.ring_bytes(new) / 2**20)
@@ -237,9 +242,9 @@ class Compactor:
             start += n
         if not src:
             return None
-        return CapturePlan(
-            torch.from_numpy(np.concatenate(src)), torch.from_numpy(np.concatenate(dst))
-        )
+        rows = np.concatenate(src)
+        return CapturePlan(torch.from_numpy(rows), torch.from_numpy(np.concatenate(dst)),
+                           whole=len(rows) == start and bool((rows == np.arange(start)).all()))
 
     def capture_queries(self, cap: CapturePlan, layer_name: str,
                         query: torch.Tensor) -> None:
@@ -249,8 +254,11 @@ class Compactor:
         li = self.layer_index.get(layer_name)
         if li is None:
             return
+        ring = self.qviews[li]
         q = query.reshape(query.shape[0], self.num_q_heads, self.head_size)
-        self.qbuf[li].index_copy_(0, cap.dst, q.index_select(0, cap.src).to(self.qbuf[li].dtype))
+        if not cap.whole or q.shape[0] != cap.dst.shape[0]:
+            q = q.index_select(0, cap.src)
+        ring.index_copy_(0, cap.dst, q if q.dtype == ring.dtype else q.to(ring.dtype))
 
     def window(self, req_id: str) -> tuple[torch.Tensor, np.ndarray]:
         """Captured queries of every layer, oldest first: ``[L, Hq, m, D]`` and
