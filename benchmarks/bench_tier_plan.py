@@ -18,6 +18,21 @@ default storage (``bf16,int8_tok_rot,int4_tok_rot,int2_tok_rot``) does:
 
 Median of ``--repeats`` calls, the two distortion paths alternating.
 
+It also prints the pool blocks the plan occupies right after the event
+(the plain row, then each packed form's pages, every one full but its last:
+:class:`~vllm_kvshrink.storage.geometry.TierGeometry` at bf16) beside the
+blocks eviction keeps at the same budget (its tokens rounded up to whole
+blocks), for ``--block-sizes``: the budget counts token bytes, the pool lends
+whole blocks, so a short request's partly filled pages are memory it holds
+beyond its budget.
+
+And what a price on kept tokens would cost (``--keep-costs``, the
+``keep_cost`` of :func:`~vllm_kvshrink.storage.policy.plan_tiers`; the engine
+runs 0): attention's work grows with the tokens a request keeps, whatever
+their form, so the plan is re-made with each price and the table gives the
+tokens kept against the distortion the allocation minimises, both as ratios
+to the plan both paths run.
+
     python benchmarks/bench_tier_plan.py [--tokens 600,2048] [--json F]
 """
 
@@ -43,6 +58,11 @@ def main() -> int:
     ap.add_argument("--tokens", default="600,2048")
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--keep-costs", default="0.05,0.1,0.2",
+                    help="prices on kept tokens to re-plan with (units: an unprotected "
+                         "token's mean weight)")
+    ap.add_argument("--block-sizes", default="16,32",
+                    help="block sizes for the blocks-held table")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     import torch
@@ -54,6 +74,7 @@ def main() -> int:
     from vllm_kvshrink.methods import build_method
     from vllm_kvshrink.methods.base import score_event
     from vllm_kvshrink.policy.cadence import budget_bytes
+    from vllm_kvshrink.storage.geometry import TierGeometry
     from vllm_kvshrink.storage.policy import attention_distortion, levels_for, plan_tiers
 
     if not cpu_lib.load():
@@ -92,8 +113,24 @@ def main() -> int:
         if dist["distortion"] != dist["distortion_two_step"]:
             print(f"the two distortion paths differ: {dist}", file=sys.stderr)
             return 1
+        blocks = {}
+        for bs in [int(x) for x in args.block_sizes.split(",") if x]:
+            geo = TierGeometry(l, h, d, bs, 2)
+            held = sum(-(-c // geo.capacity(name)) for name, c in zip(levels, plan.counts))
+            evict = -(-cfg.target_tokens(n_held) // bs)
+            blocks[bs] = dict(tiers=held, eviction=evict,
+                              plan_bytes_in_blocks=plan.nbytes / (held * geo.rows * bs * 2 * d * 2))
+        priced = []
+        for price in [float(x) for x in args.keep_costs.split(",") if x]:
+            p = plan_tiers(scores, levels, budget, d, sink, recent, dist["distortion"],
+                           keep_cost=price)
+            priced.append(dict(keep_cost=price, kept=sum(p.counts),
+                               kept_ratio=sum(p.counts) / sum(plan.counts),
+                               distortion_ratio=p.distortion / plan.distortion,
+                               counts=dict(zip(levels, p.counts))))
         row = dict(tokens=n_held, distortion=dist["distortion"],
-                   counts=dict(zip(levels, plan.counts)),
+                   counts=dict(zip(levels, plan.counts)), blocks=blocks,
+                   plan_distortion=plan.distortion, keep_cost=priced,
                    **{k + "_ms": 1e3 * statistics.median(v) for k, v in t.items()})
         rows.append(row)
     print(f"\n# one tier event's plan, {args.method}, storage {','.join(STORAGE)}, "
@@ -109,6 +146,20 @@ def main() -> int:
     for r in rows:
         print(f"  {r['tokens']} tokens: " + ", ".join(
             f"{name} {x:.4f} ({r['counts'][name]})" for name, x in zip(levels, r["distortion"])))
+    print("pool blocks held right after the event, the plan's pages against eviction's "
+          "tokens at the same budget (fill: the plan's bytes over its blocks' bytes):")
+    for r in rows:
+        print(f"  {r['tokens']} tokens: " + "; ".join(
+            f"block size {bs}: tiers {b['tiers']} (fill {b['plan_bytes_in_blocks']:.0%}), "
+            f"eviction {b['eviction']}" for bs, b in r["blocks"].items()))
+    print("a price on kept tokens (the engine runs 0): tokens kept and the plan's "
+          "distortion, as ratios to the price-0 plan")
+    print("| tokens | keep_cost | kept | kept ratio | distortion ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        for q in r["keep_cost"]:
+            print(f"| {r['tokens']} | {q['keep_cost']:g} | {q['kept']} | "
+                  f"{q['kept_ratio']:.2f} | {q['distortion_ratio']:.2f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = dict(command=" ".join(["python", "benchmarks/bench_tier_plan.py"]

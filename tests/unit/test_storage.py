@@ -185,6 +185,32 @@ def test_policy_budget_holds_and_protects(storage, frac):
             assert bool((rank[a, b][order].diff() >= 0).all())
 
 
+def test_policy_reports_what_it_minimises_and_a_price_on_kept_tokens_trades_it():
+    """``plan.distortion`` is the weighted distortion of the plan's counts
+    (recomputed here from the sorted, normalised scores); a price on kept
+    tokens keeps fewer, within the budget, at a distortion no lower, and
+    price 0 is the plan both paths run."""
+    l, h, n, d = 3, 2, 300, 64
+    s = _scores(l, h, n, seed=5)
+    lv = levels_for(("bf16", "int8_tok_rot", "int4_tok_rot", "int2_tok_rot"))
+    budget, dist = int(0.25 * l * h * n * 4 * d), [0.0, 0.01, 0.12, 0.6]
+    base = plan_tiers(s, lv, budget, d, 4, 32, dist)
+    free = s[:, :, 4:-32]
+    w = torch.sort(free / free.sum(-1, keepdim=True), -1, descending=True).values.mean((0, 1))
+    runs = torch.repeat_interleave(torch.tensor(dist + [1.0]), torch.tensor(
+        [base.counts[0] - 36] + base.counts[1:] + [n - sum(base.counts)]))
+    assert base.distortion == pytest.approx(float((w.double() * runs).sum()), rel=1e-5)
+    assert torch.equal(plan_tiers(s, lv, budget, d, 4, 32, dist, keep_cost=0.0).level,
+                       base.level)
+    last = base
+    for price in (0.2, 1.0, 4.0):
+        p = plan_tiers(s, lv, budget, d, 4, 32, dist, keep_cost=price)
+        assert p.nbytes <= budget
+        assert sum(p.counts) <= sum(last.counts) and p.distortion >= last.distortion - 1e-9
+        last = p
+    assert sum(last.counts) < sum(base.counts)
+
+
 def test_policy_demotes_only():
     l, h, n, d = 2, 2, 200, 64
     lv = levels_for(("bf16", "int8_tok", "int4_tok", "int2_tok"))

@@ -66,6 +66,9 @@ class TierPlan:
     nbytes: int
     #: ``[L, H, N]`` the scorer's scores the plan was made from
     scores: torch.Tensor | None = None
+    #: what the allocation minimises: ``sum_r w[r] * d`` over the unprotected
+    #: ranks with the levels' counts in rank order (eviction ``d = 1``)
+    distortion: float | None = None
 
     def keep(self) -> torch.Tensor:
         """``[L, H, K]`` ascending indices of the tokens not evicted."""
@@ -168,14 +171,16 @@ def attention_distortion(obs, values: torch.Tensor, levels: Sequence[str],
     return res
 
 
-def _splitter(w: torch.Tensor, cost: list[float], dist: list[float]):
+def _splitter(w: torch.Tensor, cost: list[float], dist: list[float], keep: float = 0.0):
     """``split(lam)``: tokens per level (most precise first) that minimise
-    ``w[r] * d + lam * b`` rank by rank; ``w`` ``[R]`` decreasing.  The
-    bisection calls it some seventy times per event, so it runs in NumPy
-    (float32, the same products and the same first-minimum ties as the
-    tensors would give) with ``w * d`` formed once."""
+    ``w[r] * d + lam * b`` (``+ keep`` for a kept token) rank by rank; ``w``
+    ``[R]`` decreasing.  The bisection calls it some seventy times per event,
+    so it runs in NumPy (float32, the same products and the same first-minimum
+    ties as the tensors would give) with ``w * d`` formed once."""
     wd = (w.detach().cpu().numpy().astype(np.float32)[:, None]
           * np.array(dist + [1.0], np.float32)[None, :])
+    if keep:
+        wd[:, :-1] += np.float32(keep)
     b = np.array(cost + [0.0], np.float32)[None, :]
     levels = len(cost)
 
@@ -201,6 +206,7 @@ def plan_tiers(
     available: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     heads: HeadGroup = LOCAL,
+    keep_cost: float = 0.0,
 ) -> TierPlan:
     """Assign every token a level so the bytes held fit ``budget_bytes``.
 
@@ -224,6 +230,13 @@ def plan_tiers(
         heads: the KV heads the plan spans (tensor parallelism: ``scores``
             hold this rank's, ``budget_bytes`` covers every rank's; the
             counts, the same on every rank, are the single-rank plan's).
+        keep_cost: a price on every kept token, in units of the mean weight
+            of an unprotected token (``keep_cost / M`` added to each kept
+            rank's cost): attention's work grows with the tokens kept, not
+            with their bytes, so a positive price evicts the tail and spends
+            its bytes on more precise forms.  0 (what both paths run) is the
+            pure rate-distortion plan; ``benchmarks/bench_tier_plan.py``
+            measures what a price costs in distortion.
 
     Returns:
         :class:`TierPlan`.  Raises ``ValueError`` if the protected tokens alone
@@ -270,7 +283,7 @@ def plan_tiers(
         c[0] += n_prot
         return rows * sum(f.nbytes(k, head_dim) for f, k in zip(forms, c))
 
-    split = _splitter(w, cost, dist)
+    split = _splitter(w, cost, dist, keep_cost / max(1, w.shape[0]))
     lo, hi = 0.0, 1.0
     while exact(split(hi)) > budget_bytes and hi < 1e12:
         hi *= 4
@@ -307,9 +320,14 @@ def plan_tiers(
             level.scatter_(2, idx, i)
             taken.scatter_(2, idx, True)
         final.append(want)
+    edges = np.cumsum([0] + final)  # unprotected ranks per level, in rank order
+    cum = np.concatenate([[0.0], np.cumsum(w.double().cpu().numpy())])
+    at = lambda r: cum[min(int(r), len(cum) - 1)]  # noqa: E731
+    objective = sum((at(edges[i + 1]) - at(edges[i])) * dist[i] for i in range(nl)) \
+        + (cum[-1] - at(edges[-1]))
     final[0] += n_prot
     return TierPlan(tuple(levels), level, final, held_bytes(level, levels, head_dim),
-                    scores)
+                    scores, float(objective))
 
 
 #: A request's per-form distortion is measured at its first tier event and
