@@ -24,7 +24,8 @@ It also prints the pool blocks the plan occupies right after the event
 blocks eviction keeps at the same budget (its tokens rounded up to whole
 blocks), for ``--block-sizes``: the budget counts token bytes, the pool lends
 whole blocks, so a short request's partly filled pages are memory it holds
-beyond its budget.
+beyond its budget; and the plan re-made to count whole blocks
+(``page_tokens``), with what that costs in distortion.
 
 And what a price on kept tokens would cost (``--keep-costs``, the
 ``keep_cost`` of :func:`~vllm_kvshrink.storage.policy.plan_tiers`; the engine
@@ -118,8 +119,14 @@ def main() -> int:
             geo = TierGeometry(l, h, d, bs, 2)
             held = sum(-(-c // geo.capacity(name)) for name, c in zip(levels, plan.counts))
             evict = -(-cfg.target_tokens(n_held) // bs)
+            paged = plan_tiers(scores, levels, budget, d, sink, recent, dist["distortion"],
+                               page_tokens=[geo.capacity(name) for name in levels])
             blocks[bs] = dict(tiers=held, eviction=evict,
-                              plan_bytes_in_blocks=plan.nbytes / (held * geo.rows * bs * 2 * d * 2))
+                              plan_bytes_in_blocks=plan.nbytes / (held * bs * geo.token_bytes),
+                              whole_pages=sum(-(-c // geo.capacity(name))
+                                              for name, c in zip(levels, paged.counts)),
+                              whole_pages_kept=sum(paged.counts),
+                              whole_pages_distortion_ratio=paged.distortion / plan.distortion)
         priced = []
         for price in [float(x) for x in args.keep_costs.split(",") if x]:
             p = plan_tiers(scores, levels, budget, d, sink, recent, dist["distortion"],
@@ -152,6 +159,12 @@ def main() -> int:
         print(f"  {r['tokens']} tokens: " + "; ".join(
             f"block size {bs}: tiers {b['tiers']} (fill {b['plan_bytes_in_blocks']:.0%}), "
             f"eviction {b['eviction']}" for bs, b in r["blocks"].items()))
+    print("the plan counting whole blocks in its budget (page_tokens; the engine counts "
+          "token bytes): blocks, tokens kept, its distortion over the byte plan's")
+    for r in rows:
+        print(f"  {r['tokens']} tokens: " + "; ".join(
+            f"block size {bs}: {b['whole_pages']} blocks, {b['whole_pages_kept']} kept, "
+            f"{b['whole_pages_distortion_ratio']:.2f}x" for bs, b in r["blocks"].items()))
     print("a price on kept tokens (the engine runs 0): tokens kept and the plan's "
           "distortion, as ratios to the price-0 plan")
     print("| tokens | keep_cost | kept | kept ratio | distortion ratio |")

@@ -211,6 +211,29 @@ def test_policy_reports_what_it_minimises_and_a_price_on_kept_tokens_trades_it()
     assert sum(last.counts) < sum(base.counts)
 
 
+@pytest.mark.parametrize("n", [150, 300, 700])
+def test_a_plan_counting_whole_blocks_fits_them(n):
+    """``page_tokens``: every level's tokens rounded up to its blocks fit the
+    budget rounded up to whole blocks (what eviction's token budget holds),
+    where the byte plan's partly filled pages may not; bad counts are refused."""
+    from vllm_kvshrink.storage.geometry import TierGeometry
+
+    l, h, d, bs = 3, 2, 64, 32
+    lv = levels_for(("bf16", "int8_tok_rot", "int4_tok_rot", "int2_tok_rot"))
+    geo = TierGeometry(l, h, d, bs, 2)
+    pages = [geo.capacity(name) for name in lv]
+    s, dist = _scores(l, h, n, seed=n), [0.0, 0.01, 0.12, 0.6]
+    budget = int(0.25 * n) * l * h * 2 * d * 2  # a quarter of the tokens' bf16 bytes
+    allowed = -(-budget // (l * h * bs * 2 * d * 2))
+    blocks = lambda p: sum(-(-c // k) for c, k in zip(p.counts, pages))  # noqa: E731
+    by_bytes = plan_tiers(s, lv, budget, d, 4, 32, dist)
+    by_blocks = plan_tiers(s, lv, budget, d, 4, 32, dist, page_tokens=pages)
+    assert blocks(by_blocks) <= allowed and by_bytes.nbytes <= budget
+    assert blocks(by_bytes) >= blocks(by_blocks)
+    with pytest.raises(ValueError, match="page_tokens"):
+        plan_tiers(s, lv, budget, d, 4, 32, dist, page_tokens=pages[:2])
+
+
 def test_policy_demotes_only():
     l, h, n, d = 2, 2, 200, 64
     lv = levels_for(("bf16", "int8_tok", "int4_tok", "int2_tok"))

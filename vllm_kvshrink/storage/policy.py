@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from vllm_kvshrink.policy.heads import LOCAL, HeadGroup
+from vllm_kvshrink.policy.nbytes import token_bytes
 from vllm_kvshrink.policy.softmax import window_probs
 from vllm_kvshrink.policy.tokens import take_tokens
 from vllm_kvshrink.storage import FULL, get_form
@@ -207,6 +208,7 @@ def plan_tiers(
     weight: torch.Tensor | None = None,
     heads: HeadGroup = LOCAL,
     keep_cost: float = 0.0,
+    page_tokens: Sequence[int] | None = None,
 ) -> TierPlan:
     """Assign every token a level so the bytes held fit ``budget_bytes``.
 
@@ -237,6 +239,14 @@ def plan_tiers(
             its bytes on more precise forms.  0 (what both paths run) is the
             pure rate-distortion plan; ``benchmarks/bench_tier_plan.py``
             measures what a price costs in distortion.
+        page_tokens: tokens one block holds in each level (``levels[0]``:
+            the block size), or ``None`` (what both paths run: the budget
+            counts the tokens' bytes).  Given, the budget counts whole
+            blocks, as the pool lends them -- every level's tokens rounded
+            up to its blocks, a block at the bf16 bytes of ``page_tokens[0]``
+            tokens of every (layer, head), the budget rounded up to whole
+            blocks as eviction's token budget is; ``bench_tier_plan.py``
+            measures what that costs in distortion.
 
     Returns:
         :class:`TierPlan`.  Raises ``ValueError`` if the protected tokens alone
@@ -278,9 +288,21 @@ def plan_tiers(
     if not bf16_free:  # bf16 stays for protected tokens only
         dist[0] = 1e30
 
+    if page_tokens is not None:
+        if len(page_tokens) != nl or min(page_tokens) < 1:
+            raise ValueError(f"page_tokens={list(page_tokens)}: one count >= 1 per level "
+                             f"of {list(levels)}")
+        block = page_tokens[0] * token_bytes(rows, head_dim)  # one bf16 block, every row
+        budget_bytes = -(-budget_bytes // block) * block
+        if block * -(-n_prot // page_tokens[0]) > budget_bytes:
+            raise ValueError(f"the sinks and recent window ({n_prot} tokens) take more "
+                             f"blocks than the byte budget rounds up to")
+
     def exact(counts: list[int]) -> int:
         c = list(counts)
         c[0] += n_prot
+        if page_tokens is not None:
+            return block * sum(-(-k // p) for k, p in zip(c, page_tokens))
         return rows * sum(f.nbytes(k, head_dim) for f, k in zip(forms, c))
 
     split = _splitter(w, cost, dist, keep_cost / max(1, w.shape[0]))
