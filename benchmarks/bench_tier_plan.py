@@ -153,18 +153,17 @@ def main() -> int:
     for r in rows:
         print(f"  {r['tokens']} tokens: " + ", ".join(
             f"{name} {x:.4f} ({r['counts'][name]})" for name, x in zip(levels, r["distortion"])))
-    print("pool blocks held right after the event, the plan's pages against eviction's "
-          "tokens at the same budget (fill: the plan's bytes over its blocks' bytes):")
+    print("pool blocks held right after the event: the plan's pages (fill: its bytes over "
+          "its blocks' bytes), eviction's tokens at the same budget, and the plan re-made "
+          "to count whole blocks in its budget (page_tokens; the engine counts token bytes)")
+    print("| tokens | block size | tiers | fill | eviction | whole-block plan | its tokens "
+          "kept | its distortion / the byte plan's |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"  {r['tokens']} tokens: " + "; ".join(
-            f"block size {bs}: tiers {b['tiers']} (fill {b['plan_bytes_in_blocks']:.0%}), "
-            f"eviction {b['eviction']}" for bs, b in r["blocks"].items()))
-    print("the plan counting whole blocks in its budget (page_tokens; the engine counts "
-          "token bytes): blocks, tokens kept, its distortion over the byte plan's")
-    for r in rows:
-        print(f"  {r['tokens']} tokens: " + "; ".join(
-            f"block size {bs}: {b['whole_pages']} blocks, {b['whole_pages_kept']} kept, "
-            f"{b['whole_pages_distortion_ratio']:.2f}x" for bs, b in r["blocks"].items()))
+        for bs, b in r["blocks"].items():
+            print(f"| {r['tokens']} | {bs} | {b['tiers']} | {b['plan_bytes_in_blocks']:.0%} | "
+                  f"{b['eviction']} | {b['whole_pages']} | {b['whole_pages_kept']} | "
+                  f"{b['whole_pages_distortion_ratio']:.2f}x |")
     print("a price on kept tokens (the engine runs 0): tokens kept and the plan's "
           "distortion, as ratios to the price-0 plan")
     print("| tokens | keep_cost | kept | kept ratio | distortion ratio |")
