@@ -209,6 +209,8 @@ def test_policy_reports_what_it_minimises_and_a_price_on_kept_tokens_trades_it()
         assert sum(p.counts) <= sum(last.counts) and p.distortion >= last.distortion - 1e-9
         last = p
     assert sum(last.counts) < sum(base.counts)
+    with pytest.raises(ValueError, match="keep_cost"):
+        plan_tiers(s, lv, budget, d, 4, 32, dist, keep_cost=-1.0)
 
 
 @pytest.mark.parametrize("n", [150, 300, 700])

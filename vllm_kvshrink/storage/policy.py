@@ -288,6 +288,8 @@ def plan_tiers(
     if not bf16_free:  # bf16 stays for protected tokens only
         dist[0] = 1e30
 
+    if not keep_cost >= 0:
+        raise ValueError(f"keep_cost={keep_cost}; allowed: a price >= 0 on each kept token")
     if page_tokens is not None:
         if len(page_tokens) != nl or min(page_tokens) < 1:
             raise ValueError(f"page_tokens={list(page_tokens)}: one count >= 1 per level "
