@@ -75,6 +75,7 @@ def main() -> int:
     from vllm_kvshrink.methods import build_method
     from vllm_kvshrink.methods.base import score_event
     from vllm_kvshrink.policy.cadence import budget_bytes
+    from vllm_kvshrink.policy.nbytes import token_bytes
     from vllm_kvshrink.storage.geometry import TierGeometry
     from vllm_kvshrink.storage.policy import attention_distortion, levels_for, plan_tiers
 
@@ -92,7 +93,7 @@ def main() -> int:
         obs, values = real_observation(default_model_path(), n, cfg.obs_window)
         method = build_method(cfg)
         l, h, n_held, d = obs.keys.shape
-        budget = budget_bytes(cfg, n_held, l * h * 2 * d * 2)  # a quarter of the bf16 bytes
+        budget = budget_bytes(cfg, n_held, token_bytes(l * h, d))  # a quarter of the bf16 bytes
         t = {"score": [], "distortion": [], "distortion_two_step": [], "plan": []}
         dist = {}
         for _ in range(args.repeats):
@@ -117,14 +118,15 @@ def main() -> int:
         blocks = {}
         for bs in [int(x) for x in args.block_sizes.split(",") if x]:
             geo = TierGeometry(l, h, d, bs, 2)
-            held = sum(-(-c // geo.capacity(name)) for name, c in zip(levels, plan.counts))
+            caps = [geo.capacity(name) for name in levels]
+            blocks_of = lambda counts: sum(-(-c // k) for c, k in zip(counts, caps))  # noqa: E731
+            held = blocks_of(plan.counts)
             evict = -(-cfg.target_tokens(n_held) // bs)
             paged = plan_tiers(scores, levels, budget, d, sink, recent, dist["distortion"],
-                               page_tokens=[geo.capacity(name) for name in levels])
+                               page_tokens=caps)
             blocks[bs] = dict(tiers=held, eviction=evict,
                               plan_bytes_in_blocks=plan.nbytes / (held * bs * geo.token_bytes),
-                              whole_pages=sum(-(-c // geo.capacity(name))
-                                              for name, c in zip(levels, paged.counts)),
+                              whole_pages=blocks_of(paged.counts),
                               whole_pages_kept=sum(paged.counts),
                               whole_pages_distortion_ratio=paged.distortion / plan.distortion)
         priced = []

@@ -75,16 +75,33 @@ void quantize_row(const float* __restrict x, int d, int bits, uint8_t* __restric
   *zero_out = p.zb;
 }
 
+// The checks the ops share: rows x [M, G] on the CPU (float32, or bf16 where
+// bf16_ok), the bit widths, and an output shaped like x in float32.
+void check_rows(const at::Tensor& x, bool bf16_ok) {
+  TORCH_CHECK(x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat ||
+                   (bf16_ok && x.scalar_type() == at::kBFloat16)) &&
+                  x.is_contiguous() && x.dim() == 2,
+              "x must be a contiguous [M, G] CPU ", bf16_ok ? "float32 or bfloat16" : "float32",
+              " tensor, got ", x.scalar_type(), " ", x.sizes());
+}
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
+}
+
+void check_out_like(const at::Tensor& out, const at::Tensor& x) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
+              "out must be a contiguous float32 tensor shaped like x");
+}
+
 // Rows of one group each: x [M, G] float32 ->
 // packed [M, G * bits / 8] uint8, scale and zero [M] bf16 (as int16 bits),
 // what quant.quantize returns for any axis once its groups are rows.
 void quantize_groups(at::Tensor packed, at::Tensor scale, at::Tensor zero, const at::Tensor& x,
                      int64_t bits) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  x.dim() == 2,
-              "x must be a contiguous [M, G] CPU float32 tensor, got ", x.scalar_type(), " ",
-              x.sizes());
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
+  check_rows(x, false);
+  check_bits(bits);
   const int64_t m = x.size(0), g = x.size(1);
   TORCH_CHECK(g > 0 && g % (8 / bits) == 0, "a group of ", g, " is not whole bytes at ",
               bits, " bits");
@@ -121,13 +138,9 @@ void roundtrip_row(const float* __restrict x, int d, int bits, float* __restrict
 // Rows of one group each: x [M, G] float32 -> out [M, G] float32, what
 // dequantizing quantize_groups' codes in float32 gives, without the codes.
 void roundtrip_groups(at::Tensor out, const at::Tensor& x, int64_t bits) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  x.dim() == 2,
-              "x must be a contiguous [M, G] CPU float32 tensor, got ", x.scalar_type(), " ",
-              x.sizes());
-  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8, got ", bits);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
-              "out must be a contiguous float32 tensor shaped like x");
+  check_rows(x, false);
+  check_bits(bits);
+  check_out_like(out, x);
   const int64_t m = x.size(0), g = x.size(1);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -141,16 +154,11 @@ void roundtrip_groups(at::Tensor out, const at::Tensor& x, int64_t bits) {
 // hadamard.rotate runs it on CPU tensors, so the pages a tier event writes,
 // the research path's values and the references rotate alike.
 void hadamard_rows(at::Tensor out, const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-                  x.is_contiguous() && x.dim() == 2,
-              "x must be a contiguous [M, D] CPU float32 or bfloat16 tensor, got ",
-              x.scalar_type(), " ", x.sizes());
+  check_rows(x, true);
   const int64_t m = x.size(0), d = x.size(1);
   TORCH_CHECK(d >= 16 && d <= 1024 && (d & (d - 1)) == 0,
               "D must be a power of two from 16 to 1024, got ", d);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
-              "out must be a contiguous float32 tensor shaped like x");
+  check_out_like(out, x);
   float* op = out.data_ptr<float>();
   auto rows = [&](const auto* xp) {
     at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {

@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from vllm_kvshrink.kernels import cpu_lib
+
 
 @lru_cache(maxsize=8)
 def _matrix(d: int) -> torch.Tensor:
@@ -35,7 +37,5 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     the C++ library's fast Walsh-Hadamard transform where it is built (the
     rotation the packed kernel and the page quantizer apply, so every CPU
     path rotates alike; ``O(D log D)`` per row), else the matrix product."""
-    from vllm_kvshrink.kernels import cpu_lib
-
     fast = cpu_lib.hadamard_rows(x)
     return fast if fast is not None else x.float() @ hadamard(x.shape[-1], x.device)

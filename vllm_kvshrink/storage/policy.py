@@ -344,11 +344,10 @@ def plan_tiers(
             level.scatter_(2, idx, i)
             taken.scatter_(2, idx, True)
         final.append(want)
-    edges = np.cumsum([0] + final)  # unprotected ranks per level, in rank order
+    # each level's weight is its run of the ranking, in rank order; the rest is evicted
     cum = np.concatenate([[0.0], np.cumsum(w.double().cpu().numpy())])
-    at = lambda r: cum[min(int(r), len(cum) - 1)]  # noqa: E731
-    objective = sum((at(edges[i + 1]) - at(edges[i])) * dist[i] for i in range(nl)) \
-        + (cum[-1] - at(edges[-1]))
+    mass = np.diff(cum[np.cumsum([0] + final)])
+    objective = float(mass @ np.array(dist)) + cum[-1] - cum[sum(final)]
     final[0] += n_prot
     return TierPlan(tuple(levels), level, final, held_bytes(level, levels, head_dim),
                     scores, float(objective))
